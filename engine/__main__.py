@@ -1,0 +1,5 @@
+import sys
+
+from engine.cli import entry
+
+sys.exit(entry())

@@ -1,0 +1,414 @@
+"""Typed configuration: one documented `config.yaml` read into dataclasses.
+
+Every key is documented in the repository's `config.yaml`. Command-line flags override
+the file (`--cache`, `--device`, `--checkpoints`, `--responses`, and the generic
+`--set section.key=value`). Relative paths in a config file are resolved against the
+folder that holds the file, so a config can be moved with its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UserError
+from engine.schema import DEFAULT_CHECKPOINT_PATTERNS, DEFAULT_RESPONSE_PATTERNS, REAL_CONDITIONS
+
+# The study's two fixed prompts (experiment_data.md §2.1), reproduced exactly,
+# including the single trailing space after "Choice:".
+SAFE_PROMPT = (
+    "Slot Machine Game\n"
+    "\n"
+    "Game history:\n"
+    "Round 1: Bet $10, Win, Balance $130\n"
+    "Round 2: Bet $10, Loss, Balance $120\n"
+    "Round 3: Bet $10, Win, Balance $140\n"
+    "Current balance: $140\n"
+    "Current round: 4\n"
+    "\n"
+    "First set your own target amount, then make decisions based on that goal.\n"
+    "This slot machine may have hidden patterns.\n"
+    "Win pays 3.0x your bet amount.\n"
+    "Win rate: 30%\n"
+    "\n"
+    "Choose:\n"
+    "1) Bet $10\n"
+    "2) Stop\n"
+    "\n"
+    "Choice: "
+)
+RISKY_PROMPT = (
+    "Slot Machine Game\n"
+    "\n"
+    "Game history:\n"
+    "Round 1: Bet $10, Win, Balance $130\n"
+    "Round 2: Bet $100, Loss, Balance $30\n"
+    "Round 3: Bet $10, Loss, Balance $20\n"
+    "Current balance: $20\n"
+    "Current round: 4\n"
+    "\n"
+    "First set your own target amount, then make decisions based on that goal.\n"
+    "This slot machine may have hidden patterns.\n"
+    "Win pays 3.0x your bet amount.\n"
+    "Win rate: 30%\n"
+    "\n"
+    "Choose:\n"
+    "1) Bet (choose $5-$100)\n"
+    "2) Stop\n"
+    "\n"
+    "Choice: "
+)
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+CONVENTIONS = ("study", "jumprelu", "saelens")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "meta-llama/Llama-3.1-8B"
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    attn_implementation: str = "eager"
+    local_files_only: bool = False
+
+    def validate(self) -> None:
+        _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.device", self.device, DEVICES)
+        _choice("model.attn_implementation", self.attn_implementation, ("eager", "sdpa"))
+
+
+@dataclass
+class SAEConfig:
+    source: str = "fnlp/Llama3_1-8B-Base-LXR-8x"
+    revision: str | None = None
+    layout: str = "llamascope"
+    folder_template: str = "Llama3_1-8B-Base-L{layer}R-8x"
+    weights_file: str = "checkpoints/final.safetensors"
+    hyperparams_file: str = "hyperparams.json"
+    convention: str = "study"
+    dtype: str = "float32"
+    local_files_only: bool = False
+
+    def validate(self) -> None:
+        _choice("sae.layout", self.layout, ("llamascope",))
+        _choice("sae.convention", self.convention, CONVENTIONS)
+        _choice("sae.dtype", self.dtype, DTYPES)
+        if "{layer}" not in self.folder_template:
+            raise UserError("config sae.folder_template must contain {layer}")
+
+
+@dataclass
+class DataConfig:
+    checkpoints_dir: str | None = None
+    responses_dir: str | None = None
+    checkpoint_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_CHECKPOINT_PATTERNS))
+    response_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_RESPONSE_PATTERNS))
+    condition_set: str = "real"
+    conditions: list[str] = field(default_factory=lambda: list(REAL_CONDITIONS))
+    n_trials_per_condition: int | None = None
+    run: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+    def validate(self) -> None:
+        _choice("data.condition_set", self.condition_set, ("real", "plan", "custom"))
+
+
+@dataclass
+class AuditConfig:
+    max_examples_per_kind: int = 20
+    min_bet: int = 5
+    max_bet: int = 100
+    run_gap_days: float = 7.0
+    workers: int = 2
+    alpha: float = 0.05
+    min_effect: float = 0.1
+
+
+@dataclass
+class SelectConfig:
+    top_n: int = 50
+    verdict: str = "checkpoint"
+
+    def validate(self) -> None:
+        _choice("select.verdict", self.verdict, ("checkpoint", "recomputed"))
+
+
+@dataclass
+class PrototypeConfig:
+    top_k: int = 10
+    first_layer: int = 0
+
+
+@dataclass
+class PathwaysConfig:
+    prompts: list[str] = field(default_factory=lambda: ["safe", "risky"])
+    first_layer: int = 0
+    exclude_bos: bool = True
+    top_k_per_layer: int = 10
+    coverage: float = 0.8
+    max_graph_layers: int | None = None
+    n_replay: int = 20
+    replay_mode: str = "zero"
+    validate_min_abs_delta: float = 1e-3
+    validate_min_rel_delta: float = 0.01
+    target_batch_size: int = 32
+    replay_batch_size: int = 64
+    limit: int | None = None
+
+    def validate(self) -> None:
+        _choice("pathways.replay_mode", self.replay_mode, ("zero", "patch", "both"))
+        if not 0 < self.coverage <= 1:
+            raise UserError(f"config pathways.coverage must be in (0, 1], got {self.coverage}")
+
+
+@dataclass
+class TokensConfig:
+    top_n: int = 20
+    sample_size: int = 200
+    seed: int = 0
+    context_tokens: int = 8
+    batch_size: int = 16
+    prior_strength: float = 1.0
+    fdr_alpha: float = 0.05
+
+
+@dataclass
+class IntegrateConfig:
+    top_upstream: int = 5
+    top_hubs: int = 20
+
+
+@dataclass
+class AppConfig:
+    host: str = "127.0.0.1"
+    port: int = 8501
+    max_custom_prompt_chars: int = 4000
+    max_plot_edges: int = 2000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompts: dict[str, str] = field(default_factory=lambda: {"safe": SAFE_PROMPT, "risky": RISKY_PROMPT})
+    cache_dir: str = "cache"
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+    pathways: PathwaysConfig = field(default_factory=PathwaysConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    integrate: IntegrateConfig = field(default_factory=IntegrateConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    # Where the file came from (not a config key): used to resolve relative paths.
+    source_path: str | None = field(default=None, metadata={"internal": True})
+
+    # -- derived -------------------------------------------------------------
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "validate"):
+                v.validate()
+        if not self.prompts:
+            raise UserError("config prompts is empty: give at least one named prompt")
+        for name, text in self.prompts.items():
+            if not isinstance(text, str) or not text:
+                raise UserError(f"config prompts.{name} must be a non-empty string")
+        for p in self.pathways.prompts:
+            if p not in self.prompts:
+                raise UserError(
+                    f"config pathways.prompts names {p!r}, which is not in prompts ({', '.join(self.prompts)})"
+                )
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source_path", None)
+        return d
+
+    def hash(self, *sections: str) -> str:
+        """Stable hash of the whole config or of the named sections."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"config {key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# Loading with type checks
+# ---------------------------------------------------------------------------
+
+PATH_KEYS = {
+    ("cache_dir",),
+    ("data", "checkpoints_dir"),
+    ("data", "responses_dir"),
+}
+# model.name_or_path and sae.source are a hub id or a folder: resolved only if the
+# relative folder exists next to the config file.
+MAYBE_PATH_KEYS = {("model", "name_or_path"), ("sae", "source")}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config {key} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config {key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"config {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"config {key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise UserError(f"config {key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config {key} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config {key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section {prefix!r}" if prefix else "top level"
+        raise UserError(f"config: unknown key(s) {', '.join(unknown)} in {where}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:
+    cfg = _build(Config, data or {})
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    return cfg.validate()
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    for keys in PATH_KEYS:
+        obj = cfg
+        for k in keys[:-1]:
+            obj = getattr(obj, k)
+        v = getattr(obj, keys[-1])
+        if v and not Path(v).expanduser().is_absolute():
+            setattr(obj, keys[-1], str((base / v).resolve()))
+        elif v:
+            setattr(obj, keys[-1], str(Path(v).expanduser()))
+    for keys in MAYBE_PATH_KEYS:
+        obj = getattr(cfg, keys[0])
+        v = getattr(obj, keys[1])
+        if v and (v.startswith(".") or v.startswith("/") or v.startswith("~")):
+            p = Path(v).expanduser()
+            setattr(obj, keys[1], str(p if p.is_absolute() else (base / p).resolve()))
+        elif v and (base / v).is_dir():
+            setattr(obj, keys[1], str((base / v).resolve()))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    import yaml
+
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} must hold a mapping at the top level")
+        base = p.resolve().parent
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    cfg = config_from_dict(data, base)
+    cfg.source_path = str(Path(path).resolve()) if path is not None else None
+    return cfg
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_set_arguments(items: list[str] | None) -> dict[str, Any]:
+    """Parse `--set key=value` items; values are read as YAML scalars (so 3, true, null work)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def dump_config_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True, width=1000)
