@@ -181,11 +181,21 @@ def summary(result: dict) -> str:
 
 
 def main(args: argparse.Namespace, cfg: Config) -> int:
+    from engine.manifest import record_step
+
     feature = FeatureId.parse(args.feature)
     prompts = prompt_texts(cfg, args.prompt, args.prompt_text)
-    result = run_prototype(cfg, feature, prompts, top_k=args.top_k)
     out = Path(args.out) if args.out else prototype_path(cfg.cache, feature)
-    atomic_write_json(out, result)
+    if args.out:  # a live job writing elsewhere does not touch the cache manifest
+        result = run_prototype(cfg, feature, prompts, top_k=args.top_k)
+        atomic_write_json(out, result)
+    else:
+        with record_step(cfg.cache, "prototype", device=cfg.model.device, config_hash=cfg.hash("model", "sae", "prototype"),
+                         command=f"python -m engine prototype --feature {feature}") as rec:
+            result = run_prototype(cfg, feature, prompts, top_k=args.top_k)
+            atomic_write_json(out, result)
+            rec["outputs"].append(out)
+            rec["summary"] = {"feature": str(feature)}
     print(summary(result))
     print(f"wrote {out}")
     return 0
