@@ -44,7 +44,8 @@ def _available_commands() -> list[tuple[str, object, str]]:
             if exc.name == modname:
                 continue  # step not built in this checkout
             raise
-        out.append((name, mod, help_))
+        if hasattr(mod, "add_arguments") and hasattr(mod, "main"):
+            out.append((name, mod, help_))
     return out
 
 

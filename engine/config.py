@@ -162,6 +162,7 @@ class PathwaysConfig:
     validate_min_rel_delta: float = 0.01
     target_batch_size: int = 32
     replay_batch_size: int = 64
+    chunk_size: int = 256
     limit: int | None = None
 
     def validate(self) -> None:

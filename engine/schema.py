@@ -175,8 +175,14 @@ def pathway_path(cache: Path, feature: str | FeatureId) -> Path:
     return Path(cache) / PATHWAYS_DIR / safe_feature_filename(feature)
 
 
-def pathway_export_path(cache: Path, feature: str | FeatureId) -> Path:
-    return Path(cache) / PATHWAYS_EXPORT_DIR / safe_feature_filename(feature)
+PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")
+
+
+def pathway_export_path(cache: Path, feature: str | FeatureId, prompt: str) -> Path:
+    """circuit-tracer JSON of one prompt's graph: pathways/circuit_tracer/L3-17.safe.json."""
+    if not PROMPT_NAME_RE.match(prompt):
+        raise UserError(f"prompt name {prompt!r} must be letters, digits or _")
+    return Path(cache) / PATHWAYS_EXPORT_DIR / safe_feature_filename(feature, f".{prompt}.json")
 
 
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:

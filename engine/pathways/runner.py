@@ -1,0 +1,497 @@
+"""Running the pathway step: targets in chunks, shared work per prompt, atomic results.
+
+Per run: load the model once; per prompt, one no-grad forward pass and one SAE load per
+layer give the sparse codes every target reuses (then the SAE is freed). Per chunk of
+targets (sorted by layer): per prompt, one forward pass with autograd, batched
+backward passes for the targets (node attribution), batched backward passes for the
+graph's intermediate nodes (edges; each node once per prompt however many graphs hold
+it), and batched replays grouped by upstream layer (each intervention once, read by
+every target that asked for it). Each target's JSON is written atomically when its
+chunk is done; a restart skips targets whose file matches the current config hash.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import Config
+from engine.errors import UserError
+from engine.pathways import graph as G
+from engine.pathways.index import write_export
+from engine.pathways.compute import (GradGraph, Intervention, LayerCodes, PromptCodes, TargetSpec, contract,
+                                     encode_layer, layer_terms, replay)
+from engine.schema import FeatureId, atomic_write_json, pathway_path, with_schema
+
+
+@dataclass
+class NodeRec:
+    """A selected upstream node of one target on one prompt."""
+
+    layer: int
+    uidx: int  # index into LayerCodes.features
+    feature_id: int
+    attribution: float
+    positions: list[int]
+    position_activations: list[float]
+    position_attributions: list[float]
+
+    @property
+    def id(self) -> str:
+        return f"L{self.layer}-{self.feature_id}"
+
+    @property
+    def activation(self) -> float:
+        return float(sum(self.position_activations))
+
+
+def method_hash(cfg: Config) -> str:
+    """Hash of everything that changes a pathway result (not batch sizes or limits)."""
+    import hashlib
+    import json
+
+    p = cfg.to_dict()["pathways"]
+    for k in ("target_batch_size", "replay_batch_size", "limit", "chunk_size"):
+        p.pop(k, None)
+    blob = {"model": cfg.to_dict()["model"], "sae": cfg.to_dict()["sae"], "prompts": cfg.prompts, "pathways": p}
+    for k in ("device", "local_files_only"):
+        blob["model"].pop(k, None)
+        blob["sae"].pop(k, None)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def target_specs(saes_by_layer: dict, targets: list[FeatureId], compute_dtype) -> dict[str, TargetSpec]:
+    out = {}
+    for t in targets:
+        sae = saes_by_layer[t.layer]
+        e, b = sae.encoder_rows(torch.tensor([t.feature_id], device=sae.device))
+        out[str(t)] = TargetSpec(str(t), t.layer, t.feature_id, e[0].to(compute_dtype), float(b[0]), float(sae.threshold))
+    return out
+
+
+class PathwayEngine:
+    def __init__(self, cfg: Config, model, tokenizer, device: str, log=None):
+        self.cfg = cfg
+        self.pc = cfg.pathways
+        self.model = model
+        self.tok = tokenizer
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.log = log or (lambda s: None)
+        self.prompts: dict[str, PromptCodes] = {}
+        self.specs: dict[str, TargetSpec] = {}
+        self.timings: dict[str, float] = {}
+
+    # -- shared per-prompt work ------------------------------------------------
+    def encode_prompts(self, prompt_names: list[str], targets: list[FeatureId], on_layer=None) -> None:
+        """Sparse codes of every needed layer on every prompt, and the targets' encoder rows."""
+        from engine.model import forward_resid_post, tokenize, token_strings
+        from engine.sae import load_sae
+
+        t0 = time.perf_counter()
+        max_layer = max(t.layer for t in targets)
+        first = max(0, min(self.pc.first_layer, max_layer))
+        layers = list(range(first, max_layer + 1))
+        target_layers = {t.layer for t in targets}
+        resid = {}
+        for name in prompt_names:
+            text = self.cfg.prompts[name]
+            ids = tokenize(self.tok, text, self.device)
+            self.prompts[name] = PromptCodes(name, text, ids, token_strings(self.tok, ids[0]))
+            with torch.no_grad():
+                resid[name] = forward_resid_post(self.model, ids, layers)
+        exclude = [0] if self.pc.exclude_bos else []
+        for layer in layers:
+            sae = load_sae(self.cfg.sae, layer, device=self.device)
+            for name in prompt_names:
+                h = resid[name][layer][0]
+                codes = encode_layer(sae, h, exclude, self.dtype)
+                pc = self.prompts[name]
+                if layer < max_layer:
+                    pc.layers[layer] = codes
+                q = pc.T - 1
+                last = codes.pos == q
+                pc.last_token[layer] = {int(codes.features[codes.inv[k]]): float(codes.act[k])
+                                        for k in torch.nonzero(last).flatten().tolist()}
+            if layer in target_layers:
+                self.specs.update(target_specs({layer: sae}, [t for t in targets if t.layer == layer], self.dtype))
+            del sae
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if on_layer:
+                on_layer(layer)
+        self.timings["encode_s"] = time.perf_counter() - t0
+
+    # -- one chunk of targets -----------------------------------------------------
+    def run_chunk(self, targets: list[FeatureId]) -> dict[str, dict]:
+        t0 = time.perf_counter()
+        specs = [self.specs[str(t)] for t in targets]
+        results = {s.name: {"prompts": {}} for s in specs}
+        for pname, pc in self.prompts.items():
+            recs = self._prompt(pc, specs)
+            for s in specs:
+                results[s.name]["prompts"][pname] = recs[s.name]
+        dt = time.perf_counter() - t0
+        for s in specs:
+            results[s.name]["chunk_seconds"] = dt
+            results[s.name]["chunk_targets"] = len(specs)
+        return results
+
+    def _prompt(self, pc: PromptCodes, specs: list[TargetSpec]) -> dict[str, dict]:
+        T, q = pc.T, pc.T - 1
+        max_L = max(s.layer for s in specs)
+        up_layers = [l for l in sorted(pc.layers) if l < max_L]
+        gg = GradGraph(self.model, pc.ids, up_layers + sorted({s.layer for s in specs}))
+        pre = {s.name: float(gg.h[s.layer][0, q].detach().double() @ s.enc.double()) + s.bias for s in specs}
+
+        # 1. node attribution: one batched VJP per batch of targets
+        nodes: dict[str, list[NodeRec]] = {s.name: [] for s in specs}
+        terms: dict[str, dict] = {s.name: {} for s in specs}
+        totals: dict[str, dict] = {s.name: {"abs": 0.0, "signed": 0.0} for s in specs}
+        B = max(1, self.pc.target_batch_size)
+        for b0 in range(0, len(specs), B):
+            batch = specs[b0:b0 + B]
+            inputs = [l for l in up_layers if l < max(s.layer for s in batch)]
+            if not inputs:
+                continue
+            seeds: dict[int, torch.Tensor] = {}
+            for j, s in enumerate(batch):
+                if s.layer not in seeds:
+                    seeds[s.layer] = torch.zeros((len(batch), T, s.enc.shape[0]), dtype=self.dtype, device=s.enc.device)
+                seeds[s.layer][j, q] = s.enc
+            grads = self._vjp(gg, seeds, inputs)
+            for l in inputs:
+                codes = pc.layers[l]
+                A = contract(grads[l], codes)  # (B, K)
+                lt = layer_terms(grads[l], codes, gg.h[l][0].detach(), A, self.pc.exclude_bos)
+                for j, s in enumerate(batch):
+                    if l >= s.layer:
+                        continue
+                    terms[s.name][str(l)] = {k: float(v[j]) for k, v in lt.items()}
+                    nodes[s.name].extend(self._select(codes, A[j], totals[s.name]))
+                del grads[l]
+        for s in specs:
+            nodes[s.name] = self._limit_layers(nodes[s.name])
+
+        # 2. edges: one VJP per intermediate node of any graph, shared by all graphs
+        raw = self._edges_raw(gg, pc, nodes)
+
+        # 3. replay validation
+        replays = self._replays(gg, pc, specs, nodes)
+
+        out = {}
+        for s in specs:
+            out[s.name] = self._record(pc, s, pre[s.name], nodes[s.name], raw, replays.get(s.name, {}),
+                                       terms[s.name], totals[s.name])
+        del gg
+        return out
+
+    def _vjp(self, gg: GradGraph, seeds, inputs):
+        try:
+            return gg.vjp(seeds, inputs)
+        except torch.cuda.OutOfMemoryError:
+            # shrink: split the batch rows in two and retry each half
+            torch.cuda.empty_cache()
+            n = next(iter(seeds.values())).shape[0]
+            if n == 1:
+                raise
+            h = n // 2
+            a = self._vjp(gg, {L: s[:h] for L, s in seeds.items()}, inputs)
+            b = self._vjp(gg, {L: s[h:] for L, s in seeds.items()}, inputs)
+            return {l: torch.cat([a[l], b[l]]) for l in inputs}
+
+    def _select(self, codes: LayerCodes, A: torch.Tensor, totals: dict) -> list[NodeRec]:
+        U = codes.features.shape[0]
+        feat_tot = torch.zeros(U, dtype=torch.float32, device=A.device).index_add_(0, codes.inv, A)
+        totals["abs"] += float(feat_tot.abs().sum())
+        totals["signed"] += float(feat_tot.sum())
+        scores = feat_tot.cpu().tolist()
+        kept = G.select_indices(scores, self.pc.top_k_per_layer, self.pc.coverage)
+        out = []
+        for u in kept:
+            ent = codes.entries_of(u)
+            pos = codes.pos[ent].tolist()
+            order = sorted(range(len(pos)), key=lambda i: pos[i])
+            out.append(NodeRec(
+                layer=codes.layer, uidx=u, feature_id=int(codes.features[u]), attribution=scores[u],
+                positions=[int(pos[i]) for i in order],
+                position_activations=[float(codes.act[ent[i]]) for i in order],
+                position_attributions=[float(A[ent[i]]) for i in order],
+            ))
+        return out
+
+    def _limit_layers(self, nodes: list[NodeRec]) -> list[NodeRec]:
+        n = self.pc.max_graph_layers
+        if not n:
+            return nodes
+        weight: dict[int, float] = {}
+        for x in nodes:
+            weight[x.layer] = weight.get(x.layer, 0.0) + abs(x.attribution)
+        keep = set(sorted(weight, key=lambda l: -weight[l])[:n])
+        return [x for x in nodes if x.layer in keep]
+
+    def _edges_raw(self, gg: GradGraph, pc: PromptCodes, nodes: dict[str, list[NodeRec]]) -> dict:
+        """raw[(l_v, u_v)][(l_u, u_u)] for every v above the lowest layer of some graph."""
+        needed: dict[tuple[int, int], set[int]] = {}  # v -> lower layers it needs
+        union: dict[int, set[int]] = {}  # layer -> node uidx in any graph
+        for ns in nodes.values():
+            layers = sorted({x.layer for x in ns})
+            for x in ns:
+                union.setdefault(x.layer, set()).add(x.uidx)
+            for k in range(1, len(layers)):
+                for x in ns:
+                    if x.layer == layers[k]:
+                        needed.setdefault((x.layer, x.uidx), set()).add(layers[k - 1])
+        raw: dict[tuple[int, int], dict[tuple[int, int], float]] = {}
+        vs = sorted(needed)
+        B = max(1, self.pc.target_batch_size)
+        T = pc.T
+        for b0 in range(0, len(vs), B):
+            batch = vs[b0:b0 + B]
+            inputs = sorted({l for v in batch for l in needed[v]})
+            seeds: dict[int, torch.Tensor] = {}
+            for j, (lv, uv) in enumerate(batch):
+                codes = pc.layers[lv]
+                if lv not in seeds:
+                    seeds[lv] = torch.zeros((len(batch), T, codes.enc.shape[1]), dtype=self.dtype,
+                                            device=codes.enc.device)
+                # d(sum over v's active positions of pre_v)/dh_{l_v}[p] = e_v at each such p
+                for k in codes.entries_of(uv).tolist():
+                    seeds[lv][j, codes.pos[k]] += codes.enc[uv]
+            grads = self._vjp(gg, seeds, inputs)
+            for l in inputs:
+                codes_u = pc.layers[l]
+                A = contract(grads[l], codes_u)  # (B, K)
+                members = sorted(union.get(l, ()))
+                if not members:
+                    continue
+                U = codes_u.features.shape[0]
+                for j, v in enumerate(batch):
+                    if l not in needed[v]:
+                        continue
+                    tot = torch.zeros(U, dtype=torch.float32, device=A.device).index_add_(0, codes_u.inv, A[j])
+                    vals = tot[members].tolist()
+                    raw.setdefault(v, {}).update({(l, u): float(val) for u, val in zip(members, vals)})
+                del grads[l]
+        return raw
+
+    def _replays(self, gg: GradGraph, pc: PromptCodes, specs: list[TargetSpec], nodes) -> dict:
+        """{target: {(layer, uidx): {"zero": Δpre, "zero_act": Δact, "patch": Δpre}}}."""
+        n = self.pc.n_replay
+        if n <= 0:
+            return {}
+        modes = ["zero", "patch"] if self.pc.replay_mode == "both" else [self.pc.replay_mode]
+        other = [p for p in self.prompts if p != pc.name]
+        if "patch" in modes and len(other) != 1:
+            modes = [m for m in modes if m != "patch"]  # patching needs exactly one other prompt
+        wanted: dict[tuple[int, int], set[str]] = {}
+        for s in specs:
+            top = sorted(nodes[s.name], key=lambda x: -abs(x.attribution))[:n]
+            for x in top:
+                wanted.setdefault((x.layer, x.uidx), set()).add(s.name)
+        out: dict[str, dict] = {}
+        by_layer: dict[int, list[int]] = {}
+        for (l, u) in wanted:
+            by_layer.setdefault(l, []).append(u)
+        spec_by_name = {s.name: s for s in specs}
+        for l, us in sorted(by_layer.items()):
+            us = sorted(us)
+            codes = pc.layers[l]
+            tgts = sorted({t for u in us for t in wanted[(l, u)]})
+            tspecs = [spec_by_name[t] for t in tgts]
+            for mode in modes:
+                ivs = []
+                for u in us:
+                    if mode == "zero":
+                        ivs.append(Intervention(l, u, "zero"))
+                    else:
+                        fid = int(codes.features[u])
+                        ivs.append(Intervention(l, u, "patch", patch_value=self.prompts[other[0]].last_token.get(l, {}).get(fid, 0.0)))
+                clean, deltas = replay(self.model, gg.h[l].detach()[0:1], codes, ivs, tspecs, pc.T, self.pc.replay_batch_size)
+                for i, u in enumerate(us):
+                    for k, t in enumerate(tgts):
+                        if t not in wanted[(l, u)]:
+                            continue
+                        rec = out.setdefault(t, {}).setdefault((l, u), {})
+                        d = float(deltas[i, k])
+                        rec[mode] = d
+                        if mode == "zero":
+                            th = tspecs[k].threshold
+                            c = float(clean[k])
+                            gate = lambda x: x if x > th else 0.0  # noqa: E731
+                            rec["zero_act"] = gate(c + d) - gate(c)
+        return out
+
+    def _record(self, pc: PromptCodes, s: TargetSpec, pre: float, ns: list[NodeRec], raw: dict, rep: dict,
+                terms: dict, totals: dict) -> dict:
+        act = pre if pre > s.threshold else 0.0
+        by_id = {x.id: x for x in ns}
+        node_dicts = []
+        for x in sorted(ns, key=lambda x: (x.layer, -abs(x.attribution))):
+            r = rep.get((x.layer, x.uidx), {})
+            d = r.get("zero")
+            node_dicts.append({
+                "id": x.id, "layer": x.layer, "feature_id": x.feature_id, "is_target": False,
+                "positions": x.positions, "position_activations": x.position_activations,
+                "position_attributions": x.position_attributions,
+                "activation": x.activation, "attribution": x.attribution,
+                "replay_delta": d, "replay_delta_activation": r.get("zero_act"),
+                "patch_delta": r.get("patch"),
+                "validated": (G.is_validated(x.attribution, d, pre, self.pc.validate_min_abs_delta,
+                                             self.pc.validate_min_rel_delta) if d is not None else None),
+            })
+        node_dicts.append({
+            "id": s.name, "layer": s.layer, "feature_id": s.feature_id, "is_target": True,
+            "positions": [pc.T - 1], "position_activations": [act], "position_attributions": [None],
+            "activation": act, "attribution": None, "replay_delta": None, "replay_delta_activation": None,
+            "patch_delta": None, "validated": None,
+        })
+        layers = sorted({x.layer for x in ns})
+        edges = []
+        if layers:
+            for x in ns:
+                if x.layer == layers[-1]:
+                    edges.append({"source": x.id, "target": s.name, "weight": x.attribution, "raw": x.attribution})
+            for k in range(1, len(layers)):
+                lower = [x for x in ns if x.layer == layers[k - 1]]
+                for v in (x for x in ns if x.layer == layers[k]):
+                    rv = raw.get((v.layer, v.uidx), {})
+                    scale = v.attribution / v.activation if v.activation else 0.0
+                    for u in lower:
+                        r_uv = rv.get((u.layer, u.uidx))
+                        if r_uv is None:
+                            continue
+                        edges.append({"source": u.id, "target": v.id, "weight": r_uv * scale, "raw": r_uv})
+            edges = G.prune_incoming(edges, self.pc.top_k_per_layer, self.pc.coverage, keep_targets={s.name})
+        rec = {
+            "text": pc.text,
+            "n_tokens": pc.T,
+            "tokens": pc.tokens,
+            "target_position": pc.T - 1,
+            "target_pre_activation": pre,
+            "target_activation": act,
+            "nodes": node_dicts,
+            "edges": edges,
+            "coverage": {
+                "attribution_total": totals["signed"],
+                "attribution_abs_total": totals["abs"],
+                "attribution_in_graph": sum(x.attribution for x in ns),
+                "attribution_abs_in_graph": sum(abs(x.attribution) for x in ns),
+            },
+            "layer_terms": terms,
+        }
+        rec["agreement"] = G.agreement(node_dicts)
+        assert all(e["source"] in by_id for e in edges)
+        return rec
+
+
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
+
+
+def shard_of(items: list, shard: tuple[int, int] | None) -> list:
+    if not shard:
+        return items
+    i, n = shard
+    return items[i::n]
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # started by torchrun: one disjoint share per rank
+            return int(os.environ.get("RANK", "0")), world
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UserError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def is_done(cfg: Config, feature: FeatureId, mhash: str) -> bool:
+    p = pathway_path(cfg.cache, feature)
+    if not p.is_file():
+        return False
+    try:
+        import json
+
+        meta = json.loads(p.read_text()).get("metadata", {})
+    except (OSError, ValueError):
+        return False  # unreadable: recompute
+    return meta.get("method_hash") == mhash
+
+
+def run(cfg: Config, targets: list[FeatureId], device: str, force: bool = False, chunk_size: int | None = None,
+        progress=None) -> dict:
+    """Compute and write pathways for `targets`; returns a summary."""
+    from engine.model import load_model, load_tokenizer
+
+    mhash = method_hash(cfg)
+    todo = [t for t in targets if force or not is_done(cfg, t, mhash)]
+    summary = {"requested": len(targets), "skipped_done": len(targets) - len(todo), "computed": 0, "files": []}
+    if not todo:
+        return summary
+    todo.sort(key=lambda t: (t.layer, t.feature_id))
+    t_load = time.perf_counter()
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device)
+    load_s = time.perf_counter() - t_load
+    eng = PathwayEngine(cfg, model, tok, device)
+    if progress:
+        progress.set_postfix(stage="encode")
+    eng.encode_prompts(list(cfg.pathways.prompts), todo)
+    chunk = chunk_size or max(1, cfg.pathways.chunk_size)
+    for c0 in range(0, len(todo), chunk):
+        part = todo[c0:c0 + chunk]
+        if progress:
+            progress.set_postfix(stage=f"L{part[0].layer}-L{part[-1].layer}")
+        res = eng.run_chunk(part)
+        for t in part:
+            r = res[str(t)]
+            out = with_schema({
+                "feature": str(t),
+                "layer": t.layer,
+                "feature_id": t.feature_id,
+                "metadata": {
+                    "model": cfg.model.name_or_path,
+                    "sae_source": cfg.sae.source,
+                    "encode_convention": cfg.sae.convention,
+                    "config_hash": cfg.hash("model", "sae", "pathways"),
+                    "method_hash": mhash,
+                    "device": device,
+                    "dtype": cfg.model.dtype,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "timings_s": {"model_load": round(load_s, 3), "encode_prompts": round(eng.timings["encode_s"], 3),
+                                  "chunk": round(r["chunk_seconds"], 3), "chunk_targets": r["chunk_targets"]},
+                    "method": {
+                        "attribution": "a * <d, dpre_t/dresid_post_l[p]> (gradient x activation, zero-ablation form)",
+                        "position": "last prompt token",
+                        "exclude_bos": cfg.pathways.exclude_bos,
+                        "top_k_per_layer": cfg.pathways.top_k_per_layer,
+                        "coverage": cfg.pathways.coverage,
+                        "max_graph_layers": cfg.pathways.max_graph_layers,
+                        "n_replay": cfg.pathways.n_replay,
+                        "replay_mode": cfg.pathways.replay_mode,
+                        "validate_min_abs_delta": cfg.pathways.validate_min_abs_delta,
+                        "validate_min_rel_delta": cfg.pathways.validate_min_rel_delta,
+                        "edge_weight": "raw(u->v) * A_v / act_v; into the target: A_u (docs/science.md)",
+                    },
+                },
+                "prompts": r["prompts"],
+            })
+            path = pathway_path(cfg.cache, t)
+            write_export(cfg.cache, out)  # export first: a present result implies its export exists
+            atomic_write_json(path, out, indent=None)
+            summary["files"].append(str(path))
+            summary["computed"] += 1
+        if progress:
+            progress.update(len(part))
+    return summary
