@@ -90,7 +90,7 @@ def run_prototype(cfg: Config, feature: FeatureId, prompts: dict[str, str], top_
             ids = tokenize(tok, text, dev)
             n_tokens[name] = int(ids.shape[1])
             resid = forward_resid_post(model, ids, layers)
-            last[name] = {l: resid[l][0, -1].float().cpu() for l in layers}
+            last[name] = {l: resid[l][0, -1].cpu() for l in layers}
             del resid
     bar.update()
     del model

@@ -85,25 +85,31 @@ class PromptCodes:
 # ---------------------------------------------------------------------------
 
 
+def acc_dtype(compute_dtype):
+    """Dot products accumulate in float32 (float64 when the model runs in float64)."""
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
 def encode_layer(sae: SAE, h: torch.Tensor, exclude_positions: Iterable[int], compute_dtype) -> LayerCodes:
     """Sparse codes of h (T, d) with this layer's SAE; excluded positions carry no entries."""
+    acc = acc_dtype(compute_dtype)
     with torch.no_grad():
         pre = sae.pre_activation(h)
         a = sae.gate(pre)
-        recon = sae.decode(a).float()
-        error = h.float() - recon
+        recon = sae.decode(a).to(acc)
+        error = h.to(acc) - recon
         mask = a > 0
         for p in exclude_positions:
             mask[p] = False
         pos, feat = torch.nonzero(mask, as_tuple=True)
-        act = a[pos, feat].float()
+        act = a[pos, feat].to(acc)
         features, inv = torch.unique(feat, return_inverse=True)
         dec = sae.decoder_rows(features).to(compute_dtype)
         enc, enc_bias = sae.encoder_rows(features)
     return LayerCodes(
         layer=sae.layer, pos=pos, inv=inv, act=act, features=features, dec=dec,
-        enc=enc.to(compute_dtype), enc_bias=enc_bias.float(), error=error,
-        dec_bias=sae.dec_bias.float(), threshold=float(sae.threshold),
+        enc=enc.to(compute_dtype), enc_bias=enc_bias.to(acc), error=error,
+        dec_bias=sae.dec_bias.to(acc), threshold=float(sae.threshold),
     )
 
 
@@ -151,11 +157,12 @@ def contract(g: torch.Tensor, codes: LayerCodes, chunk: int = 4096) -> torch.Ten
     never a dense multiply with the whole decoder."""
     B = g.shape[0]
     K = codes.pos.shape[0]
-    out = torch.empty((B, K), dtype=torch.float32, device=g.device)
+    acc = codes.act.dtype
+    out = torch.empty((B, K), dtype=acc, device=g.device)
     for s in range(0, K, chunk):
         e = slice(s, min(K, s + chunk))
-        gk = g[:, codes.pos[e]].float()  # (B, k, d)
-        dk = codes.dec[codes.inv[e]].float()  # (k, d)
+        gk = g[:, codes.pos[e]].to(acc)  # (B, k, d)
+        dk = codes.dec[codes.inv[e]].to(acc)  # (k, d)
         out[:, e] = torch.einsum("bkd,kd->bk", gk, dk) * codes.act[e]
     return out
 
@@ -166,7 +173,7 @@ def layer_terms(g: torch.Tensor, codes: LayerCodes, h: torch.Tensor, entry_attr:
 
     features = sum of entry attributions; error = <g, SAE error>; bias = <g, decoder bias>,
     all over non-BOS positions; bos = <g[0], h[0]> when BOS is excluded."""
-    gf = g.float()
+    gf = g.to(codes.act.dtype)
     start = 1 if bos else 0
     out = {
         "features": entry_attr.sum(1),
@@ -174,7 +181,7 @@ def layer_terms(g: torch.Tensor, codes: LayerCodes, h: torch.Tensor, entry_attr:
         "bias": torch.einsum("btd,d->b", gf[:, start:], codes.dec_bias),
     }
     if bos:
-        out["bos"] = gf[:, 0] @ h[0].float()
+        out["bos"] = gf[:, 0] @ h[0].to(gf.dtype)
     return out
 
 

@@ -206,7 +206,7 @@ class PathwayEngine:
 
     def _select(self, codes: LayerCodes, A: torch.Tensor, totals: dict) -> list[NodeRec]:
         U = codes.features.shape[0]
-        feat_tot = torch.zeros(U, dtype=torch.float32, device=A.device).index_add_(0, codes.inv, A)
+        feat_tot = torch.zeros(U, dtype=A.dtype, device=A.device).index_add_(0, codes.inv, A)
         totals["abs"] += float(feat_tot.abs().sum())
         totals["signed"] += float(feat_tot.sum())
         scores = feat_tot.cpu().tolist()
@@ -273,7 +273,7 @@ class PathwayEngine:
                 for j, v in enumerate(batch):
                     if l not in needed[v]:
                         continue
-                    tot = torch.zeros(U, dtype=torch.float32, device=A.device).index_add_(0, codes_u.inv, A[j])
+                    tot = torch.zeros(U, dtype=A.dtype, device=A.device).index_add_(0, codes_u.inv, A[j])
                     vals = tot[members].tolist()
                     raw.setdefault(v, {}).update({(l, u): float(val) for u, val in zip(members, vals)})
                 del grads[l]

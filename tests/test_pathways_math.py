@@ -1,0 +1,231 @@
+"""Pathway attribution and replay checked independently: exact on a linear model, a finite
+difference on the real (nonlinear) fixture model, and agreement with the prototype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.config import load_config
+from engine.model import forward_resid_post, load_model, load_tokenizer, run_blocks, tokenize
+from engine.pathways import graph as G
+from engine.pathways.compute import Intervention, apply_intervention, replay
+from engine.pathways.runner import PathwayEngine
+from engine.prototype import run_prototype
+from engine.schema import FeatureId
+
+
+@pytest.fixture(scope="module")
+def cfg64(fixture_dir, tmp_path_factory):
+    return load_config(fixture_dir / "config.yaml", {
+        "model.dtype": "float64", "sae.dtype": "float64", "cache_dir": str(tmp_path_factory.mktemp("c64")),
+        "pathways.n_replay": 8, "pathways.top_k_per_layer": 4,
+    })
+
+
+@pytest.fixture(scope="module")
+def model64(cfg64):
+    return load_model(cfg64.model, "cpu"), load_tokenizer(cfg64.model)
+
+
+def linearize(model, seed: int = 0):
+    """Make every block affine in the residual stream: no norms, uniform attention
+    (zero queries and keys), a linear map in place of the gated MLP."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.config.hidden_size
+    for blk in model.model.layers:
+        blk.input_layernorm = nn.Identity()
+        blk.post_attention_layernorm = nn.Identity()
+        blk.self_attn.q_proj.weight.data.zero_()
+        blk.self_attn.k_proj.weight.data.zero_()
+        lin = nn.Linear(d, d, bias=False, dtype=torch.float64)
+        lin.weight.data = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.1
+        lin.requires_grad_(False)
+        blk.mlp = lin
+    model.model.norm = nn.Identity()
+    return model
+
+
+def target_active_on_safe(cfg, model, tok, layer: int, rank: int = 0) -> FeatureId:
+    from engine.sae import load_sae
+
+    ids = tokenize(tok, cfg.prompts["safe"], "cpu")
+    h = forward_resid_post(model, ids, [layer])[layer][0, -1]
+    acts = load_sae(cfg.sae, layer).encode(h)
+    return FeatureId(layer, int(torch.argsort(acts, descending=True)[rank]))
+
+
+def run_engine(cfg, model, tok, targets):
+    eng = PathwayEngine(cfg, model, tok, "cpu")
+    eng.encode_prompts(list(cfg.pathways.prompts), targets)
+    return eng, eng.run_chunk(targets)
+
+
+def test_attribution_equals_replay_exactly_on_a_linear_model(cfg64, fixture_dir):
+    model = linearize(load_model(cfg64.model, "cpu"))
+    tok = load_tokenizer(cfg64.model)
+    targets = [target_active_on_safe(cfg64, model, tok, 4), target_active_on_safe(cfg64, model, tok, 2, rank=3)]
+    eng, res = run_engine(cfg64, model, tok, targets)
+    checked = 0
+    for t in targets:
+        for prompt, rec in res[str(t)]["prompts"].items():
+            ups = [n for n in rec["nodes"] if not n["is_target"]]
+            assert ups, "a target with no upstream nodes proves nothing"
+            for n in ups:
+                if n["replay_delta"] is not None:
+                    # affine model: the first-order estimate is the exact effect
+                    assert n["replay_delta"] == pytest.approx(-n["attribution"], rel=1e-9, abs=1e-10)
+                    checked += 1
+            assert rec["agreement"]["pearson_r"] == pytest.approx(1.0, abs=1e-9)
+    assert checked >= 16
+
+
+def test_edge_raw_weight_is_exact_on_a_linear_model(cfg64):
+    """raw(u -> v) = -(change of v's pre-activation summed over its active positions) when u is
+    ablated, computed here by a direct replay through the blocks."""
+    model = linearize(load_model(cfg64.model, "cpu"), seed=1)
+    tok = load_tokenizer(cfg64.model)
+    t = target_active_on_safe(cfg64, model, tok, 5)
+    eng, res = run_engine(cfg64, model, tok, [t])
+    pc = eng.prompts["safe"]
+    rec = res[str(t)]["prompts"]["safe"]
+    nodes = {n["id"]: n for n in rec["nodes"]}
+    inner = [e for e in rec["edges"] if e["target"] != str(t)]
+    assert len(inner) >= 5
+    ids = pc.ids
+    resid = forward_resid_post(model, ids, range(6))
+    for e in inner[:8]:
+        u, v = nodes[e["source"]], nodes[e["target"]]
+        cu, cv = pc.layers[u["layer"]], pc.layers[v["layer"]]
+        uu = int((cu.features == u["feature_id"]).nonzero()[0])
+        uv = int((cv.features == v["feature_id"]).nonzero()[0])
+        h = resid[u["layer"]][0].clone()
+        apply_intervention(h, cu, Intervention(u["layer"], uu, "zero"), pc.T)
+        with torch.no_grad():
+            after = run_blocks(model, h[None], u["layer"] + 1, v["layer"])[0]
+        before = resid[v["layer"]][0]
+        e_v = cv.enc[uv].double()
+        change = sum(float((after[p] - before[p]).double() @ e_v) for p in v["positions"])
+        assert e["raw"] == pytest.approx(-change, rel=1e-8, abs=1e-10)
+        # and the weight follows its documented formula
+        assert e["weight"] == pytest.approx(e["raw"] * v["attribution"] / v["activation"], rel=1e-12)
+
+
+def test_finite_difference_on_the_real_model(cfg64, model64):
+    model, tok = model64
+    t = target_active_on_safe(cfg64, model, tok, 4)
+    eng, res = run_engine(cfg64, model, tok, [t])
+    pc = eng.prompts["risky"]
+    rec = res[str(t)]["prompts"]["risky"]
+    spec = eng.specs[str(t)]
+    ups = sorted((n for n in rec["nodes"] if not n["is_target"]), key=lambda n: -abs(n["attribution"]))[:6]
+    resid = forward_resid_post(model, pc.ids, range(6))
+    # Central difference: remove +eps and -eps of the feature's contribution. (RMSNorm and the
+    # rotary tables compute in float32 even in a float64 model, so eps cannot be tiny.)
+    eps = 3e-3
+    for n in ups:
+        codes = pc.layers[n["layer"]]
+        u = int((codes.features == n["feature_id"]).nonzero()[0])
+        _, d = replay(model, resid[n["layer"]][0:1], codes,
+                      [Intervention(n["layer"], u, "zero", scale=eps), Intervention(n["layer"], u, "zero", scale=-eps)],
+                      [spec], pc.T, 4)
+        slope = float(d[0, 0] - d[1, 0]) / (2 * eps)
+        assert slope == pytest.approx(-n["attribution"], rel=2e-3, abs=1e-6)
+        # the full ablation differs from first order on this nonlinear model, but is recorded
+        assert n["replay_delta"] is not None
+
+
+def test_target_activation_and_codes_agree_with_the_prototype(cfg64, model64):
+    model, tok = model64
+    t = target_active_on_safe(cfg64, model, tok, 3)
+    proto = run_prototype(cfg64, t, dict(cfg64.prompts), top_k=50)
+    _, res = run_engine(cfg64, model, tok, [t])
+    for prompt in ("safe", "risky"):
+        rec = res[str(t)]["prompts"][prompt]
+        prec = proto["prompts"][prompt]
+        assert rec["target_activation"] == pytest.approx(prec["target_activation"], rel=1e-9, abs=1e-12)
+        assert rec["target_pre_activation"] == pytest.approx(prec["target_pre_activation"], rel=1e-9)
+        q = rec["target_position"]
+        matched = 0
+        for n in rec["nodes"]:
+            if n["is_target"] or q not in n["positions"]:
+                continue
+            a_q = n["position_activations"][n["positions"].index(q)]
+            top = {f["feature_id"]: f["activation"] for f in prec["top_features"][str(n["layer"])]}
+            if n["feature_id"] in top:
+                assert a_q == pytest.approx(top[n["feature_id"]], rel=1e-6)  # the prototype lists float32
+                matched += 1
+        assert matched >= 1
+
+
+def test_patch_variant_matches_a_manual_patch(cfg64, model64):
+    model, tok = model64
+    cfg = load_config(cfg64.source_path, {**{"model.dtype": "float64", "sae.dtype": "float64"},
+                                          "cache_dir": str(cfg64.cache), "pathways.replay_mode": "both",
+                                          "pathways.n_replay": 5, "pathways.top_k_per_layer": 4})
+    t = target_active_on_safe(cfg, model, tok, 3)
+    eng, res = run_engine(cfg, model, tok, [t])
+    rec = res[str(t)]["prompts"]["safe"]
+    spec = eng.specs[str(t)]
+    pc, other = eng.prompts["safe"], eng.prompts["risky"]
+    n = next(n for n in rec["nodes"] if n.get("patch_delta") is not None)
+    codes = pc.layers[n["layer"]]
+    d = codes.dec[int((codes.features == n["feature_id"]).nonzero()[0])]
+    q = pc.T - 1
+    a_here = n["position_activations"][n["positions"].index(q)] if q in n["positions"] else 0.0
+    a_other = other.last_token[n["layer"]].get(n["feature_id"], 0.0)
+    resid = forward_resid_post(model, pc.ids, range(6))
+    h = resid[n["layer"]][0].clone()
+    h[q] += (a_other - a_here) * d
+    with torch.no_grad():
+        out = run_blocks(model, h[None], n["layer"] + 1, t.layer)[0, q]
+    base = resid[t.layer][0, q]
+    expected = float((out - base).double() @ spec.enc.double())
+    assert n["patch_delta"] == pytest.approx(expected, rel=1e-7, abs=1e-10)
+
+
+def test_graph_is_multi_hop_and_consistent(cfg64, model64):
+    model, tok = model64
+    t = target_active_on_safe(cfg64, model, tok, 5)
+    _, res = run_engine(cfg64, model, tok, [t])
+    for rec in res[str(t)]["prompts"].values():
+        nodes = {n["id"]: n for n in rec["nodes"]}
+        layers = G.graph_layers(rec["nodes"])
+        assert len(layers) >= 3
+        per_layer = {l: [n for n in rec["nodes"] if n["layer"] == l and not n["is_target"]] for l in layers}
+        assert all(1 <= len(v) <= cfg64.pathways.top_k_per_layer for v in per_layer.values())
+        into_target = [e for e in rec["edges"] if e["target"] == str(t)]
+        inner = [e for e in rec["edges"] if e["target"] != str(t)]
+        assert inner, "not a star: edges between upstream layers exist"
+        for e in into_target:
+            assert nodes[e["source"]]["layer"] == layers[-1]
+            assert e["weight"] == e["raw"] == nodes[e["source"]]["attribution"]
+        for e in inner:  # successive graph layers only
+            lu, lv = nodes[e["source"]]["layer"], nodes[e["target"]]["layer"]
+            assert layers.index(lv) == layers.index(lu) + 1
+        # per layer, the kept nodes are the strongest, within the coverage rule
+        for l, ns in per_layer.items():
+            atts = sorted((abs(n["attribution"]) for n in ns), reverse=True)
+            assert atts == sorted(atts, reverse=True)
+        cov = rec["coverage"]
+        assert cov["attribution_abs_in_graph"] <= cov["attribution_abs_total"] + 1e-9
+        # layer terms: features + error + bias (+ bos) decompose <g, h_l>
+        for l, parts in rec["layer_terms"].items():
+            assert set(parts) >= {"features", "error", "bias"}
+
+
+def test_select_indices_hand_example():
+    scores = [0.1, -3.0, 2.0, 0.0, 1.0, -0.4]
+    # |total| = 6.5; 80% = 5.2: -3.0 (3.0), 2.0 (5.0), 1.0 (6.0) -> stop
+    assert G.select_indices(scores, top_k=10, coverage=0.8) == [1, 2, 4]
+    assert G.select_indices(scores, top_k=2, coverage=0.99) == [1, 2]
+    assert G.select_indices([0.0, 0.0], top_k=3, coverage=0.8) == []
+    assert G.is_validated(0.5, -0.4, 2.0, 1e-3, 0.01) and not G.is_validated(0.5, 0.4, 2.0, 1e-3, 0.01)
+    assert not G.is_validated(0.5, -0.01, 2.0, 1e-3, 0.01)  # below 1% of |pre|
+    ag = G.agreement([{"attribution": 1.0, "replay_delta": -1.0}, {"attribution": 2.0, "replay_delta": -2.5},
+                      {"attribution": -1.0, "replay_delta": 0.5}, {"attribution": 0.5, "replay_delta": 0.1}])
+    assert ag["n"] == 4 and ag["sign_agreement"] == 0.75
+    import numpy as np
+
+    assert ag["pearson_r"] == pytest.approx(np.corrcoef([1, 2, -1, 0.5], [1, 2.5, -0.5, -0.1])[0, 1])
