@@ -1,0 +1,402 @@
+"""Live jobs started by the explorer: `python -m engine prototype ...` (and optionally
+`python -m engine pathways --features ...`) in a subprocess, tracked on disk.
+
+A job is a folder `<cache>/jobs/<job-id>/` holding `job.json` (request, commands, state),
+`progress.json` (written by the engine through `--progress-file`), `log.txt` (stdout and
+stderr of every command) and `result.json` (the prototype). The commands run under a
+small runner process (`python -m explorer.jobs run DIR`, its own session) that records
+the final state, so a job survives page reloads and other tabs see it; cancelling sends
+SIGTERM to the runner's process group. The UI process never imports torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Iterator
+
+from engine import schema
+from engine.config import Config
+from engine.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_FILE = "job.json"
+ACTIVE = ("starting", "running")
+PROMPT_CHOICES = ("safe", "risky", "both", "custom")
+
+#: Processes this server started (reaped with poll() so finished ones do not linger as zombies).
+_PROCS: dict[str, subprocess.Popen] = {}
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    feature: str
+    prompt: str = "both"  # safe | risky | both | custom
+    prompt_text: str | None = None
+    device: str = "cpu"
+    with_pathway: bool = False
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    folder: Path
+    feature: str
+    state: str  # starting | running | done | failed | cancelled
+    request: dict = field(default_factory=dict)
+    started: float | None = None
+    finished: float | None = None
+    step: str | None = None
+    step_index: int = 0
+    n_steps: int = 1
+    stage: str | None = None
+    done: int | None = None
+    total: int | None = None
+    rate: float | None = None
+    eta_s: float | None = None
+    error: str | None = None
+    result_path: Path | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def fraction(self) -> float:
+        """Overall progress in [0, 1] over all steps of the job."""
+        if self.state == "done":
+            return 1.0
+        inner = (self.done / self.total) if (self.done is not None and self.total) else 0.0
+        return max(0.0, min(1.0, (self.step_index + min(inner, 1.0)) / max(self.n_steps, 1)))
+
+
+# ---------------------------------------------------------------------------
+# Validation (before anything starts)
+# ---------------------------------------------------------------------------
+
+#: Known shapes of hub sources, used when the files are not on this machine.
+KNOWN_DEPTH = {"meta-llama/Llama-3.1-8B": 32, "meta-llama/Meta-Llama-3.1-8B": 32}
+KNOWN_WIDTH = {"fnlp/Llama3_1-8B-Base-LXR-8x": 32768, "fnlp/Llama3_1-8B-Base-LXR-32x": 131072}
+
+
+def model_depth(cfg: Config) -> int | None:
+    src = Path(cfg.model.name_or_path).expanduser()
+    if (src / "config.json").is_file():
+        try:
+            return int(json.loads((src / "config.json").read_text())["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return KNOWN_DEPTH.get(cfg.model.name_or_path)
+
+
+def sae_width(cfg: Config, layer: int) -> int | None:
+    from engine.sae import is_local_source, layer_folder
+
+    if is_local_source(cfg.sae.source):
+        hp = Path(cfg.sae.source).expanduser() / layer_folder(cfg.sae, layer) / cfg.sae.hyperparams_file
+        if not hp.is_file():
+            raise UserError(f"no SAE for layer {layer}: {hp} not found")
+        try:
+            return int(json.loads(hp.read_text())["d_sae"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return KNOWN_WIDTH.get(cfg.sae.source)
+
+
+def cuda_visible() -> bool:
+    """Whether an NVIDIA GPU is visible, without importing torch in the UI process."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def pathways_available() -> bool:
+    return find_spec("engine.pathways") is not None
+
+
+def validate_request(cfg: Config, req: JobRequest) -> JobRequest:
+    """Normalised request, or UserError with one line saying what is wrong."""
+    fid = schema.FeatureId.parse(req.feature)
+    depth = model_depth(cfg)
+    if depth is not None and not 0 <= fid.layer < depth:
+        raise UserError(f"feature {fid}: layer {fid.layer} is outside the model (layers 0..{depth - 1})")
+    width = sae_width(cfg, fid.layer)
+    if width is not None and not 0 <= fid.feature_id < width:
+        raise UserError(f"feature {fid}: index {fid.feature_id} is outside the SAE (0..{width - 1})")
+    if req.prompt not in PROMPT_CHOICES:
+        raise UserError(f"prompt must be one of {', '.join(PROMPT_CHOICES)}, got {req.prompt!r}")
+    text = None
+    if req.prompt == "custom":
+        text = req.prompt_text or ""
+        if not text.strip():
+            raise UserError("the custom prompt is empty")
+        limit = cfg.app.max_custom_prompt_chars
+        if len(text) > limit:
+            raise UserError(f"the custom prompt has {len(text)} characters; the limit is {limit} (app.max_custom_prompt_chars)")
+    elif req.prompt in ("safe", "risky") and req.prompt not in cfg.prompts:
+        raise UserError(f"the config has no {req.prompt!r} prompt")
+    if req.device not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {req.device!r}")
+    if req.device == "cuda" and not cuda_visible():
+        raise UserError("no CUDA GPU is visible on this machine; choose cpu")
+    if req.with_pathway and req.prompt == "custom":
+        raise UserError("pathways run on the configured prompts; untick the pathway option for a custom prompt")
+    if req.with_pathway and not pathways_available():
+        raise UserError("this checkout has no pathways step (engine/pathways) yet")
+    return JobRequest(str(fid), req.prompt, text, req.device, req.with_pathway)
+
+
+# ---------------------------------------------------------------------------
+# Starting, reading and cancelling
+# ---------------------------------------------------------------------------
+
+
+def jobs_dir(cache: Path) -> Path:
+    return Path(cache) / schema.JOBS_DIR
+
+
+def commands(config_path: str | None, cache: Path, req: JobRequest, folder: Path) -> list[dict]:
+    base = [sys.executable, "-m", "engine"]
+    common = (["--config", str(config_path)] if config_path else []) + [
+        "--cache", str(cache), "--device", req.device, "--progress-file", str(folder / schema.JOB_PROGRESS)]
+    proto = [*base, "prototype", *common, "--feature", req.feature, "--out", str(folder / schema.JOB_RESULT)]
+    proto += ["--prompt-text", req.prompt_text or ""] if req.prompt == "custom" else ["--prompt", req.prompt]
+    out = [{"name": "prototype", "argv": proto}]
+    if req.with_pathway:
+        out.append({"name": "pathways", "argv": [*base, "pathways", *common, "--features", req.feature]})
+    return out
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    folder = jobs_dir(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest) -> JobStatus:
+    """Validate, refuse a second job for the same feature, then start the runner."""
+    req = validate_request(cfg, req)
+    cache = Path(cache)
+    with _locked(cache):
+        running = active_job(cache, req.feature)
+        if running is not None:
+            raise UserError(f"a job for {req.feature} is already running ({running.job_id}); wait or cancel it")
+        job_id = f"{req.feature}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        folder = jobs_dir(cache) / job_id
+        folder.mkdir(parents=True)
+        job = {"job_id": job_id, "feature": req.feature, "state": "starting", "created": time.time(),
+               "request": req.__dict__, "steps": commands(config_path, cache, req, folder), "step_index": 0}
+        schema.atomic_write_json(folder / JOB_FILE, job)
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "ENGINE_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(folder / schema.JOB_LOG, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "explorer.jobs", "run", str(folder)], cwd=str(ROOT),
+                                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        _PROCS[str(folder)] = proc
+        job["pid"] = proc.pid
+        _update(folder, pid=proc.pid)
+    return read_job(folder)
+
+
+def _update(folder: Path, **changes) -> dict:
+    path = folder / JOB_FILE
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, ValueError):
+        job = {}
+    job.update(changes)
+    schema.atomic_write_json(path, job)
+    return job
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    for key, proc in list(_PROCS.items()):
+        if proc.pid == pid and proc.poll() is not None:
+            _PROCS.pop(key, None)
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def log_tail(folder: Path, n_lines: int = 20, max_bytes: int = 16384) -> str:
+    path = Path(folder) / schema.JOB_LOG
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            raw = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [seg.split("\r")[-1] for seg in raw.split("\n")]  # keep the last state of \r progress bars
+    return "\n".join([line for line in lines if line.strip()][-n_lines:])
+
+
+_ERROR_RE = re.compile(r"^(error|internal error): ")
+
+
+def error_line(folder: Path) -> str | None:
+    """The one-line error the engine printed (`error: ...`), if any."""
+    for line in reversed(log_tail(folder, 200).splitlines()):
+        if _ERROR_RE.match(line.strip()):
+            return line.strip()
+    return None
+
+
+def read_job(folder: Path) -> JobStatus:
+    folder = Path(folder)
+    try:
+        job = json.loads((folder / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        job = {"state": "failed", "error": f"{folder / JOB_FILE} is missing or unreadable"}
+    try:
+        prog = json.loads((folder / schema.JOB_PROGRESS).read_text())
+    except (OSError, ValueError):
+        prog = {}
+    state = job.get("state", "failed")
+    steps = job.get("steps") or [{}]
+    idx = int(job.get("step_index") or 0)
+    st = JobStatus(
+        job_id=job.get("job_id", folder.name), folder=folder, feature=job.get("feature", "?"), state=state,
+        request=job.get("request") or {}, started=job.get("created"), finished=job.get("finished"),
+        step=(steps[min(idx, len(steps) - 1)] or {}).get("name"), step_index=idx, n_steps=len(steps),
+        stage=prog.get("stage"), done=prog.get("done"), total=prog.get("total"), rate=prog.get("rate"),
+        eta_s=prog.get("eta_s"), error=job.get("error"),
+    )
+    if st.active and not _alive(job.get("pid")):
+        # The runner is gone without recording an end (killed, machine restarted).
+        st.state = "failed"
+        st.error = error_line(folder) or "the job stopped unexpectedly; see its log"
+    if st.state == "failed" and not st.error:
+        st.error = error_line(folder) or prog.get("message") or "failed"
+    result = folder / schema.JOB_RESULT
+    st.result_path = result if result.is_file() else None
+    return st
+
+
+def list_jobs(cache: Path, feature: str | None = None) -> list[JobStatus]:
+    """Jobs in the cache, newest first."""
+    folder = jobs_dir(cache)
+    if not folder.is_dir():
+        return []
+    out = []
+    for d in folder.iterdir():
+        if d.is_dir() and (d / JOB_FILE).is_file() and (feature is None or d.name.startswith(f"{feature}-")):
+            out.append(read_job(d))
+    out.sort(key=lambda j: j.started or 0, reverse=True)
+    return out
+
+
+def active_job(cache: Path, feature: str) -> JobStatus | None:
+    for j in list_jobs(cache, feature):
+        if j.active and j.feature == feature:
+            return j
+    return None
+
+
+def cancel_job(folder: Path) -> None:
+    folder = Path(folder)
+    try:
+        job = json.loads((folder / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    pid = job.get("pid")
+    if job.get("state") in ACTIVE and pid and _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the runner leads its own session: this reaches the engine too
+        except ProcessLookupError:
+            pass
+    if job.get("state") in ACTIVE:
+        _update(folder, state="cancelled", finished=time.time(), error="cancelled by the user")
+
+
+def save_result(cache: Path, status: JobStatus) -> Path:
+    """Copy a finished prototype into the cache as prototype/<feature>.json."""
+    if status.result_path is None:
+        raise UserError(f"job {status.job_id} has no result to save")
+    obj = schema.read_artifact(status.result_path, "job result")
+    out = schema.prototype_path(cache, status.feature)
+    schema.atomic_write_json(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The runner (a subprocess of the UI, in its own session)
+# ---------------------------------------------------------------------------
+
+
+def run(folder: Path) -> int:
+    folder = Path(folder)
+    job = _update(folder, state="running", pid=os.getpid(), started=time.time())
+    child: dict[str, subprocess.Popen | None] = {"proc": None}
+
+    def on_term(signum, frame):  # cancel: stop the engine, record it, leave
+        proc = child["proc"]
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        _update(folder, state="cancelled", finished=time.time(), error="cancelled by the user")
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    for i, step in enumerate(job.get("steps", [])):
+        _update(folder, step_index=i)
+        with open(folder / schema.JOB_LOG, "ab") as log:
+            log.write(f"$ {' '.join(step['argv'][1:])}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(step["argv"], cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            child["proc"] = proc
+            rc = proc.wait()
+        if rc != 0:
+            _update(folder, state="failed", finished=time.time(), returncode=rc,
+                    error=error_line(folder) or f"{step['name']} exited with code {rc}")
+            return rc
+    _update(folder, state="done", finished=time.time(), returncode=0)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "run":
+        sys.exit(run(Path(sys.argv[2])))
+    print("usage: python -m explorer.jobs run JOB_DIR", file=sys.stderr)
+    sys.exit(2)

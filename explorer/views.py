@@ -1,0 +1,226 @@
+"""Composite, cached computations behind the pages (no streamlit): a pruned pathway view with
+its figure, the feature table filters, the audit summaries. Cached on the source file's
+stamp plus the page's settings, so a rerun with the same settings costs a dict lookup."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from engine import schema
+from explorer import data, figures
+from explorer import graph as G
+from explorer.context import AppContext
+
+
+class Memo:
+    """A small LRU cache on explicit keys (for values built from unhashable inputs)."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._d: OrderedDict = OrderedDict()
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        value = build()
+        self._d[key] = value
+        if len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+# ---------------------------------------------------------------------------
+# Pathway
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PathwayBundle:
+    pathway: dict
+    full: G.View
+    shown: G.View
+    figure: Any  # plotly Figure
+    node_traces: set[int]
+    agreement: dict
+    validated_fraction: float | None
+
+
+_PATHWAYS = Memo(48)
+
+
+def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, edge_share: float,
+                   max_edges: int, x_mode: str = "attribution", title: str | None = None,
+                   compact: bool = False) -> PathwayBundle:
+    """The pathway of `feature` on `mode`, pruned, with its figure. Raises CacheProblem."""
+    pathway = data.pathway(ctx, feature)
+    path = schema.pathway_path(ctx.cache, feature)
+    key = (str(path), data.stamp(path), mode, round(node_share, 4), round(edge_share, 4), max_edges, x_mode, title,
+           compact)
+
+    def build() -> PathwayBundle:
+        full = G.prompt_view(pathway, mode)
+        shown = G.prune(full, node_share, edge_share, max_edges)
+        label = "attribution, risky − safe" if mode == "difference" else "attribution"
+        fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
+        return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
+                             G.agreement(full.nodes), G.validated_fraction(full.nodes))
+
+    return _PATHWAYS.get(key, build)
+
+
+def pathway_title(feature: str, mode: str) -> str:
+    what = "risky − safe difference" if mode == "difference" else f"{mode} prompt"
+    return f"Pathway of {feature} · {what}"
+
+
+def prototype_view(result: dict) -> dict:
+    """Per prompt: target activation, rank, and the strongest upstream features."""
+    out = {}
+    for name, rec in (result.get("prompts") or {}).items():
+        out[name] = {
+            "activation": rec.get("target_activation"),
+            "pre_activation": rec.get("target_pre_activation"),
+            "rank": rec.get("target_rank"),
+            "n_tokens": rec.get("n_tokens"),
+        }
+    return out
+
+
+def prototype_tables(result: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(upstream candidates wide by prompt, SAE stats per layer and prompt)."""
+    ups = pd.DataFrame(result.get("upstream_candidates") or [], columns=["source", "source_layer", "activation", "prompt"])
+    if len(ups):
+        ups = (ups.pivot_table(index=["source", "source_layer"], columns="prompt", values="activation", aggfunc="max")
+               .reset_index().rename(columns={"source": "feature", "source_layer": "layer"}))
+        ups.columns.name = None
+        val_cols = [c for c in ups.columns if c not in ("feature", "layer")]
+        ups = ups.assign(_m=ups[val_cols].max(axis=1)).sort_values("_m", ascending=False).drop(columns="_m")
+    stats = []
+    for name, rec in (result.get("prompts") or {}).items():
+        for layer, s in (rec.get("sae_stats") or {}).items():
+            stats.append({"prompt": name, "layer": int(layer), "L0": s.get("l0"), "relative error": s.get("relative_error")})
+    return ups.reset_index(drop=True), pd.DataFrame(stats)
+
+
+# ---------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------
+
+
+def filter_features(df: pd.DataFrame, layers: list[int] | None = None, directions: list[str] | None = None,
+                    min_abs_d: float = 0.0, only_validated: bool = False, search: str = "") -> pd.DataFrame:
+    mask = np.ones(len(df), dtype=bool)
+    if layers:
+        mask &= df["layer"].isin(layers).to_numpy()
+    if directions:
+        mask &= df["direction"].isin(directions).to_numpy()
+    if min_abs_d > 0:
+        mask &= (df["abs_d"].fillna(0) >= min_abs_d).to_numpy()
+    if only_validated:
+        mask &= (df["has_pathway"] & (df["validated"].fillna(0) > 0)).to_numpy()
+    text = (search or "").strip().lower()
+    if text:
+        hay = df["feature"].str.lower()
+        for col in ("direction", "source_file", "label"):
+            if col in df.columns:
+                hay = hay + " " + df[col].astype(str).str.lower()
+        mask &= hay.str.contains(text, regex=False).to_numpy()
+    return df[mask].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------
+# Audit
+# ---------------------------------------------------------------------------
+
+_AUDIT = Memo(8)
+
+
+def _pick(d: dict, *names: str, default=None):
+    for n in names:
+        if isinstance(d, dict) and d.get(n) is not None:
+            return d[n]
+    return default
+
+
+def audit_headline(v: dict) -> dict:
+    """The numbers of the audit's headline, from data_validation.json (tolerant of key names)."""
+    results = v.get("audit_results") or {}
+    return {
+        "files": _pick(v, "files_read", "n_files"),
+        "records": _pick(v, "records_read", "n_records"),
+        "valid_trials": _pick(v, "valid_unique_trials", "total_trials"),
+        "duplicates": _pick(v, "duplicates", "n_duplicates"),
+        "join_rate": _pick(v, "join_rate_percent"),
+        "causal": _pick(v, "total_causal_features"),
+        "response_features": _pick(v, "total_response_features"),
+        "joinable": _pick(v, "joinable_features"),
+        "validated": results.get("validated"),
+        "errors": results.get("errors"),
+        "warnings": results.get("warnings"),
+        "expected_per_condition": _pick(v, "n_trials_per_condition", "expected_trials_per_condition"),
+    }
+
+
+def coverage_matrix(fc: pd.DataFrame, expected: int | None, conditions: list[str]) -> pd.DataFrame:
+    """Share of each layer's features with at least `expected` trials in each condition."""
+    if fc is None or not len(fc):
+        return pd.DataFrame()
+    fc = fc.copy()
+    if "layer" not in fc.columns:
+        fc["layer"] = fc["feature"].astype(str).str.extract(r"^L(\d+)-")[0].astype(int)
+    need = expected if expected else max(1, int(fc["n_trials"].mode().iloc[0]))
+    fc["full"] = fc["n_trials"] >= need
+    wide = fc.pivot_table(index="layer", columns="condition", values="full", aggfunc="mean", fill_value=0.0,
+                          observed=True)
+    cols = [c for c in conditions if c in wide.columns] + [c for c in wide.columns if c not in conditions]
+    return wide[cols].sort_index()
+
+
+def expected_trials(fc: pd.DataFrame | None, headline: dict) -> int | None:
+    e = headline.get("expected_per_condition")
+    if e:
+        return int(e)
+    if fc is not None and len(fc):
+        return int(fc["n_trials"].mode().iloc[0])
+    return None
+
+
+def parse_summary(v: dict, trials: pd.DataFrame | None) -> dict | None:
+    """Valid parses under the study's parser and ours, and how often they disagree."""
+    p = v.get("parse") if isinstance(v.get("parse"), dict) else None
+    if p and p.get("compared"):
+        return {"study_valid": p.get("study_valid"), "our_valid": p.get("our_valid"),
+                "disagree": p.get("disagree"), "compared": p.get("compared")}
+    if trials is None or not len(trials):
+        return None
+    out: dict = {"compared": int(len(trials))}
+    if "study_valid" in trials.columns:
+        out["study_valid"] = int(trials["study_valid"].fillna(False).astype(bool).sum())
+    if "our_valid" in trials.columns:
+        out["our_valid"] = int(trials["our_valid"].fillna(False).astype(bool).sum())
+    if {"study_action", "our_action"} <= set(trials.columns):
+        out["disagree"] = int((trials["study_action"].astype(str) != trials["our_action"].astype(str)).sum())
+    return out if len(out) > 1 else None
+
+
+def audit_trial_summary(ctx: AppContext, v: dict) -> dict | None:
+    """parse_summary over the trial table, cached on the table's stamp (1.8M rows: read once)."""
+    path = ctx.cache / schema.AUDIT_TRIALS
+    key = (str(path), data.stamp(path), id(v))
+    if isinstance(v.get("parse"), dict) and v["parse"].get("compared"):
+        return parse_summary(v, None)
+    return _AUDIT.get(key, lambda: parse_summary(v, data.audit_trials(ctx)))
+
+
+def nan_to_none(x):
+    return None if isinstance(x, float) and math.isnan(x) else x

@@ -1,0 +1,170 @@
+"""Live prototype: run step 2 (and optionally step 3) for any feature now, in a subprocess."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from engine.errors import UserError
+from engine.schema import prototype_path, read_artifact
+from explorer import data, figures, jobs, views
+from explorer.widgets import (HELP, feature_text_input, fmt, metric_row, page_setup, pathway_panel,
+                              show_problem)
+
+ctx = page_setup("Live prototype", ":material/play_circle:")
+cfg = ctx.cfg
+st.title("Live prototype")
+st.caption("Step 2 for any feature, now: its activation on a prompt and the most active features of every layer "
+           "up to it, at the last token. It runs as `python -m engine prototype` in the background: you can leave "
+           "this page and come back.")
+
+limit = cfg.app.max_custom_prompt_chars
+gpu = jobs.cuda_visible()
+with st.container(border=True):
+    c1, c2, c3 = st.columns([1.1, 2.2, 1])
+    feature = feature_text_input(where=c1, help="Any feature id L<layer>-<index>, not only the selected causal "
+                                               "features. Kept in the page address (?feature=...).")
+    prompt = c2.radio("Prompt", ["both", "safe", "risky", "custom"], horizontal=True, key="live_prompt",
+                      format_func=lambda p: {"both": "safe and risky", "custom": "custom text"}.get(p, p),
+                      help="The study's two fixed prompts (from the config), or your own text")
+    device = c3.radio("Device", ["cuda", "cpu"] if gpu else ["cpu"], horizontal=True, key="live_device",
+                      help="CUDA when a GPU is visible on this machine, else CPU")
+    text = None
+    if prompt == "custom":
+        text = st.text_area("Prompt text", key="live_text", height=150, max_chars=limit,
+                            help=f"Run as the prompt named 'custom'; at most {limit:,} characters "
+                                 "(app.max_custom_prompt_chars). The feature is read at the last token.")
+    can_pathway = jobs.pathways_available() and prompt != "custom"
+    with_pathway = st.checkbox("Also compute its pathway (gradient attribution and replay, written into the cache)",
+                               key="live_pathway", disabled=not can_pathway,
+                               help="Runs `python -m engine pathways --features <feature>` after the prototype, on "
+                                    "the configured prompts" if can_pathway else
+                                    "Pathways use the configured prompts, not custom text")
+    request = None
+    error = None
+    if feature:
+        try:
+            request = jobs.validate_request(cfg, jobs.JobRequest(feature.strip(), prompt, text, device,
+                                                                 bool(with_pathway and can_pathway)))
+        except UserError as exc:
+            error = str(exc)
+    running = jobs.active_job(ctx.cache, request.feature) if request else None
+    if error:
+        st.error(error, icon=":material/error:")
+    elif running:
+        st.info(f"A job for {request.feature} is already running; it is shown below.", icon=":material/hourglass_top:")
+    clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="live_run",
+                        disabled=request is None or running is not None)
+
+if clicked and request is not None:
+    try:
+        started = jobs.start_job(cfg, ctx.config_path, ctx.cache, request)
+        st.session_state["live_job"] = str(started.folder)
+    except UserError as exc:
+        st.error(str(exc), icon=":material/error:")
+
+# --- which job to show: this tab's last one for this feature, else the feature's latest ---------
+job = None
+mine = st.session_state.get("live_job")
+if mine and Path(mine, jobs.JOB_FILE).is_file():
+    job = jobs.read_job(Path(mine))
+    if request is not None and job.feature != request.feature:
+        job = None
+if job is None and request is not None:
+    history = jobs.list_jobs(ctx.cache, request.feature)
+    job = history[0] if history else None
+if job is None:
+    st.stop()
+
+
+def _progress_text(j: jobs.JobStatus) -> str:
+    parts = [f"step {j.step_index + 1}/{j.n_steps}: {j.step or 'starting'}"]
+    if j.stage:
+        parts.append(j.stage)
+    if j.done is not None and j.total:
+        parts.append(f"{j.done}/{j.total}")
+    if j.eta_s is not None:
+        parts.append(f"about {j.eta_s:.0f}s left")
+    elif j.elapsed is not None:
+        parts.append(f"{j.elapsed:.0f}s")
+    return " · ".join(parts)
+
+
+def job_panel(folder: str) -> None:
+    j = jobs.read_job(Path(folder))
+    if not j.active:
+        if not st.session_state.get(f"_shown_{j.job_id}"):
+            st.session_state[f"_shown_{j.job_id}"] = True
+            st.rerun(scope="app")  # the result lives outside this fragment
+        return
+    st.progress(j.fraction, text=_progress_text(j))
+    c1, c2 = st.columns([4, 1])
+    c1.caption(f"Job `{j.job_id}` · {j.request.get('device', '')} · started {j.elapsed or 0:.0f}s ago")
+    c2.button("Cancel", key=f"cancel_{j.job_id}", on_click=jobs.cancel_job, args=(j.folder,), icon=":material/stop:",
+              width="stretch")
+    tail = jobs.log_tail(j.folder, 12)
+    if tail:
+        st.code(tail, language=None)
+
+
+st.subheader(f"Job for {job.feature}")
+if job.active:
+    st.fragment(run_every=1.0)(job_panel)(str(job.folder))
+    st.stop()
+
+if job.state == "failed":
+    st.error(f"The job failed: {job.error}", icon=":material/error:")
+elif job.state == "cancelled":
+    st.warning("The job was cancelled.", icon=":material/stop_circle:")
+else:
+    st.success(f"Done in {job.elapsed or 0:.1f}s.", icon=":material/task_alt:")
+with st.expander("Log"):
+    st.code(jobs.log_tail(job.folder, 40) or "(empty)", language=None)
+
+if job.result_path is not None:
+    try:
+        result = read_artifact(job.result_path, "job result")
+    except UserError as exc:
+        show_problem(exc)
+        st.stop()
+    per = views.prototype_view(result)
+    items = []
+    for name, rec in per.items():
+        items.append((f"Activation · {name}", fmt(rec["activation"]),
+                      f"{result['feature']}'s activation at the last token of the {name} prompt "
+                      f"(pre-activation {fmt(rec['pre_activation'])})"))
+        items.append((f"Rank · {name}", fmt(rec["rank"]) if rec["rank"] else "inactive",
+                      f"Rank of the feature among all active features of layer {result.get('layer')} on the {name} prompt"))
+    metric_row(items)
+    st.plotly_chart(figures.prototype_figure(result), key="live_proto", config={"displaylogo": False})
+    ups, stats = views.prototype_tables(result)
+    c1, c2 = st.columns([1.4, 1])
+    with c1:
+        st.markdown("**Upstream candidates** (most active features of the layers below, per prompt)")
+        st.dataframe(ups, hide_index=True, width="stretch", height=300,
+                     column_config={c: st.column_config.NumberColumn(c, format="%.3f", help=f"Activation on the {c} prompt")
+                                    for c in ups.columns if c not in ("feature", "layer")})
+    with c2:
+        st.markdown("**SAE fit** at the last token")
+        st.dataframe(stats, hide_index=True, width="stretch", height=300, column_config={
+            "L0": st.column_config.NumberColumn(help="Active features"),
+            "relative error": st.column_config.NumberColumn(format="%.3f", help="‖x − x̂‖ / ‖x‖ of the reconstruction")})
+    target = prototype_path(ctx.cache, job.feature)
+    note = f"replaces the current `{data.relpath(ctx, target)}`" if target.is_file() else f"writes `{data.relpath(ctx, target)}`"
+    if st.button("Save into the cache", key=f"save_{job.job_id}", icon=":material/save:", help=f"Saving {note}"):
+        try:
+            out = jobs.save_result(ctx.cache, job)
+            st.success(f"Saved {data.relpath(ctx, out)}.", icon=":material/save:")
+        except UserError as exc:
+            st.error(str(exc), icon=":material/error:")
+
+if job.state == "done" and job.request.get("with_pathway"):
+    st.subheader(f"Pathway of {job.feature}")
+    mode = st.radio("Prompt", ["safe", "risky", "difference"], horizontal=True, key="live_pw_prompt")
+    try:
+        bundle = views.pathway_bundle(ctx, job.feature, mode, 0.8, 0.98, cfg.app.max_plot_edges)
+    except data.CacheProblem as exc:
+        show_problem(exc)
+        st.stop()
+    st.caption(f"Agreement r {fmt(bundle.agreement['pearson_r'])}, validated {fmt(bundle.validated_fraction, pct=True)} "
+               "· " + HELP["r"])
+    pathway_panel(ctx, bundle, key=f"live_{job.feature}_{mode}", causal={}, files=set(data.pathway_features(ctx)))

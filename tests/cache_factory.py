@@ -1,0 +1,433 @@
+"""Synthetic but schema-valid caches (docs/cache_format.md) for the explorer's tests and benchmark.
+
+`make_cache(folder, size="small")` writes every step's artifacts for a 6-layer model
+(the fixture model's shape: layers 0-5, 512 features per SAE); `size="full"` writes the
+study's scale: 1,550 causal features over layers 1-31 with a pathway file each and
+1.8 million audited trials. Numbers are random but consistent: replay changes are about
+minus the attribution, index summaries are computed from the pathway files, per-layer
+counts from the feature list. `python tests/cache_factory.py DIR --size full` builds one
+by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import sys
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine import schema  # noqa: E402
+from engine.config import RISKY_PROMPT, SAFE_PROMPT  # noqa: E402
+
+PROMPTS = {"safe": SAFE_PROMPT, "risky": RISKY_PROMPT}
+
+
+@dataclass(frozen=True)
+class Size:
+    layers: tuple[int, ...]  # layers holding causal features
+    per_layer: int  # causal features per layer
+    d_sae: int
+    n_tested: int  # features with trials in the audit
+    trials_per_condition: int
+    top_k_per_layer: int
+    n_replay: int
+    n_pathways: int | None  # None: every causal feature
+    n_tokens: int | None
+
+
+SIZES = {
+    "small": Size(layers=(1, 2, 3, 4, 5), per_layer=3, d_sae=512, n_tested=24, trials_per_condition=30,
+                  top_k_per_layer=6, n_replay=8, n_pathways=10, n_tokens=6),
+    "full": Size(layers=tuple(range(1, 32)), per_layer=50, d_sae=32768, n_tested=9300, trials_per_condition=32,
+                 top_k_per_layer=10, n_replay=20, n_pathways=None, n_tokens=200),
+}
+
+
+def tokenize(text: str) -> list[str]:
+    """A stand-in for the LLaMA-3 tokenizer: word pieces with their leading space kept."""
+    return ["<|begin_of_text|>", *re.findall(r" ?[A-Za-z]+| ?\d+| ?[^\sA-Za-z\d]|\n", text)]
+
+
+def _dump(path: Path, obj: dict) -> None:
+    import orjson
+
+    schema.atomic_write_bytes(path, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+# ---------------------------------------------------------------------------
+# Step 1
+# ---------------------------------------------------------------------------
+
+
+def make_features(size: Size, rng: np.random.Generator) -> list[dict]:
+    feats = []
+    for layer in size.layers:
+        ids = rng.choice(size.d_sae, size=size.per_layer, replace=False)
+        for fid in sorted(int(i) for i in ids):
+            d = float(rng.choice([-1, 1]) * rng.uniform(0.3, 2.5))
+            direction = rng.choice(["safe", "risky", "mixed"], p=[0.3, 0.6, 0.1])
+            feats.append({
+                "feature": f"L{layer}-{fid}", "layer": layer, "feature_id": fid, "cohen_d": round(d, 4),
+                "direction": str(direction), "checkpoint_verdict": True,
+                "recomputed_verdict": bool(rng.random() < 0.7),
+                "n_trials": 6 * size.trials_per_condition,
+                "trial_counts": {c: size.trials_per_condition for c in schema.REAL_CONDITIONS},
+                "source_file": f"checkpoint_L{layer}_{layer}_gpu0_20251015_065035.json",
+            })
+    return feats
+
+
+def causal_features_json(feats: list[dict], top_n: int) -> dict:
+    counts: dict[str, dict[str, int]] = {}
+    for f in feats:
+        c = counts.setdefault(str(f["layer"]), {"total": 0, "safe": 0, "risky": 0, "mixed": 0})
+        c["total"] += 1
+        c[f["direction"]] += 1
+    return schema.with_schema({"verdict": "checkpoint", "top_n": top_n, "per_layer_counts": counts,
+                               "n_features": len(feats), "features": feats})
+
+
+# ---------------------------------------------------------------------------
+# Step 3
+# ---------------------------------------------------------------------------
+
+
+def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.Generator) -> dict:
+    tokens = tokenize(text)
+    T = len(tokens)
+    q = T - 1
+    target_act = float(rng.lognormal(0.0, 0.5))
+    graph_layers = list(range(0, layer))
+    nodes: list[dict] = []
+    by_layer: dict[int, list[dict]] = {}
+    for l in graph_layers:
+        k = int(rng.integers(max(1, size.top_k_per_layer // 2), size.top_k_per_layer + 1))
+        ids = rng.choice(size.d_sae, size=k, replace=False)
+        for i in ids:
+            act = float(rng.lognormal(-0.5, 0.7))
+            attr = float(rng.standard_t(3) * 0.08)
+            npos = int(rng.integers(1, 4))
+            extra = [int(p) for p in rng.choice(np.arange(1, q), size=npos - 1, replace=False)] if npos > 1 else []
+            positions = [q, *extra] if rng.random() < 0.7 else [int(rng.integers(1, q)), *extra][:npos]
+            positions = list(dict.fromkeys(positions))
+            w = rng.dirichlet(np.ones(len(positions)))
+            n = {"id": f"L{l}-{int(i)}", "layer": l, "feature_id": int(i), "is_target": False,
+                 "positions": positions, "position_activations": [round(act * x, 6) for x in w],
+                 "position_attributions": [round(attr * x, 6) for x in w],
+                 "activation": round(act, 6), "attribution": round(attr, 6),
+                 "replay_delta": None, "replay_delta_activation": None, "patch_delta": None, "validated": None}
+            nodes.append(n)
+            by_layer.setdefault(l, []).append(n)
+    # Replay the strongest nodes: measured change ~ minus the attribution, with noise.
+    pre = target_act
+    for n in sorted(nodes, key=lambda n: -abs(n["attribution"]))[: size.n_replay]:
+        delta = -n["attribution"] * float(1 + 0.25 * rng.standard_normal()) + 0.01 * float(rng.standard_normal())
+        n["replay_delta"] = n["replay_delta_activation"] = round(delta, 6)
+        big = abs(delta) >= max(1e-3, 0.01 * abs(pre))
+        n["validated"] = bool(big and n["attribution"] != 0 and (delta > 0) == (n["attribution"] < 0))
+    target = {"id": f"L{layer}-{fid}", "layer": layer, "feature_id": fid, "is_target": True, "positions": [q],
+              "position_activations": [round(target_act, 6)], "position_attributions": [None],
+              "activation": round(target_act, 6), "attribution": None, "replay_delta": None,
+              "replay_delta_activation": None, "patch_delta": None, "validated": None}
+    edges = []
+    present = [l for l in graph_layers if by_layer.get(l)]
+    for k, l in enumerate(present):
+        for v in by_layer[l]:
+            if k == 0:
+                continue
+            srcs = by_layer[present[k - 1]]
+            for u in rng.choice(len(srcs), size=min(len(srcs), int(rng.integers(1, 5))), replace=False):
+                raw = float(rng.standard_normal() * 0.3)
+                edges.append({"source": srcs[int(u)]["id"], "target": v["id"],
+                              "weight": round(raw * v["attribution"] / max(v["activation"], 1e-6), 6),
+                              "raw": round(raw, 6)})
+    for u in by_layer.get(present[-1], []) if present else []:
+        edges.append({"source": u["id"], "target": target["id"], "weight": u["attribution"], "raw": u["attribution"]})
+    a = np.array([n["attribution"] for n in nodes if n["replay_delta"] is not None])
+    d = -np.array([n["replay_delta"] for n in nodes if n["replay_delta"] is not None])
+    r = float(np.corrcoef(a, d)[0, 1]) if len(a) >= 3 else None
+    nz = (a != 0) & (d != 0)
+    total = float(sum(abs(n["attribution"]) for n in nodes))
+    return {
+        "text": text, "n_tokens": T, "tokens": tokens, "target_position": q,
+        "target_pre_activation": round(target_act, 6), "target_activation": round(target_act, 6),
+        "nodes": [target, *nodes], "edges": edges,
+        "agreement": {"pearson_r": r, "sign_agreement": float(np.mean(np.sign(a[nz]) == np.sign(d[nz]))) if nz.any() else None,
+                      "n": int(len(a))},
+        "coverage": {"attribution_total": round(total * 1.25, 6), "attribution_in_graph": round(total, 6)},
+    }
+
+
+def make_pathway(feature: str, size: Size, rng: np.random.Generator) -> dict:
+    fid = schema.FeatureId.parse(feature)
+    return schema.with_schema({
+        "feature": feature, "layer": fid.layer, "feature_id": fid.feature_id,
+        "metadata": {"model": "fixture", "sae_source": "fixture", "encode_convention": "study",
+                     "config_hash": "0" * 16, "timings_s": {"attribution": 1.0, "replay": 2.0}, "device": "cpu",
+                     "created": "2026-01-01T00:00:00", "method": {"attribution": "gradient x activation"}},
+        "prompts": {name: pathway_prompt(fid.layer, fid.feature_id, text, size, rng) for name, text in PROMPTS.items()},
+    })
+
+
+def write_pathways(cache: Path, features: list[str], size: Size, rng: np.random.Generator) -> dict:
+    """Pathway files plus, through the engine's own code, their circuit-tracer exports,
+    index.json, nodes.parquet and edges.parquet."""
+    from engine.pathways.index import rebuild, write_export
+
+    for f in features:
+        p = make_pathway(f, size, rng)
+        write_export(cache, p)
+        _dump(schema.pathway_path(cache, f), p)
+    return rebuild(cache)
+
+
+# ---------------------------------------------------------------------------
+# Step 4
+# ---------------------------------------------------------------------------
+
+WORDS = ["stop", "walk", "away", "safe", "target", "goal", "bet", "all", "win", "back", "chase", "double",
+         "risk", "lucky", "quit", "balance", "careful", "more", "again", "recover"]
+
+
+def make_tokens(feature: str, rng: np.random.Generator) -> dict:
+    """A tokens/<feature>.json in the shape engine/tokens writes."""
+    vocab = ["Stop", " stop", " Bet", " bet", " $", "1", "2", " quit", " more", " win", " walk", " chase",
+             " all", " safe", " double", " goal", " money", " lose", " again", " luck", " careful", " target"]
+    vals = np.sort(rng.normal(0, 1, len(vocab)))[::-1]
+    order = rng.permutation(len(vocab))
+    lens = [{"token_id": int(1000 + j), "token": vocab[j], "text": vocab[j], "value": round(float(v), 4)}
+            for j, v in zip(order, vals)]
+    prompt_acts = {}
+    for name, text in PROMPTS.items():
+        toks = tokenize(text)
+        acts = np.maximum(0, rng.normal(-0.5, 1.0, len(toks)))
+        acts[-1] = abs(acts[-1]) + 0.5
+        body = acts[1:]
+        prompt_acts[name] = {"tokens": toks, "token_ids": list(range(len(toks))),
+                             "activations": [round(float(a), 4) for a in acts], "max": round(float(body.max()), 4),
+                             "argmax_position": int(1 + body.argmax()), "last_token_activation": round(float(acts[-1]), 4),
+                             "n_active": int((body > 0).sum()), "bos_excluded_from_stats": True}
+    top = []
+    for k in range(5):
+        toks = tokenize("Round 2: Bet $100, Loss, Balance $30\nChoice: 1")
+        acts = np.maximum(0, rng.normal(0, 1, len(toks)))
+        c = int(acts.argmax())
+        top.append({"rank": k + 1, "activation": round(float(acts.max()), 4), "source_feature": feature,
+                    "condition": "risky_baseline", "trial": str(k), "prompt": "risky", "position": 120 + c,
+                    "response_position": c, "token": toks[c], "context_tokens": toks,
+                    "context_activations": [round(float(a), 4) for a in acts], "center": c})
+    top.sort(key=lambda r: -r["activation"])
+    words = []
+    for w in rng.choice(WORDS, size=8, replace=False):
+        lo = float(rng.normal(0, 1.5))
+        q = float(rng.uniform(0, 0.2))
+        words.append({"prompt": "risky", "patch": "safe_patch", "patched_condition": "risky_with_safe_patch",
+                      "baseline_condition": "risky_baseline", "tokenization": "word", "term": str(w),
+                      "token_id": None, "count_patched": int(rng.integers(5, 80)), "count_baseline": int(rng.integers(5, 80)),
+                      "log_odds": round(lo, 4), "z": round(lo * 2.1, 3), "p": round(q / 2, 4), "q": round(q, 4),
+                      "significant": q < 0.05})
+    words.sort(key=lambda r: -abs(r["z"]))
+    summary = [{"prompt": p, "patch": "safe_patch", "n_terms": 8, "n_significant": sum(w["significant"] for w in words)}
+               for p in ("risky",)]
+    decisions = [{"prompt": p, "context": "choice", "intervention": inter, "value": 0.0, "activation": 0.5,
+                  "bet_vs_stop_logodds_base": 1.2, "bet_vs_stop_logodds_patched": round(1.2 + d, 4),
+                  "delta_bet_vs_stop_logodds": round(d, 4)}
+                 for p in PROMPTS for inter, d in (("ablate", float(rng.normal(0, 0.3))),
+                                                   ("amplify", float(rng.normal(0, 1.0))))]
+    return schema.with_schema({
+        "feature": feature, "layer": schema.FeatureId.parse(feature).layer,
+        "feature_id": schema.FeatureId.parse(feature).feature_id, "direction": None, "patch_values": {},
+        "metadata": {"model": "fixture", "created": "2026-01-01T00:00:00"},
+        "logit_lens": {"promoted": lens[:10], "suppressed": lens[::-1][:10], "vocab_mean": 0.0, "vocab_std": 1.0,
+                       "decision_tokens": [], "decision_summary": decisions},
+        "prompt_activations": prompt_acts, "top_activating": top,
+        "activation_stats": {"sample_size": 200, "n_response_tokens": 4000, "active_tokens": 120, "density": 0.03,
+                             "max_activation_sample": round(float(top[0]["activation"]), 4),
+                             "max_activation_prompts": max(v["max"] for v in prompt_acts.values())},
+        "behavioural_words": words, "behavioural_summary": summary,
+    })
+
+
+# ---------------------------------------------------------------------------
+# Step 0
+# ---------------------------------------------------------------------------
+
+
+def make_audit(cache: Path, feats: list[dict], size: Size, rng: np.random.Generator) -> dict:
+    causal = [f["feature"] for f in feats]
+    extra = max(0, size.n_tested - len(causal))
+    tested = causal + [f"L{int(rng.choice(size.layers))}-{int(i)}" for i in rng.choice(size.d_sae, extra, replace=False)]
+    tested = list(dict.fromkeys(tested))
+    n = size.trials_per_condition
+    conds = list(schema.REAL_CONDITIONS)
+    # Per feature x condition trial counts: mostly complete, some short (a crashed run).
+    counts = np.full((len(tested), len(conds)), n)
+    short = rng.random(counts.shape) < 0.08
+    counts[short] = rng.integers(0, n, short.sum())
+    fc_rows = []
+    for i, f in enumerate(tested):
+        fid = schema.FeatureId.parse(f)
+        for j, c in enumerate(conds):
+            fc_rows.append({"feature": f, "layer": fid.layer, "feature_id": fid.feature_id, "condition": c,
+                            "n_trials": int(counts[i, j]), "stop_rate": round(float(rng.uniform(0, 1)), 4),
+                            "mean_bet": round(float(rng.uniform(5, 60)), 2)})
+    fc = pd.DataFrame(fc_rows)
+    schema.atomic_write_parquet(cache / schema.AUDIT_FEATURE_CONDITIONS, fc)
+    total = int(counts.sum())
+    feat_idx = np.repeat(np.arange(len(tested) * len(conds)), counts.ravel())
+    f_codes = feat_idx // len(conds)
+    c_codes = feat_idx % len(conds)
+    study_valid = rng.random(total) < 0.62
+    our_valid = study_valid | (rng.random(total) < 0.5)
+    study_action = np.where(rng.random(total) < 0.3, "stop", "bet")
+    flip = rng.random(total) < 0.2
+    our_action = np.where(flip, np.where(study_action == "stop", "bet", "stop"), study_action)
+    feature_cat = pd.Categorical.from_codes(f_codes, categories=tested)
+    layers = np.array([schema.FeatureId.parse(f).layer for f in tested])[f_codes]
+    trials = pd.DataFrame({
+        "feature": feature_cat, "layer": layers.astype("int16"),
+        "condition": pd.Categorical.from_codes(c_codes, categories=conds),
+        "trial": np.concatenate([np.arange(k) for k in counts.ravel()]).astype("int32"),
+        "run": pd.Categorical.from_codes((rng.random(total) < 0.1).astype(int), categories=["run A", "run B"]),
+        "study_action": pd.Categorical(study_action), "study_bet": rng.integers(5, 101, total).astype("int16"),
+        "study_valid": study_valid, "our_action": pd.Categorical(our_action),
+        "our_bet": rng.integers(5, 101, total).astype("int16"), "our_valid": our_valid,
+    })
+    schema.atomic_write_parquet(cache / schema.AUDIT_TRIALS, trials)
+    kinds = {"duplicate_trial": 12, "invalid_parse": 30, "missing_field": 4, "bad_feature_id": 2, "unknown_condition": 3}
+    prob_rows = []
+    for kind, k in kinds.items():
+        for r in range(k):
+            prob_rows.append({"kind": kind, "severity": "error" if kind in ("bad_feature_id", "missing_field") else "warning",
+                              "file": f"responses_L{1 + r % 5}_{1 + r % 5}_gpu0_20251015_0650{r % 60:02d}.json",
+                              "record": int(r * 7), "field": {"duplicate_trial": "trial", "invalid_parse": "parsed.bet",
+                                                              "missing_field": "condition", "bad_feature_id": "feature",
+                                                              "unknown_condition": "condition"}[kind],
+                              "message": f"{kind.replace('_', ' ')} in record {r * 7}"})
+    problems = pd.DataFrame(prob_rows)
+    schema.atomic_write_parquet(cache / schema.AUDIT_PROBLEMS, problems)
+    n_dup = kinds["duplicate_trial"]
+    by_layer: dict[str, int] = {}
+    for f in feats:
+        by_layer[str(f["layer"])] = by_layer.get(str(f["layer"]), 0) + 1
+    validation = schema.with_schema({
+        "causal_by_layer": by_layer, "total_causal_features": len(feats), "total_response_features": len(tested),
+        "joinable_features": len(causal), "join_rate_percent": round(100.0 * len(causal) / len(feats), 2),
+        "total_trials": total,
+        "audit_results": {"errors": int((problems.severity == "error").sum()),
+                          "warnings": int((problems.severity == "warning").sum()), "validated": True},
+        "files_read": 2 * len(size.layers) + 3, "records_read": total + n_dup + 9,
+        "valid_unique_trials": total, "duplicates": n_dup,
+        "problem_counts": {k: v for k, v in kinds.items()},
+        "conditions_found": conds, "runs_found": [{"run": "run A", "files": 10, "first": "2025-10-14", "last": "2025-10-21"},
+                                                  {"run": "run B", "files": 3, "first": "2025-11-12", "last": "2025-11-24"}],
+        "n_trials_per_condition": n,
+        "parse": {"study_valid": int(study_valid.sum()), "our_valid": int(our_valid.sum()),
+                  "disagree": int(flip.sum()), "compared": total},
+    })
+    _dump(cache / schema.AUDIT_VALIDATION, validation)
+    return {"tested": tested, "total_trials": total, "problems": problems, "feature_conditions": fc,
+            "study_valid": int(study_valid.sum()), "our_valid": int(our_valid.sum()), "disagree": int(flip.sum())}
+
+
+# ---------------------------------------------------------------------------
+# Step 2, manifest, whole cache
+# ---------------------------------------------------------------------------
+
+
+def make_prototype(feature: str, rng: np.random.Generator, top_k: int = 5) -> dict:
+    fid = schema.FeatureId.parse(feature)
+    prompts = {}
+    for name, text in PROMPTS.items():
+        top = {str(l): [{"feature_id": int(i), "feature": f"L{l}-{int(i)}", "activation": round(float(a), 4)}
+                        for i, a in zip(rng.choice(512, top_k, replace=False), np.sort(rng.lognormal(0, 0.5, top_k))[::-1])]
+               for l in range(fid.layer + 1)}
+        act = float(rng.lognormal(0, 0.4))
+        prompts[name] = {"text": text, "n_tokens": len(tokenize(text)), "target_activation": act,
+                         "target_pre_activation": act, "target_rank": int(rng.integers(1, 20)), "top_features": top,
+                         "sae_stats": {str(l): {"l0": int(rng.integers(20, 60)), "relative_error": round(float(rng.uniform(0.1, 0.4)), 4)}
+                                       for l in range(fid.layer + 1)}}
+    ups = [{"source": f["feature"], "source_layer": int(l), "activation": f["activation"], "prompt": name}
+           for name, rec in prompts.items() for l, fs in rec["top_features"].items() if int(l) < fid.layer for f in fs]
+    return schema.with_schema({
+        "feature": feature, "layer": fid.layer, "feature_id": fid.feature_id, "encode_convention": "study",
+        "model": "fixture", "sae_source": "fixture", "device": "cpu", "dtype": "float32", "top_k": top_k,
+        "position": "last prompt token", "layers": list(range(fid.layer + 1)), "prompts": prompts,
+        "upstream_candidates": ups, "memory_usage_gb": 0.5, "memory_kind": "peak_rss",
+        "timings_s": {"load_model": 0.5, "forward": 0.1}, "created": "2026-01-01T00:00:00"})
+
+
+def write_manifest(cache: Path, steps: list[str], cfg=None) -> None:
+    """Manifest entries for `steps`; with a Config, also the engine's pipeline fingerprints, so
+    `engine status` (and the home page) call them done rather than stale."""
+    import dataclasses
+
+    t0 = time.mktime(time.strptime("2026-01-01T10:00:00", "%Y-%m-%dT%H:%M:%S"))
+    entries = {}
+    for k, step in enumerate(steps):
+        started = t0 + 600 * k
+        entries[step] = {"status": "done", "error": None,
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                         "seconds": 12.5 * (k + 1), "peak_memory_gb": round(0.5 + k, 3),
+                         "memory_kind": "peak_rss", "device": "cpu", "inputs": {}, "config_hash": "0" * 16,
+                         "command": f"python -m engine {step}", "outputs": [schema.STEP_OUTPUTS[step]], "summary": {}}
+        if cfg is not None:
+            from engine.manifest import pipeline_record
+
+            entries[step]["pipeline"] = pipeline_record(dataclasses.replace(cfg, cache_dir=str(cache)), step)
+    schema.atomic_write_json(cache / schema.MANIFEST, schema.with_schema({"steps": entries}))
+
+
+def make_cache(folder: str | Path, size: str = "small", seed: int = 0,
+               steps: tuple[str, ...] = ("audit", "select", "prototype", "pathways", "tokens"), cfg=None) -> dict:
+    """Write a cache; returns what was written (features, pathway features, audit numbers)."""
+    spec = SIZES[size]
+    cache = Path(folder)
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    feats = make_features(spec, rng)
+    out: dict = {"cache": cache, "features": feats}
+    if "audit" in steps:
+        out["audit"] = make_audit(cache, feats, spec, rng)
+    if "select" in steps:
+        _dump(cache / schema.CAUSAL_FEATURES, causal_features_json(feats, spec.per_layer))
+    names = [f["feature"] for f in feats]
+    if "pathways" in steps:
+        chosen = names if spec.n_pathways is None else names[:: max(1, len(names) // spec.n_pathways)][: spec.n_pathways]
+        out["pathway_features"] = chosen
+        out["index"] = write_pathways(cache, chosen, spec, rng)
+    if "tokens" in steps:
+        chosen = names[: spec.n_tokens] if spec.n_tokens else names
+        out["token_features"] = chosen
+        for f in chosen:
+            _dump(schema.tokens_path(cache, f), make_tokens(f, rng))
+        _dump(cache / schema.TOKENS_INDEX, schema.with_schema(
+            {"created": "2026-01-01T00:00:00", "config_hash": "0" * 16, "inputs": {}, "features": chosen,
+             "metadata": {}, "sample": None, "tables": {}}))
+    if "prototype" in steps:
+        out["prototype_feature"] = names[0]
+        _dump(schema.prototype_path(cache, names[0]), make_prototype(names[0], rng))
+    write_manifest(cache, [s for s in schema.STEPS if s in steps], cfg)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    t = time.perf_counter()
+    info = make_cache(a.out, a.size, a.seed)
+    print(f"wrote {a.out} ({len(info['features'])} features) in {time.perf_counter() - t:.1f}s")
