@@ -1,0 +1,209 @@
+"""Auditing one checkpoint file: three record schemas, detected per record.
+
+* plan (implementation plan V4): feature, layer, feature_id, is_causal, cohen_d;
+* Run A (flat): + classified_as, safe/risky_stop_delta, safe/risky_bet_delta, p-values;
+* Run B (nested): feature, layer, feature_id, cohen_d, causality{is_causal_safe,
+  is_causal_risky, safe/risky_effect_size, safe/risky_p_value, interpretation}.
+
+Each valid record becomes one normalised row (columns `CHECKPOINT_COLUMNS`) with the
+record's own verdict and direction:
+* verdict: is_causal (plan, Run A) or is_causal_safe or is_causal_risky (Run B);
+* direction: Run A's classified_as (safe/risky; neutral -> none); Run B from its effects: a
+  causal safe-context test with effect > 0 (the safe patch made the model stop more) votes
+  safe, a causal risky-context test with effect > 0 (the risky patch raised the share of big
+  bets) votes risky, a causal test with the opposite sign votes mixed; one kind of vote gives
+  that direction, anything else mixed. Plan records carry none.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from engine.audit.problems import problem
+from engine.audit.reader import load_tolerant
+from engine.schema import CHECKPOINT_SCHEMA_FLAT, CHECKPOINT_SCHEMA_NESTED, CHECKPOINT_SCHEMA_PLAN, FEATURE_ID_RE
+
+CHECKPOINT_COLUMNS = (
+    "feature", "layer", "feature_id", "schema", "cohen_d", "checkpoint_verdict", "checkpoint_direction",
+    "classified_as", "interpretation", "safe_effect", "risky_effect", "safe_p_value", "risky_p_value",
+    "safe_bet_delta", "risky_bet_delta", "n_trials_per_condition", "source_file", "record",
+)
+_FLAT_KEYS = ("classified_as", "safe_stop_delta", "risky_stop_delta", "safe_bet_delta", "risky_bet_delta")
+
+
+def detect_schema(r: dict) -> str | None:
+    if isinstance(r.get("causality"), dict):
+        return CHECKPOINT_SCHEMA_NESTED
+    if any(k in r for k in _FLAT_KEYS):
+        return CHECKPOINT_SCHEMA_FLAT
+    if "is_causal" in r:
+        return CHECKPOINT_SCHEMA_PLAN
+    return None
+
+
+def _int(v, file, i, fld, problems) -> int | None:
+    """An int field, converting "12" (reported); None when unreadable (reported)."""
+    if type(v) is int:
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        problems.append(problem("mistyped_field", file, i, fld, f"{fld} {v!r} read as {int(v)}", value=v))
+        return int(v)
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        problems.append(problem("mistyped_field", file, i, fld, f"{fld} {v!r} read as {int(v)}", value=v))
+        return int(v)
+    problems.append(problem("invalid_field", file, i, fld, f"{fld} must be an integer", value=v))
+    return None
+
+
+def _num(v, file, i, fld, problems) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        problems.append(problem("invalid_field", file, i, fld, f"{fld} must be a number", value=v))
+        return None
+    if isinstance(v, (int, float)):
+        f = float(v)
+        if not math.isfinite(f):
+            problems.append(problem("nan_value", file, i, fld, value=v))
+            return None
+        return f
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            problems.append(problem("invalid_field", file, i, fld, f"{fld} must be a number", value=v))
+            return None
+        problems.append(problem("mistyped_field", file, i, fld, f"{fld} {v!r} read as {f}", value=v))
+        return f if math.isfinite(f) else None
+    problems.append(problem("invalid_field", file, i, fld, f"{fld} must be a number", value=v))
+    return None
+
+
+def _bool(v, file, i, fld, problems) -> bool | None:
+    if isinstance(v, bool):
+        return v
+    if v in (0, 1) and type(v) is int:
+        problems.append(problem("mistyped_field", file, i, fld, f"{fld} {v!r} read as {bool(v)}", value=v))
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        problems.append(problem("mistyped_field", file, i, fld, f"{fld} {v!r} read as a boolean", value=v))
+        return v.strip().lower() == "true"
+    if v is None:
+        problems.append(problem("missing_field", file, i, fld))
+    else:
+        problems.append(problem("invalid_field", file, i, fld, f"{fld} must be true or false", value=v))
+    return None
+
+
+def nested_direction(cs: bool | None, cr: bool | None, es: float | None, er: float | None) -> str | None:
+    votes = set()
+    if cs:
+        votes.add("safe" if (es or 0) > 0 else "mixed")
+    if cr:
+        votes.add("risky" if (er or 0) > 0 else "mixed")
+    if not votes:
+        return None
+    return votes.pop() if len(votes) == 1 else "mixed"
+
+
+def normalise(r, file: str, i: int, problems: list, n_trials: int | None) -> dict | None:
+    if not isinstance(r, dict):
+        problems.append(problem("record_not_object", file, i, None, value=r))
+        return None
+    schema = detect_schema(r)
+    if schema is None:
+        problems.append(problem("unknown_schema", file, i, None, value=sorted(r)[:12]))
+        return None
+    name = r.get("feature")
+    if "feature" not in r:
+        problems.append(problem("missing_field", file, i, "feature"))
+        return None
+    if not isinstance(name, str):
+        problems.append(problem("invalid_field", file, i, "feature", "feature must be a string", value=name))
+        return None
+    m = FEATURE_ID_RE.match(name)
+    if not m or name != name.strip():
+        problems.append(problem("malformed_feature", file, i, "feature", value=name))
+        return None
+    n_layer, n_fid = int(m.group(1)), int(m.group(2))
+    out = {"feature": name, "schema": schema, "source_file": file, "record": i, "n_trials_per_condition": n_trials}
+    for fld, from_name in (("layer", n_layer), ("feature_id", n_fid)):
+        if fld not in r:
+            problems.append(problem("missing_field", file, i, fld, f"{fld} missing; taken from the name {name}"))
+            out[fld] = from_name
+            continue
+        v = _int(r[fld], file, i, fld, problems)
+        if v is None:
+            return None
+        if v != from_name:
+            problems.append(problem("layer_mismatch", file, i, fld, f"{fld} {v} but the name says {from_name} ({name})",
+                                    value=r[fld]))
+            return None
+        out[fld] = v
+    if "cohen_d" not in r:
+        problems.append(problem("missing_field", file, i, "cohen_d"))
+    out["cohen_d"] = _num(r.get("cohen_d"), file, i, "cohen_d", problems)
+    out.update(classified_as=None, interpretation=None, safe_effect=None, risky_effect=None, safe_p_value=None,
+               risky_p_value=None, safe_bet_delta=None, risky_bet_delta=None, checkpoint_direction=None)
+    if schema == CHECKPOINT_SCHEMA_NESTED:
+        c = r["causality"]
+        cs = _bool(c.get("is_causal_safe"), file, i, "causality.is_causal_safe", problems)
+        cr = _bool(c.get("is_causal_risky"), file, i, "causality.is_causal_risky", problems)
+        out["checkpoint_verdict"] = None if cs is None and cr is None else bool(cs or cr)
+        for dst, src in (("safe_effect", "safe_effect_size"), ("risky_effect", "risky_effect_size"),
+                         ("safe_p_value", "safe_p_value"), ("risky_p_value", "risky_p_value")):
+            out[dst] = _num(c.get(src), file, i, f"causality.{src}", problems)
+        interp = c.get("interpretation")
+        out["interpretation"] = interp if isinstance(interp, str) else None
+        out["checkpoint_direction"] = nested_direction(cs, cr, out["safe_effect"], out["risky_effect"])
+    else:
+        out["checkpoint_verdict"] = _bool(r.get("is_causal"), file, i, "is_causal", problems)
+        if schema == CHECKPOINT_SCHEMA_FLAT:
+            for dst, src in (("safe_effect", "safe_stop_delta"), ("risky_effect", "risky_stop_delta"),
+                             ("safe_p_value", "safe_p_value"), ("risky_p_value", "risky_p_value"),
+                             ("safe_bet_delta", "safe_bet_delta"), ("risky_bet_delta", "risky_bet_delta")):
+                out[dst] = _num(r.get(src), file, i, src, problems)
+            cls = r.get("classified_as")
+            out["classified_as"] = cls if isinstance(cls, str) else None
+            if out["checkpoint_verdict"] and cls in ("safe", "risky"):
+                out["checkpoint_direction"] = cls
+    return out
+
+
+def audit_checkpoint_file(path: str, name: str, file_rank: int) -> dict:
+    t0 = time.perf_counter()
+    problems: list[tuple] = []
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        return {"name": name, "file_rank": file_rank, "problems": [problem("unreadable_file", name, message=str(exc))],
+                "rows": [], "n_records": 0, "header": {}}
+    top = None
+    if raw.strip() and not raw.startswith(b"\xef\xbb\xbf"):
+        try:
+            import orjson
+
+            top = orjson.loads(raw)
+        except Exception:
+            top = None
+    if isinstance(top, dict) and isinstance(top.get("results"), list):
+        header = {k: v for k, v in top.items() if k != "results"}
+        recs = top["results"]
+    else:
+        loaded = load_tolerant(raw, name, "checkpoint")
+        problems.extend(loaded.problems)
+        header, recs = loaded.header, loaded.records or []
+    n_trials = header.get("n_trials_per_condition")
+    if n_trials is not None and type(n_trials) is not int:
+        n_trials = _int(n_trials, name, None, "n_trials_per_condition", problems)
+    rows = []
+    for i, r in enumerate(recs):
+        row = normalise(r, name, i, problems, n_trials)
+        if row is not None:
+            rows.append(row)
+    return {"name": name, "file_rank": file_rank, "problems": problems, "rows": rows, "n_records": len(recs),
+            "header": {k: header.get(k) for k in ("timestamp", "process_id", "layer_range", "features_tested",
+                                                  "n_trials_per_condition")},
+            "seconds": time.perf_counter() - t0}

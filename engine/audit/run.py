@@ -1,0 +1,491 @@
+"""Step 0 orchestration: files -> workers -> dedupe -> checks -> statistics -> tables.
+
+Pass 1 (worker processes, file by file): each response log is decoded, checked and
+re-parsed, its valid records spooled to Arrow IPC, and small numpy arrays (keys and parses)
+returned; each checkpoint file returns its normalised records. The parent then keeps the
+newest copy of every checkpoint record (per (layer, feature_id), by file time; checkpoints
+are cumulative, so they are never summed) and of every trial (per (feature, condition,
+trial); later file, then later record, wins), runs the feature-level checks and the
+statistics on those arrays, and in pass 2 streams the winning spooled rows into
+trials.parquet in row groups. Memory stays flat in the number of files: one file's records
+plus ~20 bytes per trial of keys.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.audit import files as F
+from engine.audit.checkpoints import CHECKPOINT_COLUMNS, audit_checkpoint_file
+from engine.audit.problems import COLUMNS, KINDS, problem
+from engine.audit.responses import ResponseTask, audit_response_file
+from engine.config import Config
+from engine.errors import UserError
+from engine.schema import (AUDIT_CHECKPOINT_RECORDS, AUDIT_DIR, AUDIT_FEATURE_CONDITIONS, AUDIT_FEATURE_EFFECTS,
+                           AUDIT_PROBLEMS, AUDIT_TRIALS, AUDIT_VALIDATION, CONDITION_SETS, AtomicFile,
+                           atomic_write_json, atomic_write_parquet, with_schema)
+
+ROW_GROUP_ROWS = 256 * 1024
+
+
+def resolve_conditions(cfg: Config) -> tuple[str, ...]:
+    if cfg.data.condition_set == "custom":
+        if not cfg.data.conditions:
+            raise UserError("config data.conditions is empty but data.condition_set is custom")
+        return tuple(cfg.data.conditions)
+    return tuple(CONDITION_SETS[cfg.data.condition_set])
+
+
+def _work(item):
+    import gc
+
+    gc.disable()  # see audit_response_file; workers only hold acyclic data
+    kind, payload = item
+    if kind == "checkpoint":
+        return kind, audit_checkpoint_file(*payload)
+    return kind, audit_response_file(payload)
+
+
+def _iter_results(items: list, workers: int):
+    if workers <= 1 or len(items) < 4:
+        for it in items:
+            yield _work(it)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap_unordered(_work, items, chunksize=1)
+
+
+def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | None, run: str | None = None,
+              since: str | None = None, until: str | None = None, full: bool = True,
+              show_progress: bool = True) -> dict:
+    """Audit the folders; write the tables (unless `full` is False: validation and counts only)."""
+    from engine.progress import Progress
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    conditions = resolve_conditions(cfg)
+    acfg = cfg.audit
+    if not checkpoints_dir and not responses_dir:
+        raise UserError("no data folders: set data.checkpoints_dir / data.responses_dir or pass --checkpoints/--responses")
+    ck = F.discover(checkpoints_dir, cfg.data.checkpoint_patterns, "checkpoint")
+    rs = F.discover(responses_dir, cfg.data.response_patterns, "responses", exclude_patterns=cfg.data.checkpoint_patterns)
+    runs = F.detect_runs(ck + rs, acfg.run_gap_days)
+    kept, skipped, chosen = F.select(ck + rs, runs, run, since, until)
+    ck = [f for f in kept if f.role == "checkpoint"]
+    rs = [f for f in kept if f.role == "responses"]
+    problems: list[tuple] = []
+    for f in kept:
+        if f.ts_source == "mtime":
+            problems.append(problem("no_timestamp", f.name, message=f"ordered by mtime {f.ts_text}"))
+    kept_runs = sorted({f.run_id for f in kept})
+    if len(kept_runs) > 1:
+        problems.append(problem("mixed_runs", None, message=f"files from {len(kept_runs)} runs ({', '.join(kept_runs)}): "
+                                "the same feature name can mean different features; pick one with --run",
+                                value=", ".join(kept_runs)))
+    if checkpoints_dir and not ck:
+        problems.append(problem("no_files", str(checkpoints_dir), message="no checkpoint file matched "
+                                + ", ".join(cfg.data.checkpoint_patterns)))
+    if responses_dir and not rs:
+        problems.append(problem("no_files", str(responses_dir), message="no response log matched "
+                                + ", ".join(cfg.data.response_patterns)))
+
+    cache = Path(cfg.cache)
+    spool = cache / AUDIT_DIR / f".spool-{os.getpid()}" if full else None
+    if spool is not None:
+        shutil.rmtree(spool, ignore_errors=True)
+        spool.mkdir(parents=True)
+    order = {f.name + f.role: i for i, f in enumerate(sorted(kept, key=lambda f: (f.timestamp, f.name)))}
+    items = []
+    for f in ck:
+        items.append(("checkpoint", (str(f.path), f.name, order[f.name + f.role])))
+    for f in rs:
+        items.append(("responses", ResponseTask(str(f.path), f.name, order[f.name + f.role], f.run_id, f.ts_text,
+                                                conditions, acfg.min_bet, acfg.max_bet,
+                                                str(spool) if spool else None, full)))
+    size = {f.name + f.role: f.size for f in kept}
+    items.sort(key=lambda it: -size[(it[1][1] if it[0] == "checkpoint" else it[1].name) + it[0]])
+    by_name = {(f.role, f.name): f for f in kept}
+
+    try:
+        t0 = time.perf_counter()
+        ck_results, rs_results = [], []
+        bar = Progress(len(items), "audit: reading files", unit="file", disable=None if show_progress else True)
+        worker_s = collections.Counter()
+        for kind, res in _iter_results(items, acfg.workers):
+            (ck_results if kind == "checkpoint" else rs_results).append(res)
+            worker_s[kind] += res.get("seconds", 0.0)
+            problems.extend(res["problems"])
+            bar.update(1)
+        bar.close()
+        timings["read_check"] = time.perf_counter() - t0
+        timings.update({f"worker_{k}_s": v for k, v in worker_s.items()})
+        t0 = time.perf_counter()
+        summary, state = _combine(cfg, conditions, ck_results, rs_results, by_name, problems, full)
+        timings["dedupe_counts"] = time.perf_counter() - t0
+        summary["runs_found"] = [r.as_dict() for r in runs]
+        summary["run_selected"] = chosen.run_id if chosen else None
+        summary["files_skipped"] = [f.name for f in skipped][:50]
+        summary["n_files_skipped"] = len(skipped)
+        if full:
+            t0 = time.perf_counter()
+            _write_tables(cache, state, rs_results, by_name, problems)
+            timings["write_tables"] = time.perf_counter() - t0
+    finally:
+        if spool is not None:
+            shutil.rmtree(spool, ignore_errors=True)
+    _finish_summary(summary, problems, acfg.max_examples_per_kind)
+    timings["total"] = time.perf_counter() - t_start
+    summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    summary["inputs"] = {"checkpoints_dir": checkpoints_dir, "responses_dir": responses_dir,
+                         "checkpoint_patterns": cfg.data.checkpoint_patterns,
+                         "response_patterns": cfg.data.response_patterns,
+                         "condition_set": cfg.data.condition_set, "conditions": list(conditions),
+                         "run": run, "since": since, "until": until}
+    summary["created"] = dt.datetime.now().isoformat(timespec="seconds")
+    out = with_schema(_ordered(summary))
+    atomic_write_json(cache / AUDIT_VALIDATION, out)
+    return out
+
+
+def _ordered(s: dict) -> dict:
+    first = ("causal_by_layer", "total_causal_features", "total_response_features", "joinable_features",
+             "join_rate_percent", "total_trials", "audit_results", "validated")
+    return {**{k: s[k] for k in first if k in s}, **{k: v for k, v in s.items() if k not in first}}
+
+
+def _combine(cfg: Config, conditions, ck_results, rs_results, by_name, problems, full: bool):
+    import pandas as pd
+
+    acfg = cfg.audit
+    # ---- checkpoints: newest record per (layer, feature_id) -------------------------
+    ck_results.sort(key=lambda r: r["file_rank"])
+    rows = []
+    schema_counts: collections.Counter = collections.Counter()
+    ck_records_read = 0
+    headers_n = collections.Counter()
+    for res in ck_results:
+        f = by_name[("checkpoint", res["name"])]
+        ck_records_read += res["n_records"]
+        if res["header"].get("n_trials_per_condition") is not None:
+            headers_n[res["header"]["n_trials_per_condition"]] += 1
+        for r in res["rows"]:
+            r["file_timestamp"] = f.ts_text
+            r["run_id"] = f.run_id
+            schema_counts[r["schema"]] += 1
+            rows.append(r)
+    newest: dict[tuple[int, int], dict] = {}
+    for r in rows:  # oldest first, so the newest copy wins
+        newest[(r["layer"], r["feature_id"])] = r
+    ck_table = pd.DataFrame([newest[k] for k in sorted(newest)],
+                            columns=list(CHECKPOINT_COLUMNS) + ["file_timestamp", "run_id"])
+    n_default = cfg.data.n_trials_per_condition or (headers_n.most_common(1)[0][0] if headers_n else None)
+
+    # ---- responses: newest copy per (feature, condition, trial) ---------------------
+    rs_results.sort(key=lambda r: r["file_rank"])
+    gcode: dict[str, int] = {}
+    layer_of: list[int] = []
+    fid_of: list[int] = []
+    arrays = collections.defaultdict(list)
+    file_rank_list, n_per_file = [], []
+    records_read = 0
+    for res in rs_results:
+        records_read += res["n_records"]
+        if not res.get("n_valid"):
+            continue
+        local = np.empty(len(res["features"]), dtype=np.int64)
+        for j, (nm, la, fi) in enumerate(zip(res["features"], res["layers"], res["feature_ids"])):
+            c = gcode.get(nm)
+            if c is None:
+                c = gcode[nm] = len(gcode)
+                layer_of.append(la)
+                fid_of.append(fi)
+            local[j] = c
+        arrays["f"].append(local[res["f"]])
+        for k in ("c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
+            arrays[k].append(res[k])
+        file_rank_list.append(res["file_rank"])
+        n_per_file.append(len(res["f"]))
+    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in arrays.items()}
+    for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
+        cat.setdefault(k, np.zeros(0, np.int64))
+    frank = np.repeat(np.array(file_rank_list, dtype=np.int64), n_per_file) if n_per_file else np.zeros(0, np.int64)
+    n_valid_records = len(cat["f"])
+    C = len(conditions)
+    T = int(cat["t"].max()) + 1 if n_valid_records else 1
+    key = (cat["f"].astype(np.int64) * C + cat["c"].astype(np.int64)) * T + cat["t"].astype(np.int64)
+    order = np.lexsort((cat["rec"], frank, key))
+    ks = key[order]
+    last = np.ones(len(ks), dtype=bool)
+    last[:-1] = ks[1:] != ks[:-1]
+    winners = np.zeros(n_valid_records, dtype=bool)
+    winners[order[last]] = True
+    duplicates = int(n_valid_records - winners.sum())
+    rank_names = {res["file_rank"]: res["name"] for res in rs_results}
+    if duplicates:
+        # which newer file superseded each loser: the winner of its key group
+        group_id = np.cumsum(np.r_[True, ks[1:] != ks[:-1]]) - 1
+        win_rank = frank[order[last]][group_id]
+        lose = ~last
+        pairs = collections.Counter(zip(frank[order][lose].tolist(), win_rank[lose].tolist()))
+        per_loser = collections.defaultdict(list)
+        for (lr, wr), n in sorted(pairs.items()):
+            per_loser[lr].append((wr, n))
+        for lr, lst in per_loser.items():
+            total = sum(n for _, n in lst)
+            newer = ", ".join(f"{rank_names[wr]} ({n})" if wr != lr else f"later records of the same file ({n})"
+                              for wr, n in lst)
+            problems.append(problem("duplicate_trials", rank_names[lr], message=f"{total} trials superseded by {newer}",
+                                    value=total))
+    w = winners
+    F_ = len(gcode)
+    names = np.array(sorted(gcode, key=gcode.get), dtype=object)
+    from engine.audit import stats as S
+
+    counts = S.feature_conditions(cat["f"][w], cat["c"][w], cat["action"][w], cat["bet"][w], cat["s_stop"][w],
+                                  cat["s_valid"][w], F_, conditions)
+    n_trials = counts["n_trials"].reshape(F_, C) if F_ else np.zeros((0, C), np.int64)
+
+    # ---- feature-level checks ---------------------------------------------------------
+    ck_n = {r["feature"]: r["n_trials_per_condition"] for r in newest.values()}
+    log_features = set(gcode)
+    ck_features = {r["feature"] for r in newest.values()}
+    expected_n = np.array([ck_n.get(nm) or n_default or 0 for nm in names], dtype=np.int64) if F_ else np.zeros(0, np.int64)
+    for i in np.flatnonzero((n_trials == 0).any(axis=1)) if C else []:
+        miss = [conditions[j] for j in np.flatnonzero(n_trials[i] == 0)]
+        problems.append(problem("missing_conditions", None, None, "condition", f"{names[i]} has no trials in {', '.join(miss)}",
+                                value=names[i]))
+    few = (n_trials > 0) & (n_trials < expected_n[:, None]) if F_ else np.zeros((0, C), bool)
+    for i, j in zip(*np.nonzero(few)):
+        problems.append(problem("too_few_trials", None, None, "trial",
+                                f"{names[i]} {conditions[j]}: {n_trials[i, j]} of {expected_n[i]} trials", value=names[i]))
+    if F_ and n_valid_records:
+        tw = cat["t"][w]
+        fw = cat["f"][w]
+        over = (expected_n[fw] > 0) & (tw >= expected_n[fw])
+        if over.any():
+            for fi, n in zip(*np.unique(fw[over], return_counts=True)):
+                problems.append(problem("trial_out_of_range", None, None, "trial",
+                                        f"{names[fi]}: {n} trials with index >= {expected_n[fi]}", value=names[fi]))
+    for nm in sorted(log_features - ck_features):
+        problems.append(problem("feature_without_checkpoint", None, None, "feature", f"{nm} is in the logs only", value=nm))
+    for nm in sorted(ck_features - log_features):
+        problems.append(problem("checkpoint_without_trials", newest[_fkey(nm)]["source_file"], newest[_fkey(nm)]["record"],
+                                "feature", f"{nm} has no trials in the logs", value=nm))
+
+    # ---- plan keys ----------------------------------------------------------------------
+    causal = sorted((r for r in newest.values() if r["checkpoint_verdict"]), key=lambda r: (r["layer"], r["feature_id"]))
+    by_layer = collections.Counter(r["layer"] for r in causal)
+    causal_names = {r["feature"] for r in causal}
+    joinable = len(causal_names & log_features)
+    n_unique = int(w.sum())
+    conditions_found = _conditions_found(problems, cat["c"], conditions)
+    summary = {
+        "causal_by_layer": {str(k): v for k, v in sorted(by_layer.items())},
+        "total_causal_features": len(causal),
+        "total_response_features": len(log_features),
+        "joinable_features": joinable,
+        "join_rate_percent": round(100.0 * joinable / len(causal), 3) if causal else 0.0,
+        "total_trials": n_unique,
+        "files_read": {"checkpoints": len(ck_results), "responses": len(rs_results)},
+        "records_read": {"checkpoint": ck_records_read, "responses": records_read},
+        "valid_unique_trials": n_unique,
+        "duplicates": duplicates,
+        "invalid_records": records_read - n_valid_records,
+        "checkpoint_records": {"read": ck_records_read, "valid": len(rows), "unique": len(newest),
+                               "superseded": len(rows) - len(newest), "schemas": dict(schema_counts)},
+        "features": {"in_checkpoints": len(ck_features), "in_logs": len(log_features),
+                     "in_both": len(ck_features & log_features), "logs_only": len(log_features - ck_features),
+                     "checkpoints_only": len(ck_features - log_features)},
+        "n_trials_per_condition": n_default,
+        "conditions_expected": list(conditions),
+        "conditions_found": conditions_found,
+    }
+    if n_unique:
+        sa, sv, ac = cat["s_stop"][w], cat["s_valid"][w], cat["action"][w]
+        ours_valid = ac != 2
+        both = ours_valid & sv & (sa >= 0)
+        study_stop = sa == 1
+        ours_stop = ac == 1
+        sb, ob = cat["s_bet"][w], cat["bet"][w]
+        bet_both = both & ~study_stop & ~ours_stop & (ob >= 0)
+        summary["parser_comparison"] = {
+            "trials": n_unique,
+            "study_valid": int(sv.sum()), "ours_valid": int(ours_valid.sum()),
+            "both_valid": int(both.sum()),
+            "action_disagree": int((both & (study_stop != ours_stop)).sum()),
+            "study_stop_ours_bet": int((both & study_stop & ~ours_stop).sum()),
+            "study_bet_ours_stop": int((both & ~study_stop & ours_stop).sum()),
+            "bet_amount_disagree": int((bet_both & (sb != ob)).sum()),
+            "study_valid_ours_invalid": int((sv & ~ours_valid).sum()),
+            "study_invalid_ours_valid": int((~sv & ours_valid).sum()),
+        } if full else None
+    state = {"conditions": conditions, "names": names, "layer_of": np.array(layer_of, np.int64),
+             "fid_of": np.array(fid_of, np.int64), "counts": counts, "newest": newest, "ck_table": ck_table,
+             "winners": winners, "frank": frank, "rec": cat["rec"], "expected_n": expected_n}
+    if full:
+        _effects(cfg, state, summary)
+    return summary, state
+
+
+def _fkey(name: str) -> tuple[int, int]:
+    a, b = name[1:].split("-")
+    return int(a), int(b)
+
+
+def _conditions_found(problems, c, conditions) -> dict:
+    found = {conditions[i]: int(n) for i, n in zip(*np.unique(c, return_counts=True))} if len(c) else {}
+    for p in problems:
+        if p[0] == "unknown_condition":
+            found[p[6]] = found.get(p[6], 0) + 1
+    return dict(sorted(found.items()))
+
+
+def _effects(cfg: Config, state: dict, summary: dict) -> None:
+    import pandas as pd
+
+    from engine.audit import stats as S
+
+    conditions, names, counts = state["conditions"], state["names"], state["counts"]
+    F_, C = len(names), len(conditions)
+    eff = S.effects(counts, F_, conditions, cfg.audit.alpha, cfg.audit.min_effect)
+    # feature x condition table
+    fc = pd.DataFrame({
+        "feature": np.repeat(names, C).astype(str) if F_ else np.zeros(0, str),
+        "layer": np.repeat(state["layer_of"], C),
+        "feature_id": np.repeat(state["fid_of"], C),
+        "condition": np.tile(np.array(conditions, dtype=object), F_).astype(str) if F_ else np.zeros(0, str),
+    })
+    fc["prompt"] = fc["condition"].str.split("_").str[0]
+    fc["patch"] = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in fc["condition"]]
+    for k in ("n_trials", "n_valid", "n_stop", "n_bet", "study_n_valid", "study_n_stop"):
+        fc[k] = counts[k].astype(np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fc["valid_rate"] = np.where(fc["n_trials"] > 0, fc["n_valid"] / fc["n_trials"], np.nan)
+        fc["stop_rate"] = np.where(fc["n_valid"] > 0, fc["n_stop"] / fc["n_valid"], np.nan)
+        fc["mean_bet"] = np.where(counts["n_bet_amount"] > 0, counts["bet_sum"] / np.maximum(counts["n_bet_amount"], 1), np.nan)
+        fc["study_valid_rate"] = np.where(fc["n_trials"] > 0, fc["study_n_valid"] / fc["n_trials"], np.nan)
+        fc["study_stop_rate"] = np.where(fc["study_n_valid"] > 0, fc["study_n_stop"] / fc["study_n_valid"], np.nan)
+    state["fc"] = fc
+    # per-feature effects joined with the checkpoint verdicts (union of both feature sets)
+    fe = pd.DataFrame({"feature": names.astype(str) if F_ else np.zeros(0, str),
+                       "layer": state["layer_of"], "feature_id": state["fid_of"]})
+    fe["n_trials"] = state["counts"]["n_trials"].reshape(F_, C).sum(axis=1) if F_ else np.zeros(0, np.int64)
+    for k, v in eff.items():
+        fe[k] = v
+    ck = state["ck_table"][["feature", "layer", "feature_id", "schema", "cohen_d", "checkpoint_verdict",
+                            "checkpoint_direction", "source_file", "run_id"]]
+    ck = ck.rename(columns={"source_file": "checkpoint_file", "run_id": "checkpoint_run_id"})
+    fe = fe.merge(ck, on=["feature", "layer", "feature_id"], how="outer")
+    fe["has_trials"] = fe["n_trials"].fillna(0) > 0
+    fe["n_trials"] = fe["n_trials"].fillna(0).astype(np.int64)
+    fe["recomputed_verdict"] = fe["recomputed_verdict"].astype("boolean").where(fe["has_trials"], pd.NA)
+    fe["has_checkpoint"] = fe["schema"].notna()
+    fe["checkpoint_verdict"] = fe["checkpoint_verdict"].astype("boolean")
+    fe["verdict_agrees"] = (fe["recomputed_verdict"] == fe["checkpoint_verdict"]).astype("boolean")
+    fe = fe.sort_values(["layer", "feature_id"], kind="mergesort").reset_index(drop=True)
+    state["fe"] = fe
+    both = fe["verdict_agrees"].notna()
+    rv = fe["recomputed_verdict"].fillna(False).astype(bool)
+    summary["recomputed"] = {
+        "alpha": cfg.audit.alpha, "min_effect": cfg.audit.min_effect, "tested_features": int(fe["has_trials"].sum()),
+        "causal": int(rv.sum()),
+        "by_direction": {d: int(((fe["recomputed_direction"] == d) & rv).sum()) for d in ("safe", "risky", "mixed")},
+        "compared_with_checkpoint": int(both.sum()),
+        "agree": int(fe["verdict_agrees"].fillna(False).astype(bool).sum()),
+        "checkpoint_causal_recomputed_not": int((fe["checkpoint_verdict"].fillna(False).astype(bool) & ~rv & both).sum()),
+        "recomputed_causal_checkpoint_not": int((~fe["checkpoint_verdict"].fillna(True).astype(bool) & rv & both).sum()),
+    }
+
+
+def _write_tables(cache: Path, state: dict, rs_results: list, by_name: dict, problems: list) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    winners, frank, rec = state["winners"], state["frank"], state["rec"]
+    path = cache / AUDIT_TRIALS
+    pos = 0
+    starts = {}
+    for res in rs_results:  # sorted by file_rank in _combine; same order as the arrays
+        if res.get("n_valid"):
+            starts[res["file_rank"]] = (pos, pos + res["n_valid"])
+            pos += res["n_valid"]
+    with AtomicFile(path) as tmp:
+        writer = None
+        pending: list = []
+        pending_rows = 0
+
+        def flush():
+            nonlocal writer, pending, pending_rows
+            if not pending:
+                return
+            t = pa.concat_tables(pending)
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp), t.schema, compression="zstd")
+            writer.write_table(t, row_group_size=ROW_GROUP_ROWS)
+            pending, pending_rows = [], 0
+
+        for res in rs_results:
+            if not res.get("spool") or res["file_rank"] not in starts:
+                continue
+            a, b = starts[res["file_rank"]]
+            mask = winners[a:b]
+            with pa.memory_map(res["spool"]) as src:
+                t = pa.ipc.open_file(src).read_all()
+            t = t.filter(pa.array(mask))
+            f = by_name[("responses", res["name"])]
+            t = t.append_column("run_id", pa.array([f.run_id] * t.num_rows, pa.string()))
+            t = t.append_column("file_timestamp", pa.array([f.ts_text] * t.num_rows, pa.string()))
+            pending.append(t)
+            pending_rows += t.num_rows
+            if pending_rows >= ROW_GROUP_ROWS:
+                flush()
+            os.unlink(res["spool"])
+        flush()
+        if writer is None:
+            from engine.audit.responses import empty_trials_schema
+
+            writer = pq.ParquetWriter(str(tmp), empty_trials_schema(), compression="zstd")
+        writer.close()
+    atomic_write_parquet(cache / AUDIT_FEATURE_CONDITIONS, state["fc"])
+    atomic_write_parquet(cache / AUDIT_FEATURE_EFFECTS, state["fe"])
+    atomic_write_parquet(cache / AUDIT_CHECKPOINT_RECORDS, state["ck_table"])
+    pt = pd.DataFrame(problems, columns=list(COLUMNS))
+    pt["record"] = pt["record"].astype("Int64")
+    atomic_write_parquet(cache / AUDIT_PROBLEMS, pt)
+
+
+def _finish_summary(summary: dict, problems: list, cap: int) -> None:
+    counts = collections.Counter(p[0] for p in problems)
+    sev = collections.Counter(p[1] for p in problems)
+    examples: dict[str, list] = {}
+    errors, warnings = [], []
+    for p in problems:
+        ex = examples.setdefault(p[0], [])
+        if len(ex) < cap:
+            ex.append(dict(zip(COLUMNS, p)))
+            where = p[2] or ""
+            if p[3] is not None:
+                where += f" record {p[3]}"
+            if p[4]:
+                where += f" field {p[4]}"
+            line = f"{p[0]}: {where.strip()}: {p[5]}" + (f" ({p[6]})" if p[6] is not None else "")
+            (errors if p[1] == "error" else warnings if p[1] == "warning" else []).append(line)
+    validated = sev.get("error", 0) == 0
+    summary["audit_results"] = {"errors": errors, "warnings": warnings, "validated": validated,
+                                "n_errors": sev.get("error", 0), "n_warnings": sev.get("warning", 0)}
+    summary["validated"] = validated
+    summary["problem_counts"] = {k: counts[k] for k in sorted(counts)}
+    summary["problem_counts_by_severity"] = dict(sorted(sev.items()))
+    summary["problem_kinds"] = {k: {"severity": v[0], "meaning": v[1]} for k, v in KINDS.items()}
+    summary["examples"] = examples
