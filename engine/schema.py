@@ -139,6 +139,8 @@ TOKENS_LOGIT_LENS = "tokens/logit_lens.parquet"
 TOKENS_PROMPT_ACTIVATIONS = "tokens/prompt_activations.parquet"
 TOKENS_TOP_ACTIVATING = "tokens/top_activating.parquet"
 TOKENS_BEHAVIOURAL_WORDS = "tokens/behavioural_words.parquet"
+TOKENS_DECISION_TOKENS = "tokens/decision_tokens.parquet"
+TOKENS_INDEX = "tokens/index.json"
 
 INTEGRATED_DIR = "integrated"
 INTEGRATED_FEATURES = "integrated/features.parquet"
@@ -162,7 +164,7 @@ STEP_OUTPUTS: dict[str, str] = {
     "select": CAUSAL_FEATURES,
     "prototype": PROTOTYPE_DIR,
     "pathways": PATHWAYS_INDEX,
-    "tokens": TOKENS_DIR,
+    "tokens": TOKENS_INDEX,
     "integrate": INTEGRATED_FEATURES_JSON,
 }
 
@@ -218,8 +220,21 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def dumps_json_bytes(obj: Any, indent: int | None = 1) -> bytes:
+    """Standard JSON (NaN and inf become null), UTF-8; orjson when installed, else the stdlib."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - orjson is in requirements.txt
+        return (json.dumps(_finite(obj), indent=indent, default=_json_default, ensure_ascii=False,
+                           allow_nan=False) + "\n").encode("utf-8")
+    opts = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
+    if indent:
+        opts |= orjson.OPT_INDENT_2
+    return orjson.dumps(obj, default=_json_default, option=opts)
+
+
 def dumps_json(obj: Any, indent: int | None = 1) -> str:
-    return json.dumps(_finite(obj), indent=indent, default=_json_default, ensure_ascii=False, allow_nan=False)
+    return dumps_json_bytes(obj, indent).decode("utf-8").rstrip("\n")
 
 
 def _umask_mode() -> int:
@@ -231,7 +246,11 @@ def _umask_mode() -> int:
 _FILE_MODE = _umask_mode()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:
+    """Write to a temporary name in the same folder, then rename over `path`.
+
+    fsync=False skips the flush to disk: still atomic against a killed process (the rename
+    is), only not against power loss; bulk writers whose readers recompute unreadable files use it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -239,8 +258,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; cache files are ordinary files
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -251,12 +271,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
-    return atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, fsync: bool = True) -> Path:
+    return atomic_write_bytes(path, dumps_json_bytes(obj, indent=indent), fsync=fsync)
 
 
 def atomic_write_parquet(path: str | os.PathLike, frame: Any) -> Path:

@@ -40,7 +40,7 @@ def write_export(cache: Path, result: dict) -> list[Path]:
     out = []
     for prompt in result["prompts"]:
         p = pathway_export_path(cache, result["feature"], prompt)
-        atomic_write_json(p, G.circuit_tracer_json(result, prompt), indent=None)
+        atomic_write_json(p, G.circuit_tracer_json(result, prompt), indent=None, fsync=False)
         out.append(p)
     return out
 

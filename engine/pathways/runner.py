@@ -85,6 +85,8 @@ class PathwayEngine:
         self.prompts: dict[str, PromptCodes] = {}
         self.specs: dict[str, TargetSpec] = {}
         self.timings: dict[str, float] = {}
+        #: layer -> SAE; defaults to reading the configured files (benchmarks inject random SAEs)
+        self.sae_loader = None
 
     # -- shared per-prompt work ------------------------------------------------
     def encode_prompts(self, prompt_names: list[str], targets: list[FeatureId], on_layer=None) -> None:
@@ -106,7 +108,7 @@ class PathwayEngine:
                 resid[name] = forward_resid_post(self.model, ids, layers)
         exclude = [0] if self.pc.exclude_bos else []
         for layer in layers:
-            sae = load_sae(self.cfg.sae, layer, device=self.device)
+            sae = self.sae_loader(layer) if self.sae_loader else load_sae(self.cfg.sae, layer, device=self.device)
             for name in prompt_names:
                 h = resid[name][layer][0]
                 codes = encode_layer(sae, h, exclude, self.dtype)
@@ -213,14 +215,12 @@ class PathwayEngine:
         kept = G.select_indices(scores, self.pc.top_k_per_layer, self.pc.coverage)
         out = []
         for u in kept:
-            ent = codes.entries_of(u)
-            pos = codes.pos[ent].tolist()
-            order = sorted(range(len(pos)), key=lambda i: pos[i])
+            ent = codes.entries_of(u)  # entries are in position order (nonzero is row-major)
             out.append(NodeRec(
                 layer=codes.layer, uidx=u, feature_id=int(codes.features[u]), attribution=scores[u],
-                positions=[int(pos[i]) for i in order],
-                position_activations=[float(codes.act[ent[i]]) for i in order],
-                position_attributions=[float(A[ent[i]]) for i in order],
+                positions=codes.pos[ent].tolist(),
+                position_activations=codes.act[ent].tolist(),
+                position_attributions=A[ent].tolist(),
             ))
         return out
 
@@ -489,7 +489,9 @@ def run(cfg: Config, targets: list[FeatureId], device: str, force: bool = False,
             })
             path = pathway_path(cfg.cache, t)
             write_export(cfg.cache, out)  # export first: a present result implies its export exists
-            atomic_write_json(path, out, indent=None)
+            # no fsync per file: a rename is atomic against a killed process, and an unreadable
+            # file (power loss) is recomputed on restart
+            atomic_write_json(path, out, indent=None, fsync=False)
             summary["files"].append(str(path))
             summary["computed"] += 1
         if progress:
