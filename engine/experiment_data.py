@@ -86,7 +86,7 @@ def _tail(rng: np.random.Generator, bet: int, balance: int, variable: bool) -> s
     """Hallucinated continuation: more rounds, balances, an echoed menu."""
     parts = []
     rnd = 4
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(1, 4))):
         win = rng.random() < 0.3
         balance = max(0, balance - bet + (3 * bet if win else 0))
         parts.append(f"Round {rnd}: Bet ${bet}, {'Win' if win else 'Loss'}, Balance ${balance}")
@@ -222,8 +222,8 @@ def _draw_features(rng: np.random.Generator, run: str, layers: list[int], per_la
         ids = np.sort(rng.choice(space, size=n, replace=False))
         for fid in ids:
             u = rng.random()
-            kind = "risky" if u < 0.25 else ("safe" if u < 0.35 else "none")
-            strength = float(rng.uniform(0.2, 0.5)) if kind != "none" else 0.0
+            kind = "risky" if u < 0.33 else ("safe" if u < 0.5 else "none")
+            strength = float(rng.uniform(0.25, 0.55)) if kind != "none" else 0.0
             d = float(0.3 + rng.exponential(0.4)) * (1 if rng.random() < 0.55 else -1)
             out.append(Feature(f"L{layer}-{int(fid)}", layer, int(fid), kind, strength, round(d, 4)))
     return out
