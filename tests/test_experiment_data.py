@@ -56,8 +56,10 @@ def test_defects_are_all_found(tmp_path):
     d = tmp_path / "d"
     s = generate(d, "small", seed=0, runs="A,B", defects=True)
     e = s["expected"]
-    cfg = load_config(None, {"cache_dir": str(tmp_path / "c")})
-    v = run_audit(cfg, checkpoints_dir=str(d), responses_dir=str(d / "response_logs"), show_progress=False)
+    cfg = load_config(None, {"cache_dir": str(tmp_path / "c"), "audit.workers": 1})
+    # responses_dir left out: <checkpoints_dir>/response_logs is found (the study's layout)
+    v = run_audit(cfg, checkpoints_dir=str(d), responses_dir=None, show_progress=False)
+    assert v["inputs"]["responses_dir"] == str(d / "response_logs")
     assert v["records_read"]["responses"] == e["records_read"]
     assert v["invalid_records"] == e["invalid_records"]
     assert v["valid_unique_trials"] == e["valid_unique_trials"] and v["duplicates"] == e["duplicates"]

@@ -75,6 +75,8 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
     timings: dict[str, float] = {}
     conditions = resolve_conditions(cfg)
     acfg = cfg.audit
+    if not responses_dir and checkpoints_dir and (Path(checkpoints_dir) / "response_logs").is_dir():
+        responses_dir = str(Path(checkpoints_dir) / "response_logs")  # the study's layout
     if not checkpoints_dir and not responses_dir:
         raise UserError("no data folders: set data.checkpoints_dir / data.responses_dir or pass --checkpoints/--responses")
     ck = F.discover(checkpoints_dir, cfg.data.checkpoint_patterns, "checkpoint")
