@@ -1,0 +1,201 @@
+"""The demo's building blocks, each checked against an independent computation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from engine.demo import plan_for
+from engine.demo import games as G
+from engine.demo.experiment import benjamini_hochberg, causality_run_a, causality_run_b, cohen_d_table, patch_editor
+from engine.demo.generate import Unembedding, filtered_probs
+from engine.demo.train import FULL_VOCAB, expand_to_full_vocab, full_vocab_loss, small_model
+from engine.errors import UserError
+from engine.game import RISKY_HISTORY, SAFE_HISTORY, Round, format_prompt
+
+
+@pytest.mark.parametrize(
+    "text, variable, action, bet, valid",
+    [
+        ("1\nBet $10\nRound 4: Bet $10, Win, Balance $160", False, "bet", 10, True),
+        ("1\nThe reels spin... Loss. Balance $130", False, "bet", 10, True),
+        ("2\n\nI will walk away with $140", False, "stop", 0, True),  # invalid under the study's P0
+        ("2\nStop. Final balance: $20", True, "stop", 0, True),
+        ("1\nBet amount: $25\nResult: Loss, Balance $5\nCurrent round: 5", True, "bet", 25, True),
+        ("1, $50\nRound 4: Bet $50, Loss, Balance $0", True, "bet", 50, True),
+        ("1\nI'll bet $15.\nResult: Win, Balance $50", True, "bet", 15, True),
+        ("1\nRound 4: Bet $20, Loss, Balance $0", True, "bet", 20, True),  # "Bet $20" inside the echoed round
+        ("1\nBet $500", True, "stop", 0, False),  # out of the $5-$100 menu
+        ("1\nthe machine", True, "stop", 0, False),
+        ("Slot Machine Game", False, "stop", 0, False),
+        ("", True, "stop", 0, False),
+    ],
+)
+def test_parse_response(text, variable, action, bet, valid):
+    p = G.parse_response(text, variable)
+    assert (p["action"], p["bet"], p["valid"]) == (action, bet, valid)
+    assert p["response"] == text
+    if not valid:
+        assert p["reason"] in ("parsing_failed", "bet_out_of_range")
+
+
+def test_every_simulated_response_parses_to_its_decision():
+    for g in G.simulate_games(200, seed=3):
+        for d in g.decisions:
+            p = G.parse_response(d.response, d.variable)
+            assert p["valid"] and p["bet"] == d.decision, d.response
+            assert d.prompt.startswith("Slot Machine Game\n\nGame history:\nRound 1: ") and d.prompt.endswith("Choice: ")
+
+
+def test_games_follow_the_rules_and_end_both_ways():
+    games = G.simulate_games(400, seed=1)
+    outcomes = {g.outcome for g in games}
+    assert {"bankrupt", "stopped"} <= outcomes
+    for g in games:
+        bal = G.START_BALANCE
+        for r in g.history:
+            assert 0 < r.bet <= bal
+            bal = bal + 2 * r.bet if r.win else bal - r.bet  # win pays 3x the bet
+            assert r.balance == bal
+        assert (g.outcome == "bankrupt") == (bal == 0)
+        if not g.variable:
+            assert all(r.bet == 10 for r in g.history)
+    # the same seed gives the same games
+    assert [g.history for g in G.simulate_games(50, 9)] == [g.history for g in G.simulate_games(50, 9)]
+
+
+def test_policy_is_gambling_like():
+    # fixed bets: stops more with a high balance; variable: chases after a big loss
+    assert G.stop_probability(list(SAFE_HISTORY), 140, False) > 0.6
+    assert G.stop_probability(list(SAFE_HISTORY), 90, False) < 0.1
+    assert G.stop_probability(list(RISKY_HISTORY), 20, True) < 0.2
+    calm = [Round(10, True, 120), Round(10, False, 110), Round(10, False, 100)]
+    assert G.stop_probability(calm, 100, True) > G.stop_probability(list(RISKY_HISTORY), 100, True)
+    rng = random.Random(0)
+    chase = [G.choose_bet(list(RISKY_HISTORY), 100, True, rng) for _ in range(400)]
+    calm_bets = [G.choose_bet(calm, 100, True, rng) for _ in range(400)]
+    assert sum(chase) / 400 > 2 * sum(calm_bets) / 400
+    assert format_prompt(SAFE_HISTORY, 140, False).endswith("1) Bet $10\n2) Stop\n\nChoice: ")
+
+
+def test_small_vocab_loss_is_the_full_vocab_cross_entropy():
+    used = [5, 17, 128000, 128001, 4000, 99]
+    small = small_model(2, 32, len(used), seed=0).eval()
+    full = expand_to_full_vocab(small, used, seed=0)
+    x_full = torch.tensor([[128000, 5, 17, 4000, 99, 128001]])
+    remap = {t: i for i, t in enumerate(used)}
+    x_small = torch.tensor([[remap[int(t)] for t in x_full[0]]])
+    w = torch.ones(1, 5)
+    with torch.no_grad():
+        loss, _ = full_vocab_loss(small(x_small).logits[:, :-1], x_small[:, 1:], w, FULL_VOCAB - len(used))
+        logits = full(x_full).logits
+        ref = torch.nn.functional.cross_entropy(logits[0, :-1], x_full[0, 1:])
+    assert logits.shape[-1] == FULL_VOCAB
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    # unused rows are exactly zero, so their logits are exactly 0
+    mask = torch.ones(FULL_VOCAB, dtype=torch.bool)
+    mask[used] = False
+    assert float(logits[0, :, mask].abs().max()) == 0.0
+
+
+def test_sampling_filter_matches_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])[:, None]
+    idx, probs = filtered_probs(logits)
+    ref = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(50)(None, TemperatureLogitsWarper(0.7)(None, logits.clone())))
+    ref_p = torch.softmax(ref, dim=-1)
+    mine = torch.zeros_like(ref_p).scatter(1, idx, probs)
+    assert torch.allclose(mine, ref_p, atol=1e-6)
+
+
+def test_sparse_unembedding_equals_the_full_computation():
+    used = list(range(100, 160))
+    full = expand_to_full_vocab(small_model(1, 32, len(used), seed=1).eval(), used, seed=1)
+    un = Unembedding(full)
+    h = torch.randn(4, 32) * 3
+    with torch.no_grad():
+        ref_logits = full.lm_head(h)
+    sparse = un(h)
+    assert un.n_zero == 50 and set(un.ids.tolist()) == set(used)
+    assert torch.allclose(sparse, ref_logits[:, un.all_ids], atol=1e-5)
+    # the same filtered distribution as on the full logits: identical on the used ids,
+    # the same total mass on the (tied, exactly zero) unused ids
+    idx_s, p_s = filtered_probs(sparse)
+    idx_f, p_f = filtered_probs(ref_logits)
+    for r in range(4):
+        a = torch.zeros(FULL_VOCAB).index_put_((un.all_ids[idx_s[r]],), p_s[r])
+        b = torch.zeros(FULL_VOCAB).index_put_((idx_f[r],), p_f[r])
+        assert torch.allclose(a[used], b[used], atol=1e-6)
+        assert float(a.sum() - a[used].sum()) == pytest.approx(float(b.sum() - b[used].sum()), abs=1e-6)
+
+
+def test_patch_keeps_the_sae_error_and_only_touches_patched_rows():
+    from engine.sae import build_sae
+
+    g = torch.Generator().manual_seed(0)
+    d, m = 16, 40
+    W_E, b_E = torch.randn(m, d, generator=g), torch.randn(m, generator=g) * 0.1
+    W_D, b_D = torch.randn(d, m, generator=g) * 0.2, torch.randn(d, generator=g)
+    sae = build_sae(W_E, b_E, W_D, b_D, {"dataset_average_activation_norm": {"in": 3.0}}, layer=0, convention="study")
+    h = torch.randn(3, d, generator=g) * 3
+    edit = patch_editor(sae, [4, 7, 7], [2.5, float("nan"), 0.0])
+    out = edit(h.clone())
+    s = math.sqrt(d) / 3.0
+    for row, (i, v) in enumerate([(4, 2.5), (7, None), (7, 0.0)]):
+        a = max(0.0, float(s * W_E[i] @ h[row] + b_E[i]))  # the study's encoder, by hand
+        expected = h[row] if v is None else h[row] + (v - a) * W_D[:, i] / s
+        assert torch.allclose(out[row], expected, atol=1e-5)
+
+
+def test_cohen_d_and_bh_against_hand_computation():
+    import numpy as np
+    from scipy import stats
+
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 1.0], [5.0, 0.0], [6.0, 2.0], [7.0, 0.0]])
+    bankrupt = np.array([True, True, True, False, False, False])
+    t = cohen_d_table({1: x}, bankrupt, ~bankrupt)[1]
+    b, s = [1, 2, 3], [5, 6, 7]
+    sd = math.sqrt((np.var(b, ddof=1) + np.var(s, ddof=1)) / 2)
+    assert t["cohen_d"][0] == pytest.approx((2 - 6) / sd)
+    assert t["p_value"][0] == pytest.approx(stats.ttest_ind(b, s, equal_var=False).pvalue)
+    assert t["bankrupt_mean"][1] == pytest.approx(1 / 3) and t["safe_mean"][1] == pytest.approx(2 / 3)
+    # BH: p sorted 0.001, 0.008, 0.039, 0.041, 0.2 at alpha 0.05 -> thresholds 0.01, 0.02, 0.03, 0.04, 0.05
+    mask = benjamini_hochberg([0.039, 0.001, 0.2, 0.008, 0.041], 0.05)
+    assert mask.tolist() == [False, True, False, True, False]
+
+
+def _stats(n, safe_base, safe_safe, safe_risky, risky_base_big, risky_risky_big, risky_stop=(3, 3, 3)):
+    def cond(stops, big=0):
+        return {"n": n, "stops": stops, "stop_rate": stops / n, "big_bets": big, "big_bet_rate": big / n,
+                "mean_bet": 10.0}
+    return {"safe_baseline": cond(safe_base), "safe_with_safe_patch": cond(safe_safe),
+            "safe_with_risky_patch": cond(safe_risky), "risky_baseline": cond(risky_stop[0], risky_base_big),
+            "risky_with_safe_patch": cond(risky_stop[1]), "risky_with_risky_patch": cond(risky_stop[2], risky_risky_big)}
+
+
+def test_causality_rules_match_scipy_by_hand():
+    from scipy import stats
+
+    st = _stats(30, safe_base=15, safe_safe=27, safe_risky=5, risky_base_big=20, risky_risky_big=22)
+    c = causality_run_b(st)
+    # a cell of 3 < 5: Fisher's exact test; otherwise chi2 with Yates' correction
+    assert c["safe_p_value"] == pytest.approx(stats.fisher_exact([[27, 3], [15, 15]])[1])
+    assert c["safe_effect_size"] == pytest.approx(0.4) and c["is_causal_safe"]
+    assert c["risky_p_value"] == pytest.approx(stats.chi2_contingency([[22, 8], [20, 10]])[1])
+    assert not c["is_causal_risky"] and c["interpretation"] == "safe_context_causal"
+    a = causality_run_a(st)
+    assert a["safe_stop_delta"] == pytest.approx(5 / 30 - 27 / 30, abs=1e-4)  # 4 digits, as the study wrote
+    assert a["is_causal"] and a["classified_as"] == "safe"
+
+
+def test_plan_is_a_function_of_the_budget():
+    assert plan_for(10) == plan_for(10.0)
+    assert plan_for(1).train_steps < plan_for(10).train_steps
+    assert plan_for(10).n_trials == 30  # the study's trials per condition
+    with pytest.raises(UserError):
+        plan_for(0)
