@@ -177,9 +177,27 @@ class TokensConfig:
     sample_size: int = 200
     seed: int = 0
     context_tokens: int = 8
+    top_examples: int = 20
     batch_size: int = 16
+    choice_tokens: list[str] = field(default_factory=lambda: ["1", "2"])
+    amount_context: str = "1\nBet $"
+    bet_amounts: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 30, 40, 50, 75, 100])
+    amplify_factor: float = 2.0
+    patch_values_file: str | None = None
     prior_strength: float = 1.0
+    min_word_count: int = 3
     fdr_alpha: float = 0.05
+
+    def validate(self) -> None:
+        for key in ("top_n", "sample_size", "top_examples", "batch_size"):
+            if getattr(self, key) < (0 if key == "sample_size" else 1):
+                raise UserError(f"config tokens.{key} must be positive, got {getattr(self, key)}")
+        if self.context_tokens < 0 or self.min_word_count < 1:
+            raise UserError("config tokens.context_tokens must be >= 0 and tokens.min_word_count >= 1")
+        if not self.prior_strength > 0:
+            raise UserError(f"config tokens.prior_strength must be > 0, got {self.prior_strength}")
+        if not 0 < self.fdr_alpha < 1:
+            raise UserError(f"config tokens.fdr_alpha must be in (0, 1), got {self.fdr_alpha}")
 
 
 @dataclass
@@ -262,6 +280,7 @@ PATH_KEYS = {
     ("cache_dir",),
     ("data", "checkpoints_dir"),
     ("data", "responses_dir"),
+    ("tokens", "patch_values_file"),
 }
 # model.name_or_path and sae.source are a hub id or a folder: resolved only if the
 # relative folder exists next to the config file.

@@ -79,11 +79,17 @@ def update_step(cache: str | os.PathLike, step: str, entry: dict) -> None:
 
 @contextmanager
 def record_step(cache: str | os.PathLike, step: str, *, device: str = "cpu", inputs: dict[str, str] | None = None,
-                config_hash: str | None = None, command: str | None = None) -> Iterator[dict]:
-    """Time a step and record it; the yielded dict may receive `outputs` and `summary`."""
+                config_hash: str | None = None, command: str | None = None, cfg=None) -> Iterator[dict]:
+    """Time a step and record it; the yielded dict may receive `outputs` and `summary`.
+
+    With `cfg`, the pipeline fingerprints of the step's inputs and config (`step_fingerprints`)
+    are taken before the step runs and recorded under "pipeline", so `engine run` and
+    `engine status` can tell whether it is up to date."""
     from engine.resources import peak_memory_gb
 
     info: dict = {"outputs": [], "summary": {}}
+    if cfg is not None and step in PIPELINE_STEPS:
+        info["pipeline"] = pipeline_record(cfg, step)
     started = time.time()
     t0 = time.perf_counter()
     status, error = "done", None
@@ -113,5 +119,145 @@ def record_step(cache: str | os.PathLike, step: str, *, device: str = "cpu", inp
                 "command": command,
                 "outputs": [str(o) for o in info.get("outputs", [])],
                 "summary": info.get("summary", {}),
+                **({"pipeline": info["pipeline"]} if info.get("pipeline") else {}),
             },
         )
+
+
+# ---------------------------------------------------------------------------
+# Pipeline fingerprints: what each step reads, and whether it is up to date.
+# Used by `engine run` (skip unchanged steps) and `engine status`.
+# ---------------------------------------------------------------------------
+
+PIPELINE_STEPS: tuple[str, ...] = ("audit", "select", "prototype", "pathways", "tokens", "integrate")
+
+#: Config sections each step's results depend on (model.device is left out: moving a step
+#: between CPU and GPU does not make its results stale).
+STEP_CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "audit": ("data", "audit"),
+    "select": ("data", "select"),
+    "prototype": ("model", "sae", "prompts", "prototype"),
+    "pathways": ("model", "sae", "prompts", "pathways"),
+    "tokens": ("model", "sae", "prompts", "tokens"),
+    "integrate": ("integrate",),
+}
+
+
+def step_config_sections(cfg, step: str) -> dict[str, str]:
+    """Hash of each config section the step reads."""
+    import json
+
+    d = cfg.to_dict()
+    out = {}
+    for sec in STEP_CONFIG_SECTIONS[step]:
+        v = d.get(sec)
+        if sec == "model" and isinstance(v, dict):
+            v = {k: x for k, x in v.items() if k != "device"}
+        out[sec] = hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out
+
+
+def step_input_paths(cfg, step: str) -> dict[str, tuple[list, tuple[str, ...]]]:
+    """Named inputs of a step: (files or folders, glob patterns for folders)."""
+    from engine.schema import (AUDIT_DIR, AUDIT_TRIALS, CAUSAL_FEATURES, FEATURES_DIR, PATHWAYS_DIR,
+                               PROTOTYPE_DIR, TOKENS_DIR)
+
+    cache = Path(cfg.cache)
+    every = ("*",)
+
+    def local(value):  # a hub id is not a path: its revision is in the config hash
+        return [Path(value).expanduser()] if value and Path(value).expanduser().exists() else [None]
+
+    model = (local(cfg.model.name_or_path), every)
+    sae = (local(cfg.sae.source), every)
+    selection = ([cache / CAUSAL_FEATURES], every)
+    if step == "audit":
+        return {
+            "checkpoints": ([cfg.data.checkpoints_dir and Path(cfg.data.checkpoints_dir)],
+                            tuple(cfg.data.checkpoint_patterns)),
+            "responses": ([cfg.data.responses_dir and Path(cfg.data.responses_dir)], tuple(cfg.data.response_patterns)),
+        }
+    if step == "select":
+        return {"audit": ([cache / AUDIT_DIR], every)}
+    if step in ("prototype", "pathways"):
+        return {"selection": selection, "model": model, "sae": sae}
+    if step == "tokens":
+        patch = getattr(cfg.tokens, "patch_values_file", None)
+        out = {"selection": selection, "trials": ([cache / AUDIT_TRIALS], every), "model": model, "sae": sae}
+        if patch:
+            out["patch_values"] = ([Path(patch)], every)
+        return out
+    if step == "integrate":
+        return {"features": ([cache / FEATURES_DIR], every), "audit": ([cache / AUDIT_DIR], every),
+                "prototype": ([cache / PROTOTYPE_DIR], every), "pathways": ([cache / PATHWAYS_DIR], every),
+                "tokens": ([cache / TOKENS_DIR], every)}
+    raise KeyError(f"unknown step {step!r}")
+
+
+def step_fingerprints(cfg, step: str) -> tuple[dict[str, str], str]:
+    """(fingerprint per named input, hash of the step's config sections)."""
+    inputs = {name: fingerprint(paths, patterns) for name, (paths, patterns) in step_input_paths(cfg, step).items()}
+    sections = step_config_sections(cfg, step)
+    blob = "|".join(f"{k}={v}" for k, v in sorted(sections.items()))
+    return inputs, hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pipeline_record(cfg, step: str) -> dict:
+    inputs, config_hash = step_fingerprints(cfg, step)
+    return {"inputs": inputs, "config_hash": config_hash, "config_sections": step_config_sections(cfg, step)}
+
+
+def record_pipeline(cache: str | os.PathLike, step: str, record: dict, started_after: float | None = None) -> bool:
+    """Attach pipeline fingerprints (taken before the step ran) to the step's manifest entry.
+
+    With `started_after` (a time.time()), only an entry the step wrote during this run is
+    touched. Returns whether the entry was updated."""
+    cache = Path(cache)
+    with _locked(cache):
+        data = read_manifest(cache)
+        entry = data["steps"].get(step)
+        if not isinstance(entry, dict):
+            return False
+        if started_after is not None:
+            try:
+                started = time.mktime(time.strptime(entry.get("started", ""), "%Y-%m-%dT%H:%M:%S"))
+            except (TypeError, ValueError):
+                return False
+            if started < int(started_after) - 1:
+                return False
+        entry["pipeline"] = record
+        data.pop("corrupt", None)
+        atomic_write_json(cache / MANIFEST, data)
+    return True
+
+
+def step_state(cfg, step: str, manifest: dict | None = None) -> tuple[str, str]:
+    """(status, reason) of one step: done, stale, missing or failed (not counting earlier steps)."""
+    from engine.schema import STEP_OUTPUTS
+
+    manifest = manifest if manifest is not None else read_manifest(cfg.cache)
+    entry = manifest.get("steps", {}).get(step)
+    if not isinstance(entry, dict):
+        return "missing", "never run"
+    if entry.get("status") == "failed":
+        return "failed", str(entry.get("error") or "failed")
+    out = Path(cfg.cache) / STEP_OUTPUTS[step]
+    if not out.exists():
+        return "missing", f"{out} is missing"
+    rec = entry.get("pipeline")
+    if not isinstance(rec, dict):
+        return "stale", "recorded without pipeline fingerprints, so changes cannot be ruled out"
+    inputs, config_hash = step_fingerprints(cfg, step)
+    old_inputs = rec.get("inputs") or {}
+    changed = sorted(k for k in set(inputs) | set(old_inputs) if inputs.get(k) != old_inputs.get(k))
+    reasons = []
+    if changed:
+        reasons.append("input changed: " + ", ".join(changed))
+    if rec.get("config_hash") != config_hash:
+        now = step_config_sections(cfg, step)
+        old = rec.get("config_sections") or {}
+        secs = sorted(k for k in now if now.get(k) != old.get(k)) or ["?"]
+        reasons.append("config changed: " + ", ".join(secs))
+    if reasons:
+        return "stale", "; ".join(reasons)
+    return "done", ""

@@ -1,0 +1,79 @@
+"""`python -m engine status`: each step's state, time and memory from the manifest, and the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from engine import status as st
+from engine.config import load_config
+from engine.manifest import read_manifest, update_step
+from test_orchestrator import STEPS, bump, pipe  # noqa: F401  (the pipeline fixture)
+
+
+def rows_by_step(cfg):
+    return {r["step"]: r for r in st.pipeline_status(cfg)}
+
+
+def test_status_of_a_fresh_cache_says_how_to_start(tmp_path, capsys):
+    cfg = load_config(None, {"cache_dir": str(tmp_path / "cache")})
+    rows = st.pipeline_status(cfg)
+    assert [r["status"] for r in rows] == ["missing"] * 6 and all(r["will_run"] for r in rows)
+    assert rows[2]["command"].startswith("python -m engine run --config") and "--only prototype" in rows[2]["command"]
+    st.main(argparse.Namespace(json=False), cfg)
+    out = capsys.readouterr().out
+    assert "0 audit      missing" in out
+    assert f"to bring everything up to date: python -m engine run --config config.yaml --cache {tmp_path / 'cache'}" in out
+
+
+def test_status_after_runs_changes_and_failures(pipe, capsys):
+    pipe["run"]()
+    cfg = load_config(pipe["cfg_path"])
+    rows = rows_by_step(cfg)
+    assert all(r["status"] == "done" and not r["will_run"] for r in rows.values())
+    m = read_manifest(pipe["cache"])["steps"]
+    assert rows["pathways"]["seconds"] == m["pathways"]["seconds"]
+    assert rows["pathways"]["peak_memory_gb"] == m["pathways"]["peak_memory_gb"] > 0
+    st.main(argparse.Namespace(json=False), cfg)
+    out = capsys.readouterr().out
+    assert "everything is up to date" in out
+    line = next(l for l in out.splitlines() if l.startswith("3 pathways"))
+    assert "done" in line and "GB RSS" in line and "cpu" in line and line.endswith("skip")
+
+    bump(pipe["cache"] / "features" / "causal_features.json")
+    rows = rows_by_step(cfg)
+    assert rows["select"]["status"] == "done" and not rows["select"]["will_run"]
+    assert (rows["prototype"]["status"], rows["prototype"]["reason"]) == ("stale", "input changed: selection")
+    assert rows["pathways"]["status"] == "stale" and rows["tokens"]["status"] == "stale"
+    assert rows["integrate"]["reason"] == "input changed: features"
+    assert st.next_command(cfg, list(rows.values())) == f"python -m engine run --config {pipe['cfg_path']} --from prototype"
+
+    cfg2 = load_config(pipe["cfg_path"], {"tokens.top_n": 3})
+    rows = rows_by_step(cfg2)
+    assert "config changed: tokens" in rows["tokens"]["reason"]
+
+    e = read_manifest(pipe["cache"])["steps"]["integrate"]
+    update_step(pipe["cache"], "integrate", {**e, "status": "failed", "error": "UserError: no disk space"})
+    st.main(argparse.Namespace(json=True), cfg)
+    data = json.loads(capsys.readouterr().out)
+    by = {r["step"]: r for r in data["steps"]}
+    assert by["integrate"]["status"] == "failed" and by["integrate"]["reason"] == "UserError: no disk space"
+    assert by["integrate"]["command"] == f"python -m engine integrate --config {pipe['cfg_path']}"
+    assert data["next_command"].endswith("--from prototype")
+
+
+def test_status_of_entries_without_fingerprints_and_corrupt_manifests(pipe, capsys):
+    pipe["run"]()
+    cfg = load_config(pipe["cfg_path"])
+    e = read_manifest(pipe["cache"])["steps"]["tokens"]
+    e.pop("pipeline")
+    update_step(pipe["cache"], "tokens", e)  # as a step recorded without cfg= would leave it
+    rows = rows_by_step(cfg)
+    assert rows["tokens"]["status"] == "stale" and "without pipeline fingerprints" in rows["tokens"]["reason"]
+    os.remove(pipe["cache"] / "tokens" / "index.json")
+    assert rows_by_step(cfg)["tokens"]["status"] == "missing"
+    (pipe["cache"] / "manifest.json").write_text("{not json")
+    st.main(argparse.Namespace(json=False), cfg)
+    out = capsys.readouterr().out
+    assert "the manifest could not be read" in out and "0 audit      missing" in out
