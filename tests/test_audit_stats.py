@@ -7,7 +7,7 @@ import math
 import numpy as np
 from scipy.stats import chi2_contingency, false_discovery_control, fisher_exact
 
-from engine.audit.stats import bh_qvalues, chi2_yates_p, cohens_h, effects, feature_conditions, two_by_two_p
+from engine.audit.stats import bh_qvalues, chi2_yates_p, cohens_h, effects, feature_conditions, fisher_p, two_by_two_p
 
 
 def test_chi2_yates_matches_scipy():
@@ -20,11 +20,19 @@ def test_chi2_yates_matches_scipy():
     np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-14)
 
 
+def test_fisher_matches_scipy():
+    rng = np.random.default_rng(4)
+    tabs = np.concatenate([rng.integers(0, 12, size=(400, 4)), [[3, 3, 3, 3], [0, 5, 5, 0], [0, 0, 4, 6], [30, 0, 0, 30]]])
+    ours = fisher_p(*tabs.T)
+    ref = [fisher_exact([[a, b], [c, d]])[1] for a, b, c, d in tabs]
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-15)
+
+
 def test_small_cells_use_fisher_and_zero_margins_give_one():
     # expected counts: [[1, 29], [5, 25]] has 30*6/60 = 3 < 5 in the stop column
     p, test = two_by_two_p([1, 20, 0, 0], [29, 10, 30, 0], [5, 5, 0, 3], [25, 25, 30, 27])
     assert list(test) == ["fisher", "chi2", "fisher", ""]
-    assert p[0] == fisher_exact([[1, 29], [5, 25]])[1]
+    assert math.isclose(p[0], fisher_exact([[1, 29], [5, 25]])[1], rel_tol=1e-9)
     assert math.isclose(p[1], chi2_contingency([[20, 10], [5, 25]])[1])
     assert p[2] == 1.0  # nobody stops in either condition
     assert math.isnan(p[3])  # a condition with no valid trial

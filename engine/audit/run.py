@@ -120,11 +120,15 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
 
     try:
         t0 = time.perf_counter()
-        ck_results, rs_results = [], []
+        rs_results: list = []
         bar = Progress(len(items), "audit: reading files", unit="file", disable=None if show_progress else True)
         worker_s = collections.Counter()
+        ck_fold = CheckpointFold(by_name)
         for kind, res in _iter_results(items, acfg.workers):
-            (ck_results if kind == "checkpoint" else rs_results).append(res)
+            if kind == "checkpoint":
+                ck_fold.add(res)  # keeps only the newest copy of each record
+            else:
+                rs_results.append(res)
             worker_s[kind] += res.get("seconds", 0.0)
             problems.extend(res["problems"])
             bar.update(1)
@@ -132,7 +136,7 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         timings["read_check"] = time.perf_counter() - t0
         timings.update({f"worker_{k}_s": v for k, v in worker_s.items()})
         t0 = time.perf_counter()
-        summary, state = _combine(cfg, conditions, ck_results, rs_results, by_name, problems, full)
+        summary, state = _combine(cfg, conditions, ck_fold, rs_results, by_name, problems, full)
         timings["dedupe_counts"] = time.perf_counter() - t0
         summary["runs_found"] = [r.as_dict() for r in runs]
         summary["run_selected"] = chosen.run_id if chosen else None
@@ -165,29 +169,45 @@ def _ordered(s: dict) -> dict:
     return {**{k: s[k] for k in first if k in s}, **{k: v for k, v in s.items() if k not in first}}
 
 
-def _combine(cfg: Config, conditions, ck_results, rs_results, by_name, problems, full: bool):
+class CheckpointFold:
+    """Newest valid copy of each checkpoint record, folded in as files arrive (in any order):
+    per (layer, feature_id) the copy with the largest (file rank, record index) wins."""
+
+    def __init__(self, by_name: dict):
+        self.by_name = by_name
+        self.newest: dict[tuple[int, int], dict] = {}
+        self.schema_counts: collections.Counter = collections.Counter()
+        self.headers_n: collections.Counter = collections.Counter()
+        self.records_read = 0
+        self.valid = 0
+        self.files = 0
+
+    def add(self, res: dict) -> None:
+        f = self.by_name[("checkpoint", res["name"])]
+        self.files += 1
+        self.records_read += res["n_records"]
+        n = res["header"].get("n_trials_per_condition")
+        if isinstance(n, int) and not isinstance(n, bool):
+            self.headers_n[n] += 1
+        ts = f.ts_text
+        for r in res.pop("rows"):
+            self.valid += 1
+            self.schema_counts[r["schema"]] += 1
+            r["file_timestamp"], r["run_id"], r["_rank"] = ts, f.run_id, (res["file_rank"], r["record"])
+            key = (r["layer"], r["feature_id"])
+            old = self.newest.get(key)
+            if old is None or old["_rank"] < r["_rank"]:
+                self.newest[key] = r
+
+
+def _combine(cfg: Config, conditions, ck: CheckpointFold, rs_results, by_name, problems, full: bool):
     import pandas as pd
 
-    acfg = cfg.audit
     # ---- checkpoints: newest record per (layer, feature_id) -------------------------
-    ck_results.sort(key=lambda r: r["file_rank"])
-    rows = []
-    schema_counts: collections.Counter = collections.Counter()
-    ck_records_read = 0
-    headers_n = collections.Counter()
-    for res in ck_results:
-        f = by_name[("checkpoint", res["name"])]
-        ck_records_read += res["n_records"]
-        if res["header"].get("n_trials_per_condition") is not None:
-            headers_n[res["header"]["n_trials_per_condition"]] += 1
-        for r in res["rows"]:
-            r["file_timestamp"] = f.ts_text
-            r["run_id"] = f.run_id
-            schema_counts[r["schema"]] += 1
-            rows.append(r)
-    newest: dict[tuple[int, int], dict] = {}
-    for r in rows:  # oldest first, so the newest copy wins
-        newest[(r["layer"], r["feature_id"])] = r
+    newest = ck.newest
+    for r in newest.values():
+        r.pop("_rank", None)
+    schema_counts, headers_n, ck_records_read = ck.schema_counts, ck.headers_n, ck.records_read
     ck_table = pd.DataFrame([newest[k] for k in sorted(newest)],
                             columns=list(CHECKPOINT_COLUMNS) + ["file_timestamp", "run_id"])
     n_default = cfg.data.n_trials_per_condition or (headers_n.most_common(1)[0][0] if headers_n else None)
@@ -218,6 +238,10 @@ def _combine(cfg: Config, conditions, ck_results, rs_results, by_name, problems,
         file_rank_list.append(res["file_rank"])
         n_per_file.append(len(res["f"]))
     cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in arrays.items()}
+    del arrays
+    for res in rs_results:  # the per-file copies are no longer needed
+        for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
+            res.pop(k, None)
     for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
         cat.setdefault(k, np.zeros(0, np.int64))
     frank = np.repeat(np.array(file_rank_list, dtype=np.int64), n_per_file) if n_per_file else np.zeros(0, np.int64)
@@ -298,13 +322,13 @@ def _combine(cfg: Config, conditions, ck_results, rs_results, by_name, problems,
         "joinable_features": joinable,
         "join_rate_percent": round(100.0 * joinable / len(causal), 3) if causal else 0.0,
         "total_trials": n_unique,
-        "files_read": {"checkpoints": len(ck_results), "responses": len(rs_results)},
+        "files_read": {"checkpoints": ck.files, "responses": len(rs_results)},
         "records_read": {"checkpoint": ck_records_read, "responses": records_read},
         "valid_unique_trials": n_unique,
         "duplicates": duplicates,
         "invalid_records": records_read - n_valid_records,
-        "checkpoint_records": {"read": ck_records_read, "valid": len(rows), "unique": len(newest),
-                               "superseded": len(rows) - len(newest), "schemas": dict(schema_counts)},
+        "checkpoint_records": {"read": ck_records_read, "valid": ck.valid, "unique": len(newest),
+                               "superseded": ck.valid - len(newest), "schemas": dict(schema_counts)},
         "features": {"in_checkpoints": len(ck_features), "in_logs": len(log_features),
                      "in_both": len(ck_features & log_features), "logs_only": len(log_features - ck_features),
                      "checkpoints_only": len(ck_features - log_features)},
