@@ -127,12 +127,14 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         marker=dict(color=np.nan_to_num(attr).tolist(), colorscale=style.DIVERGING, cmid=0, cmin=-amax, cmax=amax,
                     size=sizes.tolist(), symbol=symbols, line=dict(width=line_w, color=line_c),
                     colorbar=dict(title=dict(text=value_label, side="right"), thickness=12, len=0.7)),
+        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.55)),
     ))
     traces.append(go.Scatter(
         x=[pos[i][0] for i in tgt["id"]], y=[pos[i][1] for i in tgt["id"]], mode="markers+text", name=TARGET_TRACE,
         customdata=tgt["id"].tolist(), text=tgt["id"].tolist(), textposition="top center",
         hovertext=[_node_hover(r, view) for r in tgt.to_dict("records")], hoverinfo="text", showlegend=False,
         marker=dict(color=style.TARGET, size=30, symbol="star", line=dict(width=1.5, color="#333333")),
+        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.8)),
     ))
     # Legend entries for the node rings (markers of the real traces vary per point).
     for label, symbol, width in (("validated by replay", "circle", 3.0), ("not confirmed by replay", "circle-x", 1.0),

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -365,20 +366,23 @@ def run(folder: Path) -> int:
     folder = Path(folder)
     job = _update(folder, state="running", pid=os.getpid(), started=time.time())
     child: dict[str, subprocess.Popen | None] = {"proc": None}
+    cancelled = threading.Event()
 
-    def on_term(signum, frame):  # cancel: stop the engine, record it, leave
+    def on_term(signum, frame):  # cancel: stop the engine; the main loop records it
+        cancelled.set()
         proc = child["proc"]
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        _update(folder, state="cancelled", finished=time.time(), error="cancelled by the user")
-        os._exit(143)
+        if proc is None:
+            _update(folder, state="cancelled", finished=time.time(), error="cancelled by the user")
+            os._exit(143)
+        _signal_quietly(proc.pid, signal.SIGTERM)
+        killer = threading.Timer(10.0, _signal_quietly, (proc.pid, signal.SIGKILL))  # if it ignores SIGTERM
+        killer.daemon = True
+        killer.start()
 
     signal.signal(signal.SIGTERM, on_term)
     for i, step in enumerate(job.get("steps", [])):
+        if cancelled.is_set():
+            break
         _update(folder, step_index=i)
         with open(folder / schema.JOB_LOG, "ab") as log:
             log.write(f"$ {' '.join(step['argv'][1:])}\n".encode())
@@ -387,12 +391,24 @@ def run(folder: Path) -> int:
                                     stderr=subprocess.STDOUT)
             child["proc"] = proc
             rc = proc.wait()
+        if cancelled.is_set():
+            break
         if rc != 0:
             _update(folder, state="failed", finished=time.time(), returncode=rc,
                     error=error_line(folder) or f"{step['name']} exited with code {rc}")
             return rc
+    if cancelled.is_set():
+        _update(folder, state="cancelled", finished=time.time(), error="cancelled by the user")
+        return 143
     _update(folder, state="done", finished=time.time(), returncode=0)
     return 0
+
+
+def _signal_quietly(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def sidebar(ctx: AppContext) -> None:
                       help="The folder the engine wrote (`cache_dir` in the config, or `--cache`). "
                            "Change it to compare runs; the change lasts for this browser tab.")
         if not ctx.cache.is_dir():
-            st.error("This folder does not exist.", icon=":material/error:")
+            st.warning("This folder does not exist yet: the engine's steps create it.", icon=":material/folder_off:")
         elif not (ctx.cache / schema.MANIFEST).is_file():
             st.caption(":material/info: No manifest.json here yet: no step has run in this cache.")
         else:
@@ -244,7 +244,7 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
                                 config={"displaylogo": False})
         picked = figures.selected_nodes(event, bundle.node_traces)
         return picked[0] if picked else None
-    left, right = st.columns([2.4, 1], gap="medium")
+    left, right = st.columns([2.1, 1.1], gap="medium")
     with left:
         event = st.plotly_chart(bundle.figure, key=f"{key}_graph", on_select="rerun", selection_mode="points",
                                 config={"displaylogo": False, "toImageButtonOptions": {"filename": f"pathway_{view.feature}"}})

@@ -64,7 +64,7 @@ table = views.filter_features(overview, sel_layers, sel_dirs, min_d, only_val, s
 
 # --- table (left) and the selected feature (right) ---------------------------
 left, right = st.columns([1.3, 1], gap="medium")
-cols = ["feature", "layer", "direction", "cohen_d", "n_trials", "nodes", "validated", "agreement_r"]
+cols = ["feature", "layer", "direction", "cohen_d", "nodes", "validated", "agreement_r"]
 wanted = st.query_params.get("feature")
 default_rows = table.index[table["feature"] == wanted].tolist()[:1] if wanted else []
 with left:

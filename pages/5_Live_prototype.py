@@ -19,6 +19,17 @@ st.caption("Step 2 for any feature, now: its activation on a prompt and the most
 
 limit = cfg.app.max_custom_prompt_chars
 gpu = jobs.cuda_visible()
+
+
+def _start(req: jobs.JobRequest) -> None:
+    """Run button callback: the job exists before the page redraws (so Run shows disabled)."""
+    try:
+        started = jobs.start_job(cfg, ctx.config_path, ctx.cache, req)
+        st.session_state["live_job"] = str(started.folder)
+    except UserError as exc:
+        st.session_state["live_start_error"] = str(exc)
+
+
 with st.container(border=True):
     c1, c2, c3 = st.columns([1.1, 2.2, 1])
     feature = feature_text_input(where=c1, help="Any feature id L<layer>-<index>, not only the selected causal "
@@ -51,16 +62,11 @@ with st.container(border=True):
     if error:
         st.error(error, icon=":material/error:")
     elif running:
-        st.info(f"A job for {request.feature} is already running; it is shown below.", icon=":material/hourglass_top:")
-    clicked = st.button("Run", type="primary", icon=":material/play_arrow:", key="live_run",
-                        disabled=request is None or running is not None)
-
-if clicked and request is not None:
-    try:
-        started = jobs.start_job(cfg, ctx.config_path, ctx.cache, request)
-        st.session_state["live_job"] = str(started.folder)
-    except UserError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.info(f"A job for {request.feature} is running; it is shown below.", icon=":material/hourglass_top:")
+    if start_error := st.session_state.pop("live_start_error", None):
+        st.error(start_error, icon=":material/error:")
+    st.button("Run", type="primary", icon=":material/play_arrow:", key="live_run", on_click=_start, args=(request,),
+              disabled=request is None or running is not None)
 
 # --- which job to show: this tab's last one for this feature, else the feature's latest ---------
 job = None

@@ -103,7 +103,10 @@ def causal_features_json(feats: list[dict], top_n: int) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.Generator) -> dict:
+def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.Generator,
+                   planted: dict[int, int] | None = None) -> dict:
+    """One prompt's graph; `planted` {layer: feature_id} puts those features among the nodes
+    (so graphs link to other causal features, as real ones do)."""
     tokens = tokenize(text)
     T = len(tokens)
     q = T - 1
@@ -113,7 +116,9 @@ def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.G
     by_layer: dict[int, list[dict]] = {}
     for l in graph_layers:
         k = int(rng.integers(max(1, size.top_k_per_layer // 2), size.top_k_per_layer + 1))
-        ids = rng.choice(size.d_sae, size=k, replace=False)
+        ids = [int(i) for i in rng.choice(size.d_sae, size=k, replace=False)]
+        if planted and l in planted:
+            ids = [planted[l]] + [i for i in ids if i != planted[l]][: k - 1]
         for i in ids:
             act = float(rng.lognormal(-0.5, 0.7))
             attr = float(rng.standard_t(3) * 0.08)
@@ -169,14 +174,15 @@ def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.G
     }
 
 
-def make_pathway(feature: str, size: Size, rng: np.random.Generator) -> dict:
+def make_pathway(feature: str, size: Size, rng: np.random.Generator, planted: dict[int, int] | None = None) -> dict:
     fid = schema.FeatureId.parse(feature)
     return schema.with_schema({
         "feature": feature, "layer": fid.layer, "feature_id": fid.feature_id,
         "metadata": {"model": "fixture", "sae_source": "fixture", "encode_convention": "study",
                      "config_hash": "0" * 16, "timings_s": {"attribution": 1.0, "replay": 2.0}, "device": "cpu",
                      "created": "2026-01-01T00:00:00", "method": {"attribution": "gradient x activation"}},
-        "prompts": {name: pathway_prompt(fid.layer, fid.feature_id, text, size, rng) for name, text in PROMPTS.items()},
+        "prompts": {name: pathway_prompt(fid.layer, fid.feature_id, text, size, rng, planted)
+                    for name, text in PROMPTS.items()},
     })
 
 
@@ -185,8 +191,12 @@ def write_pathways(cache: Path, features: list[str], size: Size, rng: np.random.
     index.json, nodes.parquet and edges.parquet."""
     from engine.pathways.index import rebuild, write_export
 
+    first_of_layer: dict[int, int] = {}
     for f in features:
-        p = make_pathway(f, size, rng)
+        fid = schema.FeatureId.parse(f)
+        first_of_layer.setdefault(fid.layer, fid.feature_id)
+    for f in features:
+        p = make_pathway(f, size, rng, first_of_layer)
         write_export(cache, p)
         _dump(schema.pathway_path(cache, f), p)
     return rebuild(cache)

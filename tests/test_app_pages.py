@@ -1,0 +1,336 @@
+"""Every explorer page under Streamlit's AppTest on a synthetic cache: the numbers shown are
+recomputed here from the cache files, selections are injected through session state, query
+parameters pick the feature, and bad caches give messages with the fixing command."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pytest
+from scipy import stats
+
+from explorer_fixtures import (app_test, cache_copy, metrics, no_exception, plotly_specs, read,  # noqa: F401
+                               small_cache, texts)
+
+PAGES = ["pages/1_Audit.py", "pages/2_Features.py", "pages/3_Pathway.py", "pages/4_Tokens.py",
+         "pages/5_Live_prototype.py"]
+
+
+def pathway_file(cache, feature):
+    return read(cache / "pathways" / f"{feature}.json")
+
+
+def kept_by_share(nodes, share):
+    """Independent pruning: strongest |attribution| first until `share` of the total is reached."""
+    ups = sorted((n for n in nodes if not n["is_target"]), key=lambda n: -abs(n["attribution"]))
+    total = sum(abs(n["attribution"]) for n in ups)
+    kept, acc = [], 0.0
+    for n in ups:
+        if acc >= share * total:
+            break
+        kept.append(n["id"])
+        acc += abs(n["attribution"])
+    return kept
+
+
+# ---------------------------------------------------------------------------
+# Home
+# ---------------------------------------------------------------------------
+
+
+def test_home_shows_step_status_and_commands(monkeypatch, small_cache):
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache).run()
+    no_exception(at)
+    table = at.dataframe[0].value
+    table = getattr(table, "data", table)  # a Styler in, a frame out
+    status = dict(zip(table["step"], table["status"]))
+    assert [status[k] for k in sorted(status)] == ["done", "done", "done", "done", "done", "missing"]
+    assert status["5 · Integrate"] == "missing"
+    code = "\n".join(texts(at, "code"))
+    assert f"python -m engine integrate --config {small_cache.config}" in code
+    captions = " ".join(texts(at, "caption"))
+    assert f"{len(small_cache.info['features'])} causal features" in captions
+    assert f"{len(small_cache.info['pathway_features'])} pathway graphs" in captions
+
+
+# ---------------------------------------------------------------------------
+# Audit
+# ---------------------------------------------------------------------------
+
+
+def test_audit_numbers_match_the_cache(monkeypatch, small_cache):
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/1_Audit.py").run()
+    no_exception(at)
+    v = read(small_cache.cache / "audit" / "data_validation.json")
+    a = small_cache.info["audit"]
+    m = metrics(at)
+    assert m["Files read"] == f"{v['files_read']:,}"
+    assert m["Valid unique trials"] == f"{a['total_trials']:,}"
+    assert m["Duplicates"] == str(v["duplicates"])
+    assert m["Disagreement"] == f"{100 * a['disagree'] / a['total_trials']:.1f}%"
+    assert m["Study's parser valid"] == f"{100 * a['study_valid'] / a['total_trials']:.1f}%"
+    assert f"{len(a['problems'])} of {len(a['problems'])} problems" in " ".join(texts(at, "caption"))
+    # Coverage heatmap: share of a layer's features with every expected trial, per condition.
+    fc = a["feature_conditions"]
+    want = {}
+    for (layer, cond), g in fc.groupby(["layer", "condition"]):
+        want[(f"L{layer}", cond)] = 100.0 * sum(int(n) >= 30 for n in g["n_trials"]) / len(g)
+    heat = next(s for s in plotly_specs(at) if s["data"][0]["type"] == "heatmap")["data"][0]
+    for i, y in enumerate(heat["y"]):
+        for j, x in enumerate(heat["x"]):
+            assert heat["z"][i][j] == pytest.approx(want[(y, x)])
+    hist = next(s for s in plotly_specs(at) if s["data"][0]["type"] == "histogram")["data"][0]
+    assert sorted(hist["x"]) == sorted(int(n) for n in fc["n_trials"])
+
+
+def test_audit_problem_filter(monkeypatch, small_cache):
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/1_Audit.py").run()
+    at.multiselect[0].select("duplicate_trial").run()
+    no_exception(at)
+    shown = at.dataframe[1].value
+    assert set(shown["kind"]) == {"duplicate_trial"}
+    assert len(shown) == int((small_cache.info["audit"]["problems"]["kind"] == "duplicate_trial").sum())
+
+
+# ---------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------
+
+
+def test_features_counts_bars_and_filters(monkeypatch, small_cache):
+    feats = small_cache.info["features"]
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/2_Features.py").run()
+    no_exception(at)
+    m = metrics(at)
+    by_dir = Counter(f["direction"] for f in feats)
+    assert m["Causal features"] == str(len(feats))
+    assert (m["Safe"], m["Risky"], m["Mixed"]) == tuple(str(by_dir.get(d, 0)) for d in ("safe", "risky", "mixed"))
+    assert m["With a pathway"] == str(len(small_cache.info["pathway_features"]))
+    bars = plotly_specs(at)[0]
+    per = Counter((f["layer"], f["direction"]) for f in feats)
+    for trace in bars["data"]:
+        for x, y in zip(trace["x"], trace["y"]):
+            assert y == per.get((x, trace["name"]), 0)
+    assert len(at.dataframe[0].value) == len(feats)
+    # A bar click filters the table to that layer and direction.
+    layer, direction = next(iter(per))
+    at.session_state["features_bars"] = {"selection": {"points": [
+        {"curve_number": 0, "point_number": 0, "point_index": 0, "x": layer, "y": per[(layer, direction)],
+         "customdata": direction}], "point_indices": [0], "box": [], "lasso": []}}
+    at.run()
+    no_exception(at)
+    table = at.dataframe[0].value
+    assert len(table) == per[(layer, direction)]
+    assert set(table["layer"]) == {layer} and set(table["direction"]) == {direction}
+
+
+def test_features_row_click_previews_the_pathway(monkeypatch, small_cache):
+    feature = small_cache.info["pathway_features"][3]
+    row = [f["feature"] for f in small_cache.info["features"]].index(feature)
+    direction = small_cache.info["features"][row]["direction"]
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/2_Features.py").run()
+    at.session_state["features_table"] = {"selection": {"rows": [row], "columns": []}}
+    at.run()
+    no_exception(at)
+    assert f"### {feature}" in texts(at, "markdown")
+    prompt = "risky" if direction == "risky" else "safe"
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert f"Pathway of {feature} · {prompt} prompt" in titles
+    assert at.query_params["feature"] == [feature] or at.query_params["feature"] == feature
+    # The same feature from a deep link is pre-selected.
+    at2 = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/2_Features.py", feature=feature).run()
+    assert f"### {feature}" in texts(at2, "markdown")
+
+
+# ---------------------------------------------------------------------------
+# Pathway
+# ---------------------------------------------------------------------------
+
+
+def test_pathway_numbers_pruning_and_node_click(monkeypatch, small_cache):
+    feature = "L3-235" if "L3-235" in small_cache.info["pathway_features"] else small_cache.info["pathway_features"][-1]
+    p = pathway_file(small_cache.cache, feature)
+    safe = p["prompts"]["safe"]
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/3_Pathway.py", feature=feature).run()
+    no_exception(at)
+    ups = [n for n in safe["nodes"] if not n["is_target"]]
+    kept = kept_by_share(safe["nodes"], 0.8)
+    m = metrics(at)
+    assert m["Nodes"] == f"{len(kept)} / {len(ups)}"
+    assert m["Target activation"] == f"{safe['target_activation']:.3f}"
+    rep = [n for n in ups if n["replay_delta"] is not None]
+    r = stats.pearsonr([n["attribution"] for n in rep], [-n["replay_delta"] for n in rep]).statistic
+    assert m["Agreement r"] == f"{r:.3f}"
+    assert m["Validated"] == f"{100 * sum(n['validated'] for n in rep) / len(rep):.1f}%"
+    graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
+    node_trace = next(i for i, t in enumerate(graph["data"]) if t.get("name") == "nodes")
+    assert set(graph["data"][node_trace]["customdata"]) == set(kept)
+    assert graph["layout"]["title"]["text"] == f"Pathway of {feature} · safe prompt"
+    # The node slider at 1.0 keeps every node.
+    at.slider(key="node_share").set_value(1.0).run()
+    assert metrics(at)["Nodes"] == f"{len(ups)} / {len(ups)}"
+    # Clicking a node that is itself a selected causal feature with a pathway shows its card and a link.
+    target_node = next(n for n in ups if n["id"] in small_cache.info["pathway_features"])
+    graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
+    node_trace = next(i for i, t in enumerate(graph["data"]) if t.get("name") == "nodes")
+    at.session_state[f"pw_{feature}_safe_graph"] = {"selection": {"points": [
+        {"curve_number": node_trace, "point_number": 0, "point_index": 0, "x": 0, "y": target_node["layer"],
+         "customdata": target_node["id"]}], "point_indices": [0], "box": [], "lasso": []}}
+    at.run()
+    no_exception(at)
+    assert f"#### {target_node['id']}" in texts(at, "markdown")
+    card = next(d.value for d in at.dataframe if list(d.value.columns)[:2] == ["prompt", "act"])
+    got = dict(zip(card["prompt"], card["act"]))
+    assert got["safe"] == pytest.approx(target_node["activation"])
+    button = next(b for b in at.button if b.label == f"Open the pathway of {target_node['id']}")
+    button.click().run()
+    no_exception(at)
+    assert at.query_params["feature"] in (target_node["id"], [target_node["id"]])
+    assert f"### {target_node['id']}" in " ".join(texts(at, "markdown"))
+
+
+def test_pathway_difference_and_query_params(monkeypatch, small_cache):
+    feature = small_cache.info["pathway_features"][4]
+    p = pathway_file(small_cache.cache, feature)
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/3_Pathway.py", feature=feature,
+                  prompt="difference").run()
+    no_exception(at)
+    ta = {k: p["prompts"][k]["target_activation"] for k in ("safe", "risky")}
+    assert metrics(at)["Target activation"] == f"{ta['safe']:.3f} → {ta['risky']:.3f}"
+    # Difference attribution = risky - safe per node (0 where absent), in the node trace's colours.
+    at.slider(key="node_share").set_value(1.0).run()
+    graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
+    nodes = next(t for t in graph["data"] if t.get("name") == "nodes")
+    attr = {k: {n["id"]: n["attribution"] for n in p["prompts"][k]["nodes"] if not n["is_target"]} for k in ta}
+    for nid, colour in zip(nodes["customdata"], nodes["marker"]["color"]):
+        assert colour == pytest.approx(attr["risky"].get(nid, 0.0) - attr["safe"].get(nid, 0.0))
+    assert set(nodes["customdata"]) == set(attr["safe"]) | set(attr["risky"])
+
+
+def test_pathway_missing_feature_names_the_command(monkeypatch, small_cache):
+    missing = next(f["feature"] for f in small_cache.info["features"]
+                   if f["feature"] not in small_cache.info["pathway_features"])
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/3_Pathway.py", feature=missing).run()
+    no_exception(at)
+    assert any(f"pathways/{missing}.json" in w for w in texts(at, "warning"))
+    assert any(f"python -m engine pathways --config {small_cache.config}" in c and f"--features {missing}" in c
+               for c in texts(at, "code"))
+
+
+# ---------------------------------------------------------------------------
+# Tokens and live prototype (input checks; the end-to-end run is in test_app_live.py)
+# ---------------------------------------------------------------------------
+
+
+def test_tokens_views(monkeypatch, small_cache):
+    feature = small_cache.info["token_features"][0]
+    tok = read(small_cache.cache / "tokens" / f"{feature}.json")
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/4_Tokens.py", feature=feature).run()
+    no_exception(at)
+    m = metrics(at)
+    assert m["Last token, risky"] == f"{tok['prompt_activations']['risky']['last_token_activation']:.3f}"
+    assert m["Significant words"] == str(sum(w["significant"] for w in tok["behavioural_words"]))
+    lens = next(s for s in plotly_specs(at) if "Logit lens" in s["layout"]["title"]["text"])["data"][0]
+    assert sorted(lens["x"]) == sorted(t["value"] for t in tok["logit_lens"]["promoted"] + tok["logit_lens"]["suppressed"])
+    words = next(d.value for d in at.dataframe if "term" in d.value.columns)
+    assert set(words["term"]) == {w["term"] for w in tok["behavioural_words"]}
+    # A feature without token views says how to make them.
+    other = next(f for f in small_cache.info["pathway_features"] if f not in small_cache.info["token_features"])
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/4_Tokens.py", feature=other).run()
+    no_exception(at)
+    assert any(f"No token views for {other}" in w for w in texts(at, "warning"))
+    assert any("python -m engine tokens" in c for c in texts(at, "code"))
+
+
+@pytest.mark.parametrize("feature, prompt, text, message", [
+    ("L99-1", "both", None, "layer 99 is outside the model (layers 0..31)"),
+    ("L3-99999", "both", None, "index 99999 is outside the SAE"),
+    ("L3x17", "both", None, "malformed feature id"),
+    ("L3-17", "custom", "   ", "the custom prompt is empty"),
+])
+def test_live_refuses_bad_input_before_starting(monkeypatch, cache_copy, feature, prompt, text, message):
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/5_Live_prototype.py", feature=feature)
+    at.run()
+    at.radio(key="live_prompt").set_value(prompt).run()
+    if text is not None:
+        at.text_area(key="live_text").input(text).run()
+    no_exception(at)
+    assert any(message in e for e in texts(at, "error")), texts(at, "error")
+    assert at.button(key="live_run").disabled
+    assert not (cache_copy.cache / "jobs").exists()
+
+
+# ---------------------------------------------------------------------------
+# Empty, missing and corrupt caches
+# ---------------------------------------------------------------------------
+
+
+def test_empty_cache_gives_commands_on_every_page(monkeypatch, tmp_path):
+    (tmp_path / "cache").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("cache_dir: cache\n")
+    expect = {"pages/1_Audit.py": "python -m engine audit", "pages/2_Features.py": "python -m engine select",
+              "pages/3_Pathway.py": "python -m engine pathways", "pages/4_Tokens.py": "python -m engine tokens"}
+    at = app_test(monkeypatch, config, tmp_path / "cache").run()
+    no_exception(at)
+    assert "python -m engine audit --config" in "\n".join(texts(at, "code"))
+    for page, command in expect.items():
+        at = app_test(monkeypatch, config, tmp_path / "cache", page).run()
+        no_exception(at)
+        assert any(command in c for c in texts(at, "code")), (page, texts(at, "code"))
+    at = app_test(monkeypatch, config, tmp_path / "nowhere").run()
+    no_exception(at)
+    assert any("does not exist" in w for w in texts(at, "warning"))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (b"{\"schema_version\": 1, \"features\": [", "not valid JSON"),
+    (b"", "is empty"),
+    (json.dumps({"schema_version": 99, "features": []}).encode(), "schema_version 99"),
+    (json.dumps({"schema_version": 1, "features": [{"feature": "L3_17", "direction": "safe"}]}).encode(),
+     "malformed feature id"),
+])
+def test_corrupt_feature_list(monkeypatch, cache_copy, damage, words):
+    (cache_copy.cache / "features" / "causal_features.json").write_bytes(damage)
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/2_Features.py").run()
+    no_exception(at)
+    assert any(words in w and "features/causal_features.json" in w for w in texts(at, "warning")), texts(at, "warning")
+    assert any("python -m engine select" in c for c in texts(at, "code"))
+    for page in ("app.py", "pages/3_Pathway.py"):  # the other pages still work
+        at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, None if page == "app.py" else page).run()
+        no_exception(at)
+
+
+def test_corrupt_pathway_and_tables(monkeypatch, cache_copy):
+    feature = cache_copy.info["pathway_features"][0]
+    path = cache_copy.cache / "pathways" / f"{feature}.json"
+    path.write_bytes(path.read_bytes()[:200])
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/3_Pathway.py", feature=feature).run()
+    no_exception(at)
+    assert any(f"pathways/{feature}.json" in w and "not valid JSON" in w for w in texts(at, "warning"))
+    assert any(f"--features {feature}" in c for c in texts(at, "code"))
+    # An edge without a weight is named.
+    p = pathway_file(cache_copy.info["cache"], cache_copy.info["pathway_features"][1])
+    del p["prompts"]["risky"]["edges"][0]["weight"]
+    other = cache_copy.info["pathway_features"][1]
+    (cache_copy.cache / "pathways" / f"{other}.json").write_text(json.dumps(p))
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/3_Pathway.py", feature=other).run()
+    no_exception(at)
+    assert any("prompt 'risky' edge 0 lacks" in w for w in texts(at, "warning"))
+    # A damaged Parquet table spoils only its own section of the audit page.
+    (cache_copy.cache / "audit" / "problems.parquet").write_bytes(b"PAR1 not really")
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/1_Audit.py").run()
+    no_exception(at)
+    assert any("audit/problems.parquet" in w and "not a readable Parquet file" in w for w in texts(at, "warning"))
+    assert "Valid unique trials" in metrics(at)
+    assert any(s["data"][0]["type"] == "heatmap" for s in plotly_specs(at))
+
+
+def test_every_page_runs_without_exception(monkeypatch, small_cache):
+    feature = small_cache.info["pathway_features"][0]
+    for page in PAGES:
+        at = app_test(monkeypatch, small_cache.config, small_cache.cache, page, feature=feature).run()
+        no_exception(at)
+        assert not math.isnan(len(at.main.children))

@@ -1,0 +1,140 @@
+"""explorer.data: cached loaders, the feature overview, step statuses and bad-file messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+
+import pytest
+
+from explorer import data
+from explorer.context import build_context, engine_command, parse_app_args
+from explorer_fixtures import cache_copy, read, small_cache  # noqa: F401
+
+
+def test_app_args_and_commands(small_cache, tmp_path):
+    assert parse_app_args(["--config", "a.yaml", "--cache", "c", "--other"]) == ("a.yaml", "c")
+    ctx = build_context(str(small_cache.config), None)
+    assert ctx.cache == small_cache.cache.resolve()  # the config's cache_dir, relative to the config
+    assert engine_command(ctx, "select") == f"python -m engine select --config {small_cache.config}"
+    other = build_context(str(small_cache.config), str(tmp_path))
+    assert engine_command(other, "pathways", "--features", "L3-17") == (
+        f"python -m engine pathways --config {small_cache.config} --cache {tmp_path} --features L3-17")
+
+
+def test_feature_overview_joins_the_index(small_cache):
+    ctx = build_context(str(small_cache.config), None)
+    meta, feats = data.causal_features(ctx)
+    assert meta["n_features"] == len(small_cache.info["features"]) == len(feats)
+    assert list(feats["feature"]) == sorted((f["feature"] for f in small_cache.info["features"]),
+                                            key=lambda f: tuple(int(x) for x in f[1:].split("-")))
+    ov = data.feature_overview(ctx).set_index("feature")
+    for f in small_cache.info["features"]:
+        name = f["feature"]
+        assert ov.loc[name, "abs_d"] == pytest.approx(abs(f["cohen_d"]))
+        assert bool(ov.loc[name, "has_pathway"]) == (name in small_cache.info["pathway_features"])
+    for name in small_cache.info["pathway_features"]:
+        p = read(small_cache.cache / "pathways" / f"{name}.json")
+        fracs, nodes = [], []
+        for rec in p["prompts"].values():
+            ups = [n for n in rec["nodes"] if not n["is_target"]]
+            rep = [n for n in ups if n["validated"] is not None]
+            fracs.append(sum(n["validated"] for n in rep) / len(rep))
+            nodes.append(len(ups))
+        assert ov.loc[name, "validated"] == pytest.approx(sum(fracs) / len(fracs))
+        assert ov.loc[name, "nodes"] == max(nodes)
+        assert ov.loc[name, "act_risky"] == pytest.approx(p["prompts"]["risky"]["target_activation"])
+
+
+def test_loaders_reread_a_rewritten_file(cache_copy):
+    ctx = build_context(str(cache_copy.config), None)
+    assert len(data.causal_features(ctx)[1]) == len(cache_copy.info["features"])
+    path = cache_copy.cache / "features" / "causal_features.json"
+    obj = json.loads(path.read_text())
+    obj["features"] = obj["features"][:2]
+    path.write_text(json.dumps(obj))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new stamp even on coarse clocks
+    assert len(data.causal_features(ctx)[1]) == 2
+    assert len(data.feature_overview(ctx)) == 2
+
+
+@pytest.mark.parametrize("content, kind", [
+    (None, "missing"), (b"", "empty"), (b"[1, 2", "corrupt"), (b"[1, 2]", "schema"),
+    (b'{"schema_version": 2, "features": []}', "schema"),
+    (b'{"schema_version": 1, "features": {"a": 1}}', "schema"),
+    (b'{"schema_version": 1, "features": [{"feature": "L1-2"}]}', "schema"),
+])
+def test_bad_feature_lists(cache_copy, content, kind):
+    path = cache_copy.cache / "features" / "causal_features.json"
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
+    ctx = build_context(str(cache_copy.config), None)
+    with pytest.raises(data.CacheProblem) as exc:
+        data.causal_features(ctx)
+    assert exc.value.kind == kind
+    assert "features/causal_features.json" in exc.value.message
+    assert exc.value.command == f"python -m engine select --config {cache_copy.config}"
+
+
+def test_pathway_checks(cache_copy):
+    ctx = build_context(str(cache_copy.config), None)
+    f = cache_copy.info["pathway_features"][0]
+    assert data.pathway(ctx, f)["feature"] == f
+    path = cache_copy.cache / "pathways" / f"{f}.json"
+    obj = json.loads(path.read_text())
+    obj["prompts"]["safe"]["nodes"][2].pop("layer")
+    path.write_text(json.dumps(obj))
+    with pytest.raises(data.CacheProblem, match=r"prompt 'safe' node 2 lacks `id` or `layer`") as exc:
+        data.pathway(ctx, f)
+    assert exc.value.command.endswith(f"--features {f}")
+    with pytest.raises(data.CacheProblem, match="missing from the cache"):
+        data.pathway(ctx, "L5-1")
+    assert data.pathway_export(ctx, cache_copy.info["pathway_features"][1], "risky").startswith(b"{")
+    assert data.pathway_export(ctx, "L5-1", "risky") is None
+
+
+def test_step_statuses(cache_copy):
+    from engine.config import load_config
+    from engine.manifest import read_manifest, update_step
+
+    ctx = build_context(str(cache_copy.config), None)
+    got = {s.step: s.status for s in data.step_statuses(ctx)}
+    assert got == {"audit": "done", "select": "done", "prototype": "done", "pathways": "done", "tokens": "done",
+                   "integrate": "missing"}
+    # A failed run is reported with its error, and a changed input makes the steps reading it stale.
+    entry = read_manifest(cache_copy.cache)["steps"]["tokens"]
+    update_step(cache_copy.cache, "tokens", {**entry, "status": "failed", "error": "UserError: no trials"})
+    sel = cache_copy.cache / "features" / "causal_features.json"
+    sel.write_text(sel.read_text() + "\n")
+    data._STATUS_MEMO.clear()
+    rows = {s.step: s for s in data.step_statuses(ctx)}
+    assert rows["tokens"].status == "failed" and rows["tokens"].error == "UserError: no trials"
+    assert rows["pathways"].status == "stale" and "selection" in rows["pathways"].note
+    assert rows["audit"].status == "done"
+    assert load_config(cache_copy.config).cache_dir  # the config itself is untouched
+
+
+def test_audit_views(small_cache):
+    from explorer import views
+
+    ctx = build_context(str(small_cache.config), None)
+    v = data.audit_validation(ctx)
+    h = views.audit_headline(v)
+    assert (h["valid_trials"], h["duplicates"]) == (small_cache.info["audit"]["total_trials"], 12)
+    fc = data.audit_feature_conditions(ctx)
+    cov = views.coverage_matrix(fc, 30, ["safe_baseline", "risky_baseline"])
+    want = defaultdict(list)
+    for r in small_cache.info["audit"]["feature_conditions"].to_dict("records"):
+        want[(r["layer"], r["condition"])].append(r["n_trials"] >= 30)
+    for layer in cov.index:
+        assert cov.loc[layer, "safe_baseline"] == pytest.approx(sum(want[(layer, "safe_baseline")]) / len(want[(layer, "safe_baseline")]))
+    assert list(cov.columns[:2]) == ["safe_baseline", "risky_baseline"]
+    trials = data.audit_trials(ctx)
+    assert len(trials) == small_cache.info["audit"]["total_trials"]
+    ps = views.parse_summary({}, trials)
+    a = small_cache.info["audit"]
+    assert (ps["study_valid"], ps["our_valid"], ps["disagree"]) == (a["study_valid"], a["our_valid"], a["disagree"])
