@@ -229,3 +229,44 @@ def test_select_indices_hand_example():
     import numpy as np
 
     assert ag["pearson_r"] == pytest.approx(np.corrcoef([1, 2, -1, 0.5], [1, 2.5, -0.5, -0.1])[0, 1])
+
+
+def test_out_of_memory_shrinks_the_batch_and_gives_the_same_result(cfg64, model64, monkeypatch):
+    """A CUDA OOM in a batched backward pass or replay halves the batch and retries."""
+    from engine.pathways import compute
+
+    model, tok = model64
+    targets = [target_active_on_safe(cfg64, model, tok, 4), target_active_on_safe(cfg64, model, tok, 5)]
+    _, ref = run_engine(cfg64, model, tok, targets)
+
+    real_vjp = compute.GradGraph.vjp
+    real_blocks = compute.run_blocks
+    calls = {"vjp_oom": 0, "replay_oom": 0}
+
+    def vjp(self, seeds, inputs):
+        if next(iter(seeds.values())).shape[0] > 1:
+            calls["vjp_oom"] += 1
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_vjp(self, seeds, inputs)
+
+    def blocks(model, h, *a, **k):
+        if h.shape[0] > 2:
+            calls["replay_oom"] += 1
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real_blocks(model, h, *a, **k)
+
+    monkeypatch.setattr(compute.GradGraph, "vjp", vjp)
+    monkeypatch.setattr(compute, "run_blocks", blocks)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    _, got = run_engine(cfg64, model, tok, targets)
+    assert calls["vjp_oom"] > 0 and calls["replay_oom"] > 0
+    for t in targets:
+        for p in ("safe", "risky"):
+            a, b = ref[str(t)]["prompts"][p], got[str(t)]["prompts"][p]
+            assert [n["id"] for n in a["nodes"]] == [n["id"] for n in b["nodes"]]
+            for na, nb in zip(a["nodes"], b["nodes"]):
+                if na["attribution"] is not None:
+                    assert nb["attribution"] == pytest.approx(na["attribution"], rel=1e-9, abs=1e-12)
+                if na["replay_delta"] is not None:
+                    assert nb["replay_delta"] == pytest.approx(na["replay_delta"], rel=1e-9, abs=1e-12)
+            assert len(a["edges"]) == len(b["edges"])
