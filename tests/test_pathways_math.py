@@ -270,3 +270,21 @@ def test_out_of_memory_shrinks_the_batch_and_gives_the_same_result(cfg64, model6
                 if na["replay_delta"] is not None:
                     assert nb["replay_delta"] == pytest.approx(na["replay_delta"], rel=1e-9, abs=1e-12)
             assert len(a["edges"]) == len(b["edges"])
+
+
+def test_contract_matches_a_direct_sum_and_chunks_over_features():
+    from engine.pathways.compute import LayerCodes, contract
+
+    g0 = torch.Generator().manual_seed(3)
+    B, T, d, U, K = 3, 9, 5, 7, 20
+    g = torch.randn(B, T, d, generator=g0, dtype=torch.float64)
+    pos = torch.sort(torch.randint(0, T, (K,), generator=g0))[0]
+    inv = torch.randint(0, U, (K,), generator=g0)
+    act = torch.rand(K, generator=g0, dtype=torch.float64)
+    dec = torch.randn(U, d, generator=g0, dtype=torch.float64)
+    codes = LayerCodes(0, pos, inv, act, torch.arange(U), dec, dec, torch.zeros(U), torch.zeros(T, d), torch.zeros(d), 0.0)
+    want = torch.tensor([[float(act[k] * (g[b, pos[k]] @ dec[inv[k]])) for k in range(K)] for b in range(B)],
+                        dtype=torch.float64)
+    assert torch.allclose(contract(g, codes), want, rtol=1e-12, atol=1e-14)
+    # a tiny budget forces one feature per chunk
+    assert torch.allclose(contract(g, codes, max_bytes=1), want, rtol=1e-12, atol=1e-14)

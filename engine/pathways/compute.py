@@ -150,20 +150,29 @@ class GradGraph:
         return out
 
 
-def contract(g: torch.Tensor, codes: LayerCodes, chunk: int = 4096) -> torch.Tensor:
-    """Per-entry attribution a_k <d_k, g[b, pos_k]> for every active entry: (B, K) float32.
+def contract(g: torch.Tensor, codes: LayerCodes, max_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Per-entry attribution a_k <d_k, g[b, pos_k]> for every active entry: (B, K).
 
-    Gathers the gradient at active positions and the decoder rows of active features only;
-    never a dense multiply with the whole decoder."""
-    B = g.shape[0]
+    One GEMM of the gradient with the decoder rows of the *active* features only (never the
+    whole decoder), then a gather at the active (position, feature) pairs; split over
+    features so the (B, T, U-chunk) product stays under `max_bytes`."""
+    B, T, d = g.shape
     K = codes.pos.shape[0]
+    U = codes.features.shape[0]
     acc = codes.act.dtype
     out = torch.empty((B, K), dtype=acc, device=g.device)
-    for s in range(0, K, chunk):
-        e = slice(s, min(K, s + chunk))
-        gk = g[:, codes.pos[e]].to(acc)  # (B, k, d)
-        dk = codes.dec[codes.inv[e]].to(acc)  # (k, d)
-        out[:, e] = torch.einsum("bkd,kd->bk", gk, dk) * codes.act[e]
+    if K == 0:
+        return out
+    g2 = g.reshape(B * T, d).to(acc)
+    step = max(1, int(max_bytes // max(1, B * T * torch.finfo(acc).bits // 8)))
+    for u0 in range(0, U, step):
+        u1 = min(U, u0 + step)
+        P = (g2 @ codes.dec[u0:u1].to(acc).T).reshape(B, T, u1 - u0)
+        if u0 == 0 and u1 == U:
+            out[:] = P[:, codes.pos, codes.inv] * codes.act
+        else:
+            sel = (codes.inv >= u0) & (codes.inv < u1)
+            out[:, sel] = P[:, codes.pos[sel], codes.inv[sel] - u0] * codes.act[sel]
     return out
 
 
