@@ -172,6 +172,51 @@ def normalise(r, file: str, i: int, problems: list, n_trials: int | None) -> dic
     return out
 
 
+# Cumulative checkpoints repeat each record in every later file, byte for byte: a record's
+# normalised row and problems are computed once per distinct text and reused (per process;
+# cleared at the start of each audit).
+_SEEN: dict[bytes, tuple[dict | None, list[tuple]]] = {}
+_SEEN_MAX = 500_000
+
+try:
+    import msgspec
+
+    class _CheckpointTop(msgspec.Struct, gc=False):
+        results: list[msgspec.Raw]
+        timestamp: object = None
+        process_id: object = None
+        layer_range: object = None
+        features_tested: object = None
+        n_trials_per_condition: object = None
+
+    _TOP = msgspec.json.Decoder(_CheckpointTop)
+except ImportError:  # pragma: no cover
+    msgspec = None
+
+
+def clear_cache() -> None:
+    _SEEN.clear()
+
+
+def _normalise_cached(raw, name: str, i: int, problems: list, n_trials) -> dict | None:
+    import orjson
+
+    key = bytes(raw)
+    hit = _SEEN.get(key)
+    if hit is None:
+        probs: list[tuple] = []
+        row = normalise(orjson.loads(key), "", 0, probs, None)
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        hit = _SEEN[key] = (row, probs)
+    row, probs = hit
+    for p in probs:
+        problems.append((p[0], p[1], name, i, p[4], p[5], p[6]))
+    if row is None:
+        return None
+    return {**row, "source_file": name, "record": i, "n_trials_per_condition": n_trials}
+
+
 def audit_checkpoint_file(path: str, name: str, file_rank: int) -> dict:
     t0 = time.perf_counter()
     problems: list[tuple] = []
@@ -181,29 +226,39 @@ def audit_checkpoint_file(path: str, name: str, file_rank: int) -> dict:
         return {"name": name, "file_rank": file_rank, "problems": [problem("unreadable_file", name, message=str(exc))],
                 "rows": [], "n_records": 0, "header": {}}
     top = None
-    if raw.strip() and not raw.startswith(b"\xef\xbb\xbf"):
+    if msgspec is not None and raw.strip() and not raw.startswith(b"\xef\xbb\xbf"):
         try:
-            import orjson
-
-            top = orjson.loads(raw)
-        except Exception:
+            top = _TOP.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
             top = None
-    if isinstance(top, dict) and isinstance(top.get("results"), list):
-        header = {k: v for k, v in top.items() if k != "results"}
-        recs = top["results"]
+    rows = []
+    if top is not None:  # clean file: records checked once per distinct text
+        header = {k: getattr(top, k) for k in ("timestamp", "process_id", "layer_range", "features_tested",
+                                                "n_trials_per_condition")}
+        n_trials = _header_n(header, name, problems)
+        for i, r in enumerate(top.results):
+            row = _normalise_cached(r, name, i, problems, n_trials)
+            if row is not None:
+                rows.append(row)
+        n_records = len(top.results)
     else:
         loaded = load_tolerant(raw, name, "checkpoint")
         problems.extend(loaded.problems)
         header, recs = loaded.header, loaded.records or []
-    n_trials = header.get("n_trials_per_condition")
-    if n_trials is not None and type(n_trials) is not int:
-        n_trials = _int(n_trials, name, None, "n_trials_per_condition", problems)
-    rows = []
-    for i, r in enumerate(recs):
-        row = normalise(r, name, i, problems, n_trials)
-        if row is not None:
-            rows.append(row)
-    return {"name": name, "file_rank": file_rank, "problems": problems, "rows": rows, "n_records": len(recs),
+        n_trials = _header_n(header, name, problems)
+        for i, r in enumerate(recs):
+            row = normalise(r, name, i, problems, n_trials)
+            if row is not None:
+                rows.append(row)
+        n_records = len(recs)
+    return {"name": name, "file_rank": file_rank, "problems": problems, "rows": rows, "n_records": n_records,
             "header": {k: header.get(k) for k in ("timestamp", "process_id", "layer_range", "features_tested",
                                                   "n_trials_per_condition")},
             "seconds": time.perf_counter() - t0}
+
+
+def _header_n(header: dict, name: str, problems: list) -> int | None:
+    n = header.get("n_trials_per_condition")
+    if n is not None and type(n) is not int:
+        n = _int(n, name, None, "n_trials_per_condition", problems)
+    return n

@@ -42,6 +42,10 @@ CHOICE_RE = r"(?i)^[ \t]*(?:choice[ \t]*:?[ \t]*)?\(?(?P<num>[0-9]+)(?P<rest>[^0
 _LEAD = r"(?i)^[ \t]*(?:i[ \t]*(?:will|'ll|want to|choose to|decide to|would like to)[ \t]+)?"
 STOP_WORD_RE = _LEAD + r"(?:stop|quit|walk away|cash out|fold|pass|end the game)"
 BET_WORD_RE = _LEAD + r"(?:bet|wager)"
+# the three tests on the first line in one pass, in the reference's order (choice, stop, bet)
+FIRST_RE = (r"(?i)^[ \t]*(?:(?:choice[ \t]*:?[ \t]*)?\(?(?P<num>[0-9]+)(?P<rest>[^0-9][^\n]*|)$"
+            r"|(?:i[ \t]*(?:will|'ll|want to|choose to|decide to|would like to)[ \t]+)?"
+            r"(?:(?P<stop>stop|quit|walk away|cash out|fold|pass|end the game)|(?P<bet>bet|wager)))")
 ECHO_RE = (r"(?i)^[ \t]*(?:round[ \t]*[0-9]|game history|current balance|current round|choose|choice"
            r"|slot machine|result|balance|win rate|win pays|[12][ \t]*\))")
 CUT_RE = r"(?i)(?:balance|result|win|loss|round|won|lost)[^\n]*"
@@ -119,7 +123,9 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
     """Vectorised parser over a pyarrow string array.
 
     `prompt_is_safe` is a numpy bool array. Returns numpy arrays (action code int8, bet
-    int32 with -1 for none, valid bool, rule code int8 indexing RULES)."""
+    int32 with -1 for none, valid bool, rule code int8 indexing RULES). Each regular
+    expression runs only on the rows that still need it (the first lines, the rows without
+    a leading choice, the risky bets)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -136,18 +142,23 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
     def np_bool(a) -> "np.ndarray":
         return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), dtype=bool)
 
-    blank = np_bool(pc.match_substring_regex(resp, BLANK_RE))
-    lines = pc.extract_regex(resp, LINES_RE)
-    l1, l2, l3 = (pc.fill_null(pc.struct_field(lines, k), "") for k in ("l1", "l2", "l3"))
-    ch = pc.extract_regex(l1, CHOICE_RE)
-    has_choice = np_bool(pc.is_valid(ch))
-    num = pc.fill_null(pc.struct_field(ch, "num"), "").to_numpy(zero_copy_only=False)
-    rest = pc.fill_null(pc.struct_field(ch, "rest"), "")
+    # the first three lines after the leading whitespace (as LINES_RE), without a regex:
+    # trim, pad with two newlines, split at most three times
+    trimmed = pc.utf8_ltrim(resp, characters=" \t\r\n\f\v")
+    parts = pc.split_pattern(pc.binary_join_element_wise(trimmed, pa.scalar(""), "\n\n"), "\n", max_splits=3)
+    l1, l2, l3 = (pc.list_element(parts, i) for i in range(3))
+    # leading whitespace is consumed before l1, so a blank reply is exactly an empty l1
+    blank = np_bool(pc.equal(l1, ""))
+    first_line = pc.extract_regex(l1, FIRST_RE)
+    num = pc.fill_null(pc.struct_field(first_line, "num"), "").to_numpy(zero_copy_only=False)
+    rest = pc.fill_null(pc.struct_field(first_line, "rest"), "")
+    has_choice = num != ""
     is2 = has_choice & (num == "2")
     is1 = has_choice & (num == "1")
     other = has_choice & ~is1 & ~is2
-    stop_w = ~has_choice & np_bool(pc.match_substring_regex(l1, STOP_WORD_RE))
-    bet_w = ~has_choice & ~stop_w & np_bool(pc.match_substring_regex(l1, BET_WORD_RE))
+    stop_w = ~has_choice & ~blank & np_bool(pc.not_equal(pc.fill_null(pc.struct_field(first_line, "stop"), ""), ""))
+    bet_w = ~has_choice & ~blank & ~stop_w & np_bool(
+        pc.not_equal(pc.fill_null(pc.struct_field(first_line, "bet"), ""), ""))
     betting = (is1 | bet_w) & ~blank
 
     rule[is2] = RULES.index("choice_2")
@@ -162,36 +173,35 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
     # amounts for risky bets: first segment with an amount wins
     need = betting & ~safe
     if need.any():
-        first = pc.if_else(pa.array(is1), rest, l1)
-        echo2 = np_bool(pc.match_substring_regex(l2, ECHO_RE))
-        echo3 = np_bool(pc.match_substring_regex(l3, ECHO_RE))
-        use2 = ~echo2
-        use3 = ~echo2 & ~echo3
-        found = np.zeros(n, dtype=bool)
-        amount = np.full(n, -1, dtype=np.int64)
-        for seg, allowed in ((first, np.ones(n, dtype=bool)), (l2, use2), (l3, use3)):
-            todo = need & allowed & ~found
-            if not todo.any():
-                continue
-            cut = pc.replace_substring_regex(seg, CUT_RE, "", max_replacements=1)
-            m = pc.extract_regex(cut, AMOUNT_RE)
-            ok = np_bool(pc.is_valid(m)) & todo
-            if not ok.any():
-                continue
-            a = pc.fill_null(pc.struct_field(m, "a"), "")
-            b = pc.fill_null(pc.struct_field(m, "b"), "")
-            c = pc.fill_null(pc.struct_field(m, "c"), "")
-            digits = pc.if_else(pc.not_equal(a, ""), a, pc.if_else(pc.not_equal(b, ""), b, c))
-            digits = pc.if_else(pc.equal(digits, ""), "-1", digits)
-            vals = pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False)
-            amount[ok] = vals[ok]
-            found |= ok
+        nidx = np.flatnonzero(need)
+        take = pa.array(nidx)
+        first = pc.if_else(pa.array(is1[nidx]), rest.take(take), l1.take(take))
+        s2, s3 = l2.take(take), l3.take(take)
+        use2 = pc.invert(pc.fill_null(pc.match_substring_regex(s2, ECHO_RE), False))
+        use3 = pc.and_(use2, pc.invert(pc.fill_null(pc.match_substring_regex(s3, ECHO_RE), False)))
+        # the answer's segments on separate lines; no amount pattern crosses a newline, so the
+        # leftmost amount is the first segment's that has one (as the reference's loop)
+        region = pc.if_else(use2, pc.binary_join_element_wise(first, s2, "\n"), first)
+        region = pc.if_else(use3, pc.binary_join_element_wise(region, s3, "\n"), region)
+        cut = pc.replace_substring_regex(region, CUT_RE, "")
+        mt = pc.extract_regex(cut, AMOUNT_RE)
+        found = np_bool(pc.is_valid(mt))
+        a = pc.fill_null(pc.struct_field(mt, "a"), "")
+        b = pc.fill_null(pc.struct_field(mt, "b"), "")
+        c = pc.fill_null(pc.struct_field(mt, "c"), "")
+        digits = pc.if_else(pc.not_equal(a, ""), a, pc.if_else(pc.not_equal(b, ""), b, c))
+        digits = pc.if_else(pc.equal(digits, ""), "-1", digits)
+        amount = pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False)
         in_range = found & (amount >= min_bet) & (amount <= max_bet)
+        full_found = np.zeros(n, bool)
+        full_found[nidx] = found
+        full_in = np.zeros(n, bool)
+        full_in[nidx] = in_range
         for prefix, mask in (("choice_1", is1), ("bet_word", bet_w)):
             sel = need & mask
-            rule[sel & in_range] = RULES.index(f"{prefix}_amount")
-            rule[sel & found & ~in_range] = RULES.index(f"{prefix}_bad_amount")
-        bet[need & in_range] = amount[need & in_range].astype(np.int32)
+            rule[sel & full_in] = RULES.index(f"{prefix}_amount")
+            rule[sel & full_found & ~full_in] = RULES.index(f"{prefix}_bad_amount")
+        bet[nidx[in_range]] = amount[in_range].astype(np.int32)
 
     rule[blank] = RULES.index("empty")
     bet[blank] = -1

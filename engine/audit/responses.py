@@ -12,6 +12,7 @@ arrays (keys and parses) for deduplication and statistics, and the problems.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,34 +40,10 @@ try:  # msgspec decodes straight into typed records, skipping unused fields
         response: str
         parsed: _Parsed | None = None
 
-    class _TrialRaw(msgspec.Struct, gc=False):  # validation only: the response text is not materialised
-        feature: str
-        condition: str
-        trial: int
-        response: msgspec.Raw
-        parsed: _Parsed | None = None
-
     _DECODER = msgspec.json.Decoder(list[_Trial])
-    _DECODER_RAW = msgspec.json.Decoder(list[_TrialRaw])
 except ImportError:  # pragma: no cover - orjson fallback
     msgspec = None
-    _DECODER = _DECODER_RAW = None
-
-_BLANK = " \t\r\n\f\v"
-
-
-def _raw_is_blank(raw) -> bool:
-    """Is this JSON string token (quotes included) blank? Only short tokens that start with
-    a space, an escape or the closing quote can be."""
-    b = bytes(raw)
-    if len(b) > 64 or b[1:2] not in (b" ", b"\\", b'"'):
-        return False
-    try:
-        text = msgspec.json.decode(bytes(raw))
-    except msgspec.DecodeError:
-        return False
-    return isinstance(text, str) and not text.strip(_BLANK)
-
+    _DECODER = None
 
 @dataclass
 class ResponseTask:
@@ -84,29 +61,29 @@ class ResponseTask:
 
 def _fast_columns(raw: bytes, text: bool = True) -> dict | None:
     """Columns of a clean file, or None when the file needs the slow path. Without `text`
-    the responses are not decoded; only which ones are blank is returned."""
+    (validation only) the study's action/valid/reason are not collected."""
     if msgspec is not None:
         try:
-            recs = (_DECODER if text else _DECODER_RAW).decode(raw)
+            recs = _DECODER.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
-        ps = [r.parsed for r in recs]
-        blank = None
-        if not text:
-            lens = np.fromiter(map(len, [r.response for r in recs]), dtype=np.int64, count=len(recs))
-            blank = np.zeros(len(recs), dtype=bool)
-            for i in np.flatnonzero(lens <= 64):
-                blank[i] = _raw_is_blank(recs[i].response)
+        get = operator.attrgetter
+        ps = list(map(get("parsed"), recs))
+
+        def parsed_field(name: str) -> list:
+            if None not in ps:
+                return list(map(get(name), ps))
+            return [getattr(p, name) if p is not None else None for p in ps]
+
         return {
-            "feature": [r.feature for r in recs],
-            "condition": [r.condition for r in recs],
-            "trial": [r.trial for r in recs],
-            "response": [r.response for r in recs] if text else None,
-            "blank": blank,
-            "study_action": [p.action if p is not None else None for p in ps],
-            "study_bet": [p.bet if p is not None else None for p in ps],
-            "study_valid": [p.valid if p is not None else None for p in ps],
-            "study_reason": [p.reason if p is not None else None for p in ps],
+            "feature": list(map(get("feature"), recs)),
+            "condition": list(map(get("condition"), recs)),
+            "trial": list(map(get("trial"), recs)),
+            "response": list(map(get("response"), recs)),
+            "study_action": parsed_field("action") if text else None,
+            "study_bet": parsed_field("bet"),
+            "study_valid": parsed_field("valid") if text else None,
+            "study_reason": parsed_field("reason") if text else None,
             "record": None,
         }
     import orjson
@@ -210,6 +187,30 @@ def _arr(values: list, typ):
     return a if a.type == typ else a.cast(typ)
 
 
+def _dict_encode(values: list):
+    """Dictionary-encode a list of strings (None allowed) in Python: one dict lookup per
+    value is several times faster here than pa.array(...).dictionary_encode()."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(values))  # distinct values, in order of first appearance
+    index = {n: i for i, n in enumerate(names)}
+    codes = np.fromiter(map(index.__getitem__, values), dtype=np.int32, count=len(values))
+    if None in index:  # keep nulls as nulls
+        null = index[None]
+        mask = codes == null
+        names = [n if n is not None else "" for n in names]
+        return pa.DictionaryArray.from_arrays(pa.array(codes, mask=mask), pa.array(names, pa.string()))
+    return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string()))
+
+
+def _decode(codes, names):
+    """Strings from integer codes into `names`, in C++ (a string column without Python strings)."""
+    import pyarrow as pa
+
+    return pa.DictionaryArray.from_arrays(pa.array(np.asarray(codes, dtype=np.int32)),
+                                          pa.array(list(names), pa.string())).cast(pa.string())
+
+
 def audit_response_file(task: ResponseTask) -> dict:
     """One file, with the cyclic GC paused: decoding creates ~30,000 objects per file, none
     cyclic, and the collector's passes over them cost more than the decode itself."""
@@ -254,10 +255,10 @@ def _audit_response_file(task: ResponseTask) -> dict:
         n_records = n_ok
     record = np.arange(n_ok, dtype=np.int32) if cols["record"] is None else np.asarray(cols["record"], dtype=np.int32)
 
-    feature = _arr(cols["feature"], pa.string()).dictionary_encode()
-    condition = _arr(cols["condition"], pa.string()).dictionary_encode()
+    feature = _dict_encode(cols["feature"])
+    condition = _dict_encode(cols["condition"])
     trial = np.asarray(cols["trial"], dtype=np.int64)
-    response = _arr(cols["response"], pa.string()) if cols["response"] is not None else None
+    response = _arr(cols["response"], pa.string())
     study_bet = _arr(cols["study_bet"], pa.int64())
     keep = np.ones(n_ok, dtype=bool)
 
@@ -289,13 +290,10 @@ def _audit_response_file(task: ResponseTask) -> dict:
         problems.append(problem("invalid_field", file, int(record[i]), "trial", "trial must be >= 0", value=int(trial[i])))
     keep &= ~bad_t
 
-    if cols.get("blank") is not None:
-        blank = cols["blank"]
-    else:
-        blank = pc.fill_null(pc.match_substring_regex(response, r"^[ \t\r\n\f\v]*$"), True).to_numpy(zero_copy_only=False)
+    blank = pc.fill_null(pc.equal(pc.utf8_ltrim(response, characters=" \t\r\n\f\v"), ""), True).to_numpy(
+        zero_copy_only=False)
     for i in np.flatnonzero(blank & keep):
-        problems.append(problem("empty_response", file, int(record[i]), "response",
-                                value=cols["response"][i] if cols["response"] is not None else None))
+        problems.append(problem("empty_response", file, int(record[i]), "response", value=cols["response"][i]))
 
     sb = study_bet.to_numpy(zero_copy_only=False)
     sb_valid = ~np.isnan(sb.astype(np.float64)) if sb.dtype.kind == "f" else np.ones(n_ok, bool)
@@ -321,21 +319,24 @@ def _audit_response_file(task: ResponseTask) -> dict:
         bet = np.full(n_ok, -1, np.int32)
         valid = np.zeros(n_ok, bool)
         rule = np.zeros(n_ok, np.int8)
-    sa = _arr(cols["study_action"], pa.string())
-    s_stop = np.where(pc.fill_null(pc.equal(sa, "stop"), False).to_numpy(zero_copy_only=False), 1,
-                      np.where(pc.fill_null(pc.equal(sa, "bet"), False).to_numpy(zero_copy_only=False), 0, -1))
-    s_valid = _arr(cols["study_valid"], pa.bool_())
-    s_valid_np = pc.fill_null(s_valid, False).to_numpy(zero_copy_only=False)
+    if task.reparse:  # the study's parse is compared with ours only in a full audit
+        sa = _arr(cols["study_action"], pa.string())
+        s_stop = np.where(pc.fill_null(pc.equal(sa, "stop"), False).to_numpy(zero_copy_only=False), 1,
+                          np.where(pc.fill_null(pc.equal(sa, "bet"), False).to_numpy(zero_copy_only=False), 0, -1))
+        s_valid = _arr(cols["study_valid"], pa.bool_())
+        s_valid_np = pc.fill_null(s_valid, False).to_numpy(zero_copy_only=False)
+    else:
+        s_stop = np.full(n_ok, -1, np.int8)
+        s_valid_np = np.zeros(n_ok, bool)
 
     kidx = np.flatnonzero(keep)
     spool_path = None
     if task.spool is not None and len(kidx):
         take = pa.array(kidx)
         lay = layer_of[f_idx[kidx]]
-        cond_names = [task.conditions[i] for i in range(len(task.conditions))]
-        prompts = np.array([c.split("_", 1)[0] for c in cond_names], dtype=object)
-        patches = np.array([c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none"
-                            for c in cond_names], dtype=object)
+        cond_names = list(task.conditions)
+        prompts = [c.split("_", 1)[0] for c in cond_names]
+        patches = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in cond_names]
         cg = c_global[c_idx[kidx]]
         bet_k = bet[kidx]
         table = pa.table({
@@ -343,19 +344,19 @@ def _audit_response_file(task: ResponseTask) -> dict:
             "layer": pa.array(lay.astype(np.int16)),
             "feature_id": pa.array(fid_of[f_idx[kidx]].astype(np.int32)),
             "condition": pc.take(condition, take).cast(pa.string()),
-            "prompt": pa.array(prompts[cg].tolist(), pa.string()),
-            "patch": pa.array(patches[cg].tolist(), pa.string()),
+            "prompt": _decode(cg, prompts),
+            "patch": _decode(cg, patches),
             "trial": pa.array(trial[kidx].astype(np.int32)),
             "response": pc.take(response, take),
             "study_action": pc.take(sa, take),
             "study_bet": pc.take(study_bet, take),
             "study_valid": pc.take(s_valid, take),
             "study_reason": pc.take(_arr(cols["study_reason"], pa.string()), take),
-            "action": pa.array(np.array(ACTIONS, dtype=object)[action[kidx]].tolist(), pa.string()),
+            "action": _decode(action[kidx], ACTIONS),
             "bet": pa.array(bet_k, pa.int32(), mask=bet_k < 0),
             "valid": pa.array(valid[kidx]),
-            "parse_rule": pa.array(np.array(RULES, dtype=object)[rule[kidx]].tolist(), pa.string()),
-            "source_file": pa.array([file] * len(kidx), pa.string()).dictionary_encode().cast(pa.string()),
+            "parse_rule": _decode(rule[kidx], RULES),
+            "source_file": _decode(np.zeros(len(kidx), np.int32), [file]),
             "record": pa.array(record[kidx]),
         })
         spool_path = str(Path(task.spool) / f"{task.file_rank:06d}.arrow")

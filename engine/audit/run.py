@@ -54,6 +54,15 @@ def _work(item):
 
 
 def _iter_results(items: list, workers: int):
+    from engine.audit.checkpoints import clear_cache
+
+    clear_cache()
+    # imported before forking, so the workers share them instead of importing each
+    import msgspec  # noqa: F401
+    import pyarrow.compute  # noqa: F401
+
+    from engine.audit import parser  # noqa: F401
+
     if workers <= 1 or len(items) < 4:
         for it in items:
             yield _work(it)
@@ -157,6 +166,7 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
                          "response_patterns": cfg.data.response_patterns,
                          "condition_set": cfg.data.condition_set, "conditions": list(conditions),
                          "run": run, "since": since, "until": until}
+    summary["mode"] = "full" if full else "validate-only"  # validate-only leaves older tables untouched
     summary["created"] = dt.datetime.now().isoformat(timespec="seconds")
     out = with_schema(_ordered(summary))
     atomic_write_json(cache / AUDIT_VALIDATION, out)
@@ -201,15 +211,17 @@ class CheckpointFold:
 
 
 def _combine(cfg: Config, conditions, ck: CheckpointFold, rs_results, by_name, problems, full: bool):
-    import pandas as pd
-
     # ---- checkpoints: newest record per (layer, feature_id) -------------------------
     newest = ck.newest
     for r in newest.values():
         r.pop("_rank", None)
     schema_counts, headers_n, ck_records_read = ck.schema_counts, ck.headers_n, ck.records_read
-    ck_table = pd.DataFrame([newest[k] for k in sorted(newest)],
-                            columns=list(CHECKPOINT_COLUMNS) + ["file_timestamp", "run_id"])
+    ck_table = None
+    if full:
+        import pandas as pd
+
+        ck_table = pd.DataFrame([newest[k] for k in sorted(newest)],
+                                columns=list(CHECKPOINT_COLUMNS) + ["file_timestamp", "run_id"])
     n_default = cfg.data.n_trials_per_condition or (headers_n.most_common(1)[0][0] if headers_n else None)
 
     # ---- responses: newest copy per (feature, condition, trial) ---------------------
