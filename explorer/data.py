@@ -542,8 +542,8 @@ def audit_feature_conditions(ctx: AppContext) -> pd.DataFrame | None:
 
 
 #: Trial columns the audit page summarises (the 1.8M-row table is read column-wise).
-TRIAL_COLUMNS = ("feature", "layer", "condition", "run", "study_valid", "our_valid", "study_action",
-                 "our_action", "study_bet", "our_bet", "valid", "action", "bet")
+TRIAL_COLUMNS = ("feature", "layer", "condition", "run_id", "study_valid", "study_action", "study_bet", "valid",
+                 "action", "bet", "our_valid", "our_action")
 
 
 def audit_trials(ctx: AppContext) -> pd.DataFrame | None:

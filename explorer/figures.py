@@ -312,13 +312,16 @@ def logit_lens_figure(promoted: list[dict], suppressed: list[dict], n: int = 15)
         marker_color=[style.POSITIVE if r[1] > 0 else style.NEGATIVE for r in rows],
         hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
     fig.update_layout(**_BASE_LAYOUT, height=max(300, 18 * len(rows) + 80),
-                      title=dict(text="Logit lens: tokens the decoder direction promotes and suppresses", x=0.01),
+                      title=dict(text="Logit lens", x=0.01),
                       xaxis=dict(title="logit effect (decoder direction · unembedding)"), yaxis=dict(automargin=True))
     return fig
 
 
 def token_highlight_html(tokens: Iterable[str], activations: Iterable[float], colour: str = style.RISKY) -> str:
-    """Prompt tokens with a background whose opacity is the activation (max = full colour)."""
+    """Prompt tokens with a background whose opacity is the activation (max = full colour).
+
+    Tokens may carry visible whitespace (the engine shows a space as "␣" and a newline as
+    "⏎"); lines break after newline tokens and may wrap between any two tokens."""
     toks = list(tokens)
     acts = [float(a) if a is not None else 0.0 for a in activations]
     amax = max(acts + [0.0]) or 1.0
@@ -326,12 +329,14 @@ def token_highlight_html(tokens: Iterable[str], activations: Iterable[float], co
     spans = []
     for t, a in zip(toks, acts):
         alpha = max(0.0, min(1.0, a / amax))
-        text = html.escape(str(t).replace("Ġ", " ").replace("Ċ", "\n"))
-        text = text.replace("\n", "⏎<br>")
+        raw = str(t).replace("Ġ", " ").replace("Ċ", "\n")
+        newline = "\n" in raw or "⏎" in raw
+        text = html.escape(raw.replace("\n", "⏎"))
         spans.append(f'<span title="activation {a:.3f}" style="background:rgba({r},{g},{b},{alpha:.2f});'
-                     f'border-radius:3px;padding:1px 0;white-space:pre-wrap">{text}</span>')
-    return ('<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.8;'
-            'border:1px solid #e6e6e6;border-radius:6px;padding:10px">' + "".join(spans) + "</div>")
+                     f'border-radius:3px;padding:1px 0">{text}</span>' + ("<br>" if newline else "&#8203;"))
+    return ('<div style="font-family:ui-monospace,monospace;font-size:0.85rem;line-height:1.9;'
+            'overflow-wrap:anywhere;border:1px solid #e6e6e6;border-radius:6px;padding:10px">'
+            + "".join(spans) + "</div>")
 
 
 # ---------------------------------------------------------------------------

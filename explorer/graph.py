@@ -120,49 +120,43 @@ def _difference(pathway: dict) -> View:
     feature = str(pathway.get("feature"))
     safe = prompt_view(pathway, "safe")
     risky = prompt_view(pathway, "risky")
-    s = safe.nodes.set_index("id")
-    r = risky.nodes.set_index("id")
-    ids = list(dict.fromkeys([*r.index, *s.index]))
-    rows = []
-    for i in ids:
-        a = s.loc[i] if i in s.index else None
-        b = r.loc[i] if i in r.index else None
-        first = b if b is not None else a
-        attr_s = a["attribution"] if a is not None else 0.0
-        attr_r = b["attribution"] if b is not None else 0.0
-        act_s = a["activation"] if a is not None else 0.0
-        act_r = b["activation"] if b is not None else 0.0
-        vals = [x["validated"] for x in (a, b) if x is not None]
-        validated = True if any(v is True for v in vals) else (False if any(v is False for v in vals) else None)
-        both_replayed = a is not None and b is not None and not (math.isnan(a["replay_delta"]) or math.isnan(b["replay_delta"]))
-        rows.append({
-            "id": i, "layer": int(first["layer"]), "feature_id": first["feature_id"],
-            "is_target": bool(first["is_target"]),
-            "activation": _nanmax(act_s, act_r),
-            "attribution": math.nan if first["is_target"] else _z(attr_r) - _z(attr_s),
-            "replay_delta": (b["replay_delta"] - a["replay_delta"]) if both_replayed else math.nan,
-            "patch_delta": math.nan,
-            "validated": validated,
-            "positions": list(first["positions"]), "position_activations": list(first["position_activations"]),
-            "position_attributions": list(first["position_attributions"]),
-            "attribution_safe": attr_s if a is not None else math.nan,
-            "attribution_risky": attr_r if b is not None else math.nan,
-            "activation_safe": act_s if a is not None else math.nan,
-            "activation_risky": act_r if b is not None else math.nan,
-        })
-    nodes = pd.DataFrame.from_records(rows)
-    nodes["validated"] = nodes["validated"].astype(object)
-    es = safe.edges.set_index(["source", "target"])
-    er = risky.edges.set_index(["source", "target"])
-    keys = list(dict.fromkeys([*er.index, *es.index]))
-    erows = []
-    for k in keys:
-        ws = es.loc[k, "weight"] if k in es.index else 0.0
-        wr = er.loc[k, "weight"] if k in er.index else 0.0
-        erows.append({"source": k[0], "target": k[1], "weight": _z(wr) - _z(ws), "raw": math.nan,
-                      "validated": bool((k in es.index and es.loc[k, "validated"]) or (k in er.index and er.loc[k, "validated"])),
-                      "weight_safe": ws if k in es.index else math.nan, "weight_risky": wr if k in er.index else math.nan})
-    edges = pd.DataFrame.from_records(erows, columns=[*EDGE_COLUMNS, "weight_safe", "weight_risky"])
+    keep = ["id", "layer", "feature_id", "is_target", "activation", "attribution", "replay_delta", "validated",
+            "positions", "position_activations", "position_attributions"]
+    m = risky.nodes[keep].merge(safe.nodes[keep], on="id", how="outer", suffixes=("_r", "_s"), sort=False,
+                                indicator=True)
+    in_r = m["_merge"].isin(["both", "left_only"]).to_numpy()
+    in_s = m["_merge"].isin(["both", "right_only"]).to_numpy()
+
+    def pick(col: str) -> pd.Series:  # the risky record's value, else the safe one's
+        return m[f"{col}_r"].where(in_r, m[f"{col}_s"])
+
+    is_target = pick("is_target").astype(bool)
+    attr_r = m["attribution_r"].astype(float)
+    attr_s = m["attribution_s"].astype(float)
+    diff = attr_r.fillna(0.0).where(in_r, 0.0) - attr_s.fillna(0.0).where(in_s, 0.0)
+    val_r, val_s = m["validated_r"], m["validated_s"]
+    validated = [True if (a is True or b is True) else (False if (a is False or b is False) else None)
+                 for a, b in zip(val_r.where(in_r, None), val_s.where(in_s, None))]
+    nodes = pd.DataFrame({
+        "id": m["id"], "layer": pick("layer").astype(int), "feature_id": pick("feature_id"), "is_target": is_target,
+        "activation": np.fmax(m["activation_r"].astype(float), m["activation_s"].astype(float)),
+        "attribution": diff.where(~is_target, np.nan),
+        "replay_delta": m["replay_delta_r"].astype(float) - m["replay_delta_s"].astype(float),
+        "patch_delta": np.nan,
+        "validated": pd.Series(validated, dtype=object),
+        "positions": pick("positions"), "position_activations": pick("position_activations"),
+        "position_attributions": pick("position_attributions"),
+        "attribution_safe": attr_s.where(in_s, np.nan), "attribution_risky": attr_r.where(in_r, np.nan),
+        "activation_safe": m["activation_s"].astype(float).where(in_s, np.nan),
+        "activation_risky": m["activation_r"].astype(float).where(in_r, np.nan),
+    })
+    e = risky.edges.merge(safe.edges, on=["source", "target"], how="outer", suffixes=("_r", "_s"), sort=False)
+    edges = pd.DataFrame({
+        "source": e["source"], "target": e["target"],
+        "weight": e["weight_r"].fillna(0.0) - e["weight_s"].fillna(0.0), "raw": np.nan,
+        "validated": (e["validated_r"].fillna(False).astype(bool) | e["validated_s"].fillna(False).astype(bool)),
+        "weight_safe": e["weight_s"], "weight_risky": e["weight_r"],
+    })
     ta = {p: (pathway["prompts"][p].get("target_activation")) for p in ("safe", "risky")}
     info = {"target_activation": ta, "agreement": None, "coverage": None}
     return View(feature, "difference", nodes, edges, risky.tokens, risky.target_position, info)

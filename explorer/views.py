@@ -83,6 +83,16 @@ def pathway_title(feature: str, mode: str) -> str:
     return f"Pathway of {feature} · {what}"
 
 
+def coverage_share(cov: dict | None) -> float | None:
+    """Share of all active upstream features' |attribution| that the graph's nodes hold."""
+    if not isinstance(cov, dict):
+        return None
+    for part, whole in (("attribution_abs_in_graph", "attribution_abs_total"), ("attribution_in_graph", "attribution_total")):
+        if cov.get(part) is not None and cov.get(whole):
+            return abs(cov[part]) / abs(cov[whole])
+    return None
+
+
 def prototype_view(result: dict) -> dict:
     """Per prompt: target activation, rank, and the strongest upstream features."""
     out = {}
@@ -152,21 +162,41 @@ def _pick(d: dict, *names: str, default=None):
     return default
 
 
+def _total(x) -> int | None:
+    """A count, or the sum of a per-kind breakdown ({"checkpoints": 21, "responses": 14})."""
+    if isinstance(x, dict):
+        vals = [v for v in x.values() if isinstance(v, (int, float))]
+        return int(sum(vals)) if vals else None
+    return x if isinstance(x, (int, float)) else None
+
+
+def _breakdown(x) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in x.items()) if isinstance(x, dict) else ""
+
+
 def audit_headline(v: dict) -> dict:
-    """The numbers of the audit's headline, from data_validation.json (tolerant of key names)."""
+    """The numbers of the audit's headline, from data_validation.json."""
     results = v.get("audit_results") or {}
+    rec = v.get("recomputed") or {}
     return {
-        "files": _pick(v, "files_read", "n_files"),
-        "records": _pick(v, "records_read", "n_records"),
+        "files": _total(_pick(v, "files_read", "n_files")),
+        "files_detail": _breakdown(v.get("files_read")),
+        "records": _total(_pick(v, "records_read", "n_records")),
+        "records_detail": _breakdown(v.get("records_read")),
         "valid_trials": _pick(v, "valid_unique_trials", "total_trials"),
         "duplicates": _pick(v, "duplicates", "n_duplicates"),
+        "invalid_records": v.get("invalid_records"),
         "join_rate": _pick(v, "join_rate_percent"),
         "causal": _pick(v, "total_causal_features"),
-        "response_features": _pick(v, "total_response_features"),
         "joinable": _pick(v, "joinable_features"),
-        "validated": results.get("validated"),
-        "errors": results.get("errors"),
-        "warnings": results.get("warnings"),
+        "validated": _pick(v, "validated") if "validated" in v else results.get("validated"),
+        "errors": _pick(results, "n_errors", default=len(results["errors"]) if isinstance(results.get("errors"), list)
+                        else results.get("errors")),
+        "warnings": _pick(results, "n_warnings", default=len(results["warnings"]) if isinstance(results.get("warnings"), list)
+                          else results.get("warnings")),
+        "recomputed_causal": rec.get("causal"),
+        "verdicts_compared": rec.get("compared_with_checkpoint"),
+        "verdicts_agree": rec.get("agree"),
         "expected_per_condition": _pick(v, "n_trials_per_condition", "expected_trials_per_condition"),
     }
 
@@ -196,28 +226,42 @@ def expected_trials(fc: pd.DataFrame | None, headline: dict) -> int | None:
 
 
 def parse_summary(v: dict, trials: pd.DataFrame | None) -> dict | None:
-    """Valid parses under the study's parser and ours, and how often they disagree."""
-    p = v.get("parse") if isinstance(v.get("parse"), dict) else None
-    if p and p.get("compared"):
-        return {"study_valid": p.get("study_valid"), "our_valid": p.get("our_valid"),
-                "disagree": p.get("disagree"), "compared": p.get("compared")}
+    """Valid parses under the study's parser and ours, and where they disagree.
+
+    From the audit's `parser_comparison` when present, else counted from the trial table
+    (columns study_valid/valid and study_action/action)."""
+    p = v.get("parser_comparison") if isinstance(v.get("parser_comparison"), dict) else None
+    if p and p.get("trials"):
+        return {"compared": p["trials"], "study_valid": p.get("study_valid"), "our_valid": p.get("ours_valid"),
+                "both_valid": p.get("both_valid"), "disagree": p.get("action_disagree"),
+                "study_stop_ours_bet": p.get("study_stop_ours_bet"), "study_bet_ours_stop": p.get("study_bet_ours_stop"),
+                "bet_amount_disagree": p.get("bet_amount_disagree")}
     if trials is None or not len(trials):
         return None
+    ours_valid = "valid" if "valid" in trials.columns else ("our_valid" if "our_valid" in trials.columns else None)
+    ours_action = "action" if "action" in trials.columns else ("our_action" if "our_action" in trials.columns else None)
     out: dict = {"compared": int(len(trials))}
-    if "study_valid" in trials.columns:
-        out["study_valid"] = int(trials["study_valid"].fillna(False).astype(bool).sum())
-    if "our_valid" in trials.columns:
-        out["our_valid"] = int(trials["our_valid"].fillna(False).astype(bool).sum())
-    if {"study_action", "our_action"} <= set(trials.columns):
-        out["disagree"] = int((trials["study_action"].astype(str) != trials["our_action"].astype(str)).sum())
+    sv = trials["study_valid"].fillna(False).astype(bool) if "study_valid" in trials.columns else None
+    ov = trials[ours_valid].fillna(False).astype(bool) if ours_valid else None
+    if sv is not None:
+        out["study_valid"] = int(sv.sum())
+    if ov is not None:
+        out["our_valid"] = int(ov.sum())
+    if sv is not None and ov is not None and ours_action and "study_action" in trials.columns:
+        both = sv & ov
+        out["both_valid"] = int(both.sum())
+        sa, oa = trials["study_action"].astype(str), trials[ours_action].astype(str)
+        out["disagree"] = int((both & (sa != oa)).sum())
+        out["study_stop_ours_bet"] = int((both & (sa == "stop") & (oa == "bet")).sum())
+        out["study_bet_ours_stop"] = int((both & (sa == "bet") & (oa == "stop")).sum())
     return out if len(out) > 1 else None
 
 
 def audit_trial_summary(ctx: AppContext, v: dict) -> dict | None:
     """parse_summary over the trial table, cached on the table's stamp (1.8M rows: read once)."""
     path = ctx.cache / schema.AUDIT_TRIALS
-    key = (str(path), data.stamp(path), id(v))
-    if isinstance(v.get("parse"), dict) and v["parse"].get("compared"):
+    key = (str(path), data.stamp(path))
+    if isinstance(v.get("parser_comparison"), dict) and v["parser_comparison"].get("trials"):
         return parse_summary(v, None)
     return _AUDIT.get(key, lambda: parse_summary(v, data.audit_trials(ctx)))
 

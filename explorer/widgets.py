@@ -131,17 +131,19 @@ def fmt(x: Any, digits: int = 3, pct: bool = False, signed: bool = False) -> str
         return "–"
     if pct:
         return f"{100 * v:.1f}%"
-    if float(v).is_integer() and not signed:
-        return f"{int(v):,}"
+    if isinstance(x, int) or (hasattr(x, "dtype") and getattr(x.dtype, "kind", "") in "iu"):
+        return f"{int(v):+,}" if signed else f"{int(v):,}"
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
-def metric_row(items: Iterable[tuple[str, Any, str]], border: bool = True) -> None:
-    """One row of metric cards: (label, value, tooltip defining the number)."""
+def metric_row(items: Iterable[tuple], border: bool = True) -> None:
+    """One row of metric cards: (label, value, tooltip defining the number[, small note under it])."""
     items = list(items)
     cols = st.columns(len(items))
-    for col, (label, value, tip) in zip(cols, items):
-        col.metric(label, value, help=tip, border=border)
+    for col, item in zip(cols, items):
+        label, value, tip = item[:3]
+        note = item[3] if len(item) > 3 else None
+        col.metric(label, value, delta=note, delta_color="off", delta_arrow="off", help=tip, border=border)
 
 
 def feature_picker(options: list[str], *, key: str = "feature", label: str = "Feature",

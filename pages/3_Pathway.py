@@ -87,23 +87,26 @@ st.markdown(f"### {feature}  \n" + " · ".join(sub))
 
 full, shown = bundle.full, bundle.shown
 ta = full.info.get("target_activation")
+pre = full.info.get("target_pre_activation")
 if prompt == "difference":
     act_text = f"{fmt(ta.get('safe'))} → {fmt(ta.get('risky'))}"
-    act_help = "Target activation on the safe prompt → on the risky prompt"
+    act_help = "Target activation on the safe prompt → on the risky prompt (last prompt token)"
+    act_note = None
 else:
     act_text = fmt(ta)
-    act_help = "The target feature's activation at the last prompt token"
-cov = full.info.get("coverage") or {}
-cov_share = (cov.get("attribution_in_graph") / cov["attribution_total"]) if cov.get("attribution_total") else None
+    act_help = ("The target feature's activation at the last prompt token; below it, its pre-activation "
+                "(what attributions and replay changes are measured on)")
+    act_note = f"pre {fmt(pre, signed=True)}" if pre is not None else None
+cov = views.coverage_share(full.info.get("coverage"))
 n_up = int((~full.nodes["is_target"].astype(bool)).sum())
 n_up_shown = int((~shown.nodes["is_target"].astype(bool)).sum())
 metric_row([
-    ("Target activation", act_text, act_help),
+    ("Target activation", act_text, act_help, act_note),
     ("Nodes", f"{n_up_shown} / {n_up}", "Upstream nodes shown after pruning / in the graph"),
     ("Edges", f"{len(shown.edges)} / {len(full.edges)}", "Edges shown after pruning / in the graph"),
     ("Validated", fmt(bundle.validated_fraction, pct=True), "Share of replayed nodes validated by replay. " + HELP["validated"]),
     ("Agreement r", fmt(bundle.agreement["pearson_r"]) if prompt != "difference" else "–", HELP["r"]),
-    ("Coverage", fmt(cov_share, pct=True), HELP["coverage"]),
+    ("Coverage", fmt(cov, pct=True), HELP["coverage"]),
 ])
 
 pathway_panel(ctx, bundle, key=f"pw_{feature}_{prompt}", causal=causal, files=set(files))

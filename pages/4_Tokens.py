@@ -46,7 +46,6 @@ metric_row([
 ])
 
 t_lens, t_words = st.columns(2, gap="large")
-t_prompt = st.container()
 
 with t_lens:
     st.subheader("Output tokens")
@@ -58,42 +57,6 @@ with t_lens:
                         config={"displaylogo": False})
         st.caption("The feature's decoder direction through the final norm and the unembedding: which next tokens "
                    "it pushes up (red) or down (blue).")
-    summary = lens.get("decision_summary") or []
-    if summary:
-        df = pd.DataFrame(summary)
-        keep = [c for c in ("prompt", "context", "intervention", "value", "activation", "delta_bet_vs_stop_logodds",
-                            "delta_mean_amount") if c in df.columns]
-        st.markdown("**Effect on the decision** (intervening on the feature at the last prompt token)")
-        st.dataframe(df[keep], hide_index=True, width="stretch", column_config={
-            "value": st.column_config.NumberColumn("set to", format="%.3f", help="The activation written into the feature"),
-            "activation": st.column_config.NumberColumn("was", format="%.3f", help="Its activation before"),
-            "delta_bet_vs_stop_logodds": st.column_config.NumberColumn(
-                "Δ log-odds bet vs stop", format="%+.3f",
-                help="Change of log p('1') − log p('2') after the choice prompt: positive = more betting"),
-            "delta_mean_amount": st.column_config.NumberColumn("Δ mean bet", format="%+.2f",
-                                                               help="Change of the expected bet amount"),
-        })
-
-with t_prompt:
-    st.subheader("Input tokens")
-    if not pa:
-        st.info("No prompt activations in this file.", icon=":material/info:")
-    for name, rec in pa.items():
-        colour = style.prompt_colour(name)
-        st.markdown(f"**{name.capitalize()} prompt** · max {fmt(rec.get('max'))} at position "
-                    f"{rec.get('argmax_position', '–')} · {fmt(rec.get('n_active'))} active tokens")
-        st.html(figures.token_highlight_html(rec.get("tokens") or [], rec.get("activations") or [], colour))
-    st.caption("Background strength = the feature's activation on that token (hover for the value). "
-               "The first token (BOS) is left out of the statistics.")
-    top = tok.get("top_activating") or []
-    if top:
-        st.markdown("**Top activating response tokens**")
-        for r in top[:10]:
-            ctx_toks = r.get("context_tokens") or []
-            ctx_acts = r.get("context_activations") or []
-            meta = " · ".join(str(x) for x in (r.get("condition"), f"trial {r.get('trial')}") if x)
-            st.markdown(f"`{figures.clean_token(r.get('token'))}` activation **{fmt(r.get('activation'))}** · {meta}")
-            st.html(figures.token_highlight_html(ctx_toks, ctx_acts, style.prompt_colour(r.get("prompt", "risky"))))
 
 with t_words:
     st.subheader("Behavioural words")
@@ -121,3 +84,43 @@ with t_words:
             "z": st.column_config.NumberColumn(format="%+.2f", help="log-odds divided by its standard error"),
             "q": st.column_config.NumberColumn("q (BH)", format="%.3g", help="Benjamini-Hochberg adjusted p-value"),
         })
+
+summary = (tok.get("logit_lens") or {}).get("decision_summary") or []
+if summary:
+    df = pd.DataFrame(summary)
+    keep = [c for c in ("prompt", "context", "intervention", "value", "activation", "delta_bet_vs_stop_logodds",
+                        "delta_mean_amount") if c in df.columns]
+    st.subheader("Effect on the decision")
+    st.caption("Setting the feature's activation at the last prompt token (ablate = 0, amplify = a multiple of its "
+               "largest activation, or the study's patch values) and reading the model's next-token probabilities.")
+    st.dataframe(df[keep], hide_index=True, width="stretch", column_config={
+        "context": st.column_config.TextColumn(help="choice: the token after 'Choice: '; amount: the bet amount "
+                                                    "after choosing to bet"),
+        "value": st.column_config.NumberColumn("set to", format="%.3f", help="The activation written into the feature"),
+        "activation": st.column_config.NumberColumn("was", format="%.3f", help="Its activation before"),
+        "delta_bet_vs_stop_logodds": st.column_config.NumberColumn(
+            "Δ log-odds bet vs stop", format="%+.3f",
+            help="Change of log p('1') − log p('2') after the choice prompt: positive = more betting"),
+        "delta_mean_amount": st.column_config.NumberColumn("Δ mean bet ($)", format="%+.2f",
+                                                           help="Change of the expected bet amount"),
+    })
+
+st.subheader("Input tokens")
+if not pa:
+    st.info("No prompt activations in this file.", icon=":material/info:")
+for name, rec in pa.items():
+    colour = style.prompt_colour(name)
+    st.markdown(f"**{name.capitalize()} prompt** · max {fmt(rec.get('max'))} at position "
+                f"{rec.get('argmax_position', '–')} · {fmt(rec.get('n_active'))} active tokens")
+    st.html(figures.token_highlight_html(rec.get("tokens") or [], rec.get("activations") or [], colour))
+st.caption("Background strength = the feature's activation on that token (hover for the value). "
+           "The first token (BOS) is left out of the statistics.")
+top = tok.get("top_activating") or []
+if top:
+    st.markdown("**Top activating response tokens**")
+    for r in top[:10]:
+        ctx_toks = r.get("context_tokens") or []
+        ctx_acts = r.get("context_activations") or []
+        meta = " · ".join(str(x) for x in (r.get("condition"), f"trial {r.get('trial')}") if x)
+        st.markdown(f"`{figures.clean_token(r.get('token'))}` activation **{fmt(r.get('activation'))}** · {meta}")
+        st.html(figures.token_highlight_html(ctx_toks, ctx_acts, style.prompt_colour(r.get("prompt", "risky"))))

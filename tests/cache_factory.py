@@ -49,7 +49,7 @@ class Size:
 SIZES = {
     "small": Size(layers=(1, 2, 3, 4, 5), per_layer=3, d_sae=512, n_tested=24, trials_per_condition=30,
                   top_k_per_layer=6, n_replay=8, n_pathways=10, n_tokens=6),
-    "full": Size(layers=tuple(range(1, 32)), per_layer=50, d_sae=32768, n_tested=9300, trials_per_condition=32,
+    "full": Size(layers=tuple(range(1, 32)), per_layer=50, d_sae=32768, n_tested=9300, trials_per_condition=34,
                  top_k_per_layer=10, n_replay=20, n_pathways=None, n_tokens=200),
 }
 
@@ -274,7 +274,17 @@ def make_tokens(feature: str, rng: np.random.Generator) -> dict:
 # ---------------------------------------------------------------------------
 
 
+KINDS = {  # the audit's kinds used here (engine/audit/problems.py): severity, meaning
+    "duplicate_trials": ("info", "trials superseded by a newer copy of the same (feature, condition, trial)"),
+    "too_few_trials": ("warning", "a feature x condition has fewer trials than n_trials_per_condition"),
+    "missing_field": ("error", "a required field is missing"),
+    "malformed_feature": ("error", "the feature name is not L<layer>-<index>"),
+    "unknown_condition": ("error", "a condition outside the configured list"),
+}
+
+
 def make_audit(cache: Path, feats: list[dict], size: Size, rng: np.random.Generator) -> dict:
+    """audit/ in the shape engine/audit writes (data_validation.json keys, table columns)."""
     causal = [f["feature"] for f in feats]
     extra = max(0, size.n_tested - len(causal))
     tested = causal + [f"L{int(rng.choice(size.layers))}-{int(i)}" for i in rng.choice(size.d_sae, extra, replace=False)]
@@ -285,70 +295,89 @@ def make_audit(cache: Path, feats: list[dict], size: Size, rng: np.random.Genera
     counts = np.full((len(tested), len(conds)), n)
     short = rng.random(counts.shape) < 0.08
     counts[short] = rng.integers(0, n, short.sum())
-    fc_rows = []
-    for i, f in enumerate(tested):
-        fid = schema.FeatureId.parse(f)
-        for j, c in enumerate(conds):
-            fc_rows.append({"feature": f, "layer": fid.layer, "feature_id": fid.feature_id, "condition": c,
-                            "n_trials": int(counts[i, j]), "stop_rate": round(float(rng.uniform(0, 1)), 4),
-                            "mean_bet": round(float(rng.uniform(5, 60)), 2)})
-    fc = pd.DataFrame(fc_rows)
+    layer_of = np.array([schema.FeatureId.parse(f).layer for f in tested])
+    fid_of = np.array([schema.FeatureId.parse(f).feature_id for f in tested])
+    fc = pd.DataFrame({
+        "feature": np.repeat(tested, len(conds)), "layer": np.repeat(layer_of, len(conds)),
+        "feature_id": np.repeat(fid_of, len(conds)), "condition": np.tile(conds, len(tested)),
+        "n_trials": counts.ravel().astype(np.int64),
+    })
+    fc["prompt"] = fc["condition"].str.split("_").str[0]
+    fc["stop_rate"] = rng.uniform(0, 1, len(fc)).round(4)
+    fc["mean_bet"] = rng.uniform(5, 60, len(fc)).round(2)
     schema.atomic_write_parquet(cache / schema.AUDIT_FEATURE_CONDITIONS, fc)
     total = int(counts.sum())
-    feat_idx = np.repeat(np.arange(len(tested) * len(conds)), counts.ravel())
-    f_codes = feat_idx // len(conds)
-    c_codes = feat_idx % len(conds)
-    study_valid = rng.random(total) < 0.62
-    our_valid = study_valid | (rng.random(total) < 0.5)
+    cell = np.repeat(np.arange(len(tested) * len(conds)), counts.ravel())
+    f_codes, c_codes = cell // len(conds), cell % len(conds)
+    study_valid = rng.random(total) < 0.9
+    valid = rng.random(total) < 0.85
     study_action = np.where(rng.random(total) < 0.3, "stop", "bet")
     flip = rng.random(total) < 0.2
-    our_action = np.where(flip, np.where(study_action == "stop", "bet", "stop"), study_action)
-    feature_cat = pd.Categorical.from_codes(f_codes, categories=tested)
-    layers = np.array([schema.FeatureId.parse(f).layer for f in tested])[f_codes]
+    action = np.where(flip, np.where(study_action == "stop", "bet", "stop"), study_action)
+    action = np.where(valid, action, "invalid")
+    study_bet = np.where(study_action == "bet", rng.integers(5, 101, total), 0)
+    bet = np.where(action == "bet", np.where(rng.random(total) < 0.9, study_bet, rng.integers(5, 101, total)), 0)
     trials = pd.DataFrame({
-        "feature": feature_cat, "layer": layers.astype("int16"),
+        "feature": pd.Categorical.from_codes(f_codes, categories=tested), "layer": layer_of[f_codes].astype("int16"),
+        "feature_id": fid_of[f_codes].astype("int32"),
         "condition": pd.Categorical.from_codes(c_codes, categories=conds),
         "trial": np.concatenate([np.arange(k) for k in counts.ravel()]).astype("int32"),
-        "run": pd.Categorical.from_codes((rng.random(total) < 0.1).astype(int), categories=["run A", "run B"]),
-        "study_action": pd.Categorical(study_action), "study_bet": rng.integers(5, 101, total).astype("int16"),
-        "study_valid": study_valid, "our_action": pd.Categorical(our_action),
-        "our_bet": rng.integers(5, 101, total).astype("int16"), "our_valid": our_valid,
+        "study_action": pd.Categorical(study_action), "study_bet": study_bet.astype("int32"), "study_valid": study_valid,
+        "action": pd.Categorical(action), "bet": bet.astype("int32"), "valid": valid,
+        "run_id": pd.Categorical.from_codes((rng.random(total) < 0.1).astype(int),
+                                            categories=["20251014-20251021", "20251112-20251124"]),
     })
     schema.atomic_write_parquet(cache / schema.AUDIT_TRIALS, trials)
-    kinds = {"duplicate_trial": 12, "invalid_parse": 30, "missing_field": 4, "bad_feature_id": 2, "unknown_condition": 3}
+    n_kind = {"duplicate_trials": 12, "too_few_trials": 30, "missing_field": 4, "malformed_feature": 2, "unknown_condition": 3}
     prob_rows = []
-    for kind, k in kinds.items():
+    for kind, k in n_kind.items():
         for r in range(k):
-            prob_rows.append({"kind": kind, "severity": "error" if kind in ("bad_feature_id", "missing_field") else "warning",
+            prob_rows.append({"kind": kind, "severity": KINDS[kind][0],
                               "file": f"responses_L{1 + r % 5}_{1 + r % 5}_gpu0_20251015_0650{r % 60:02d}.json",
-                              "record": int(r * 7), "field": {"duplicate_trial": "trial", "invalid_parse": "parsed.bet",
-                                                              "missing_field": "condition", "bad_feature_id": "feature",
+                              "record": int(r * 7), "field": {"duplicate_trials": None, "too_few_trials": "trial",
+                                                              "missing_field": "condition", "malformed_feature": "feature",
                                                               "unknown_condition": "condition"}[kind],
-                              "message": f"{kind.replace('_', ' ')} in record {r * 7}"})
+                              "message": f"{kind.replace('_', ' ')} in record {r * 7}", "value": None})
     problems = pd.DataFrame(prob_rows)
+    problems["record"] = problems["record"].astype("Int64")
     schema.atomic_write_parquet(cache / schema.AUDIT_PROBLEMS, problems)
-    n_dup = kinds["duplicate_trial"]
+    both = study_valid & valid
+    sev = problems["severity"].value_counts()
     by_layer: dict[str, int] = {}
     for f in feats:
         by_layer[str(f["layer"])] = by_layer.get(str(f["layer"]), 0) + 1
+    n_dup = n_kind["duplicate_trials"]
     validation = schema.with_schema({
         "causal_by_layer": by_layer, "total_causal_features": len(feats), "total_response_features": len(tested),
-        "joinable_features": len(causal), "join_rate_percent": round(100.0 * len(causal) / len(feats), 2),
+        "joinable_features": len(causal), "join_rate_percent": round(100.0 * len(causal) / max(1, len(feats)), 3),
         "total_trials": total,
-        "audit_results": {"errors": int((problems.severity == "error").sum()),
-                          "warnings": int((problems.severity == "warning").sum()), "validated": True},
-        "files_read": 2 * len(size.layers) + 3, "records_read": total + n_dup + 9,
-        "valid_unique_trials": total, "duplicates": n_dup,
-        "problem_counts": {k: v for k, v in kinds.items()},
-        "conditions_found": conds, "runs_found": [{"run": "run A", "files": 10, "first": "2025-10-14", "last": "2025-10-21"},
-                                                  {"run": "run B", "files": 3, "first": "2025-11-12", "last": "2025-11-24"}],
-        "n_trials_per_condition": n,
-        "parse": {"study_valid": int(study_valid.sum()), "our_valid": int(our_valid.sum()),
-                  "disagree": int(flip.sum()), "compared": total},
+        "audit_results": {"errors": [f"{k}: ..." for k in n_kind if KINDS[k][0] == "error"], "warnings": [],
+                          "validated": False, "n_errors": int(sev.get("error", 0)), "n_warnings": int(sev.get("warning", 0))},
+        "validated": False,
+        "files_read": {"checkpoints": len(size.layers), "responses": len(size.layers) + 3},
+        "records_read": {"checkpoint": len(tested) + 5, "responses": total + n_dup + 7},
+        "valid_unique_trials": total, "duplicates": n_dup, "invalid_records": 7,
+        "n_trials_per_condition": n, "conditions_expected": conds,
+        "conditions_found": {c: int((c_codes == j).sum()) for j, c in enumerate(conds)} | {"safe_amplification": 3},
+        "parser_comparison": {
+            "trials": total, "study_valid": int(study_valid.sum()), "ours_valid": int(valid.sum()),
+            "both_valid": int(both.sum()), "action_disagree": int((both & (study_action != action)).sum()),
+            "study_stop_ours_bet": int((both & (study_action == "stop") & (action == "bet")).sum()),
+            "study_bet_ours_stop": int((both & (study_action == "bet") & (action == "stop")).sum()),
+            "bet_amount_disagree": int((both & (action == "bet") & (study_action == "bet") & (bet != study_bet)).sum()),
+        },
+        "recomputed": {"causal": max(0, len(feats) - 3), "compared_with_checkpoint": len(feats), "agree": len(feats) - 2},
+        "runs_found": [{"run_id": "20251014-20251021", "first": "2025-10-14T06:00:00", "last": "2025-10-21T05:20:57",
+                        "checkpoint_files": len(size.layers), "response_files": len(size.layers)},
+                       {"run_id": "20251112-20251124", "first": "2025-11-12T09:00:00", "last": "2025-11-24T22:10:00",
+                        "checkpoint_files": 0, "response_files": 3}],
+        "run_selected": None, "n_files_skipped": 0,
+        "problem_counts": dict(sorted(n_kind.items())),
+        "problem_kinds": {k: {"severity": v[0], "meaning": v[1]} for k, v in KINDS.items()},
+        "mode": "full",
     })
     _dump(cache / schema.AUDIT_VALIDATION, validation)
-    return {"tested": tested, "total_trials": total, "problems": problems, "feature_conditions": fc,
-            "study_valid": int(study_valid.sum()), "our_valid": int(our_valid.sum()), "disagree": int(flip.sum())}
+    return {"tested": tested, "total_trials": total, "problems": problems, "feature_conditions": fc}
 
 
 # ---------------------------------------------------------------------------

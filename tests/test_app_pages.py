@@ -61,17 +61,27 @@ def test_home_shows_step_status_and_commands(monkeypatch, small_cache):
 
 
 def test_audit_numbers_match_the_cache(monkeypatch, small_cache):
+    import pandas as pd
+
     at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/1_Audit.py").run()
     no_exception(at)
     v = read(small_cache.cache / "audit" / "data_validation.json")
     a = small_cache.info["audit"]
     m = metrics(at)
-    assert m["Files read"] == f"{v['files_read']:,}"
+    assert m["Files read"] == f"{sum(v['files_read'].values()):,}"
+    assert m["Records read"] == f"{sum(v['records_read'].values()):,}"
     assert m["Valid unique trials"] == f"{a['total_trials']:,}"
     assert m["Duplicates"] == str(v["duplicates"])
-    assert m["Disagreement"] == f"{100 * a['disagree'] / a['total_trials']:.1f}%"
-    assert m["Study's parser valid"] == f"{100 * a['study_valid'] / a['total_trials']:.1f}%"
+    assert m["Audit"] == "failed"  # the cache holds problems of severity 'error'
+    # Parser figures, recounted from the trial table.
+    t = pd.read_parquet(small_cache.cache / "audit" / "trials.parquet")
+    both = t["study_valid"] & t["valid"]
+    disagree = int((both & (t["study_action"].astype(str) != t["action"].astype(str))).sum())
+    assert m["Bet/stop disagree"] == f"{100 * disagree / both.sum():.1f}%"
+    assert m["Study's parser valid"] == f"{100 * t['study_valid'].mean():.1f}%"
+    assert m["Our parser valid"] == f"{100 * t['valid'].mean():.1f}%"
     assert f"{len(a['problems'])} of {len(a['problems'])} problems" in " ".join(texts(at, "caption"))
+    assert any("`safe_amplification` 3 (not a configured condition)" in c for c in texts(at, "caption"))
     # Coverage heatmap: share of a layer's features with every expected trial, per condition.
     fc = a["feature_conditions"]
     want = {}
@@ -83,15 +93,19 @@ def test_audit_numbers_match_the_cache(monkeypatch, small_cache):
             assert heat["z"][i][j] == pytest.approx(want[(y, x)])
     hist = next(s for s in plotly_specs(at) if s["data"][0]["type"] == "histogram")["data"][0]
     assert sorted(hist["x"]) == sorted(int(n) for n in fc["n_trials"])
+    runs = next(d.value for d in at.dataframe if "run_id" in d.value.columns)
+    assert list(runs["run_id"]) == [r["run_id"] for r in v["runs_found"]]
 
 
 def test_audit_problem_filter(monkeypatch, small_cache):
     at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/1_Audit.py").run()
-    at.multiselect[0].select("duplicate_trial").run()
+    at.multiselect[0].select("malformed_feature").run()
     no_exception(at)
     shown = at.dataframe[1].value
-    assert set(shown["kind"]) == {"duplicate_trial"}
-    assert len(shown) == int((small_cache.info["audit"]["problems"]["kind"] == "duplicate_trial").sum())
+    assert set(shown["kind"]) == {"malformed_feature"}
+    assert len(shown) == int((small_cache.info["audit"]["problems"]["kind"] == "malformed_feature").sum())
+    kinds = at.dataframe[0].value.set_index("kind")
+    assert kinds.loc["malformed_feature", "meaning"] == "the feature name is not L<layer>-<index>"
 
 
 # ---------------------------------------------------------------------------

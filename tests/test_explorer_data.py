@@ -135,6 +135,11 @@ def test_audit_views(small_cache):
     assert list(cov.columns[:2]) == ["safe_baseline", "risky_baseline"]
     trials = data.audit_trials(ctx)
     assert len(trials) == small_cache.info["audit"]["total_trials"]
+    # Counted from the trial table, the parser figures equal the audit's own.
     ps = views.parse_summary({}, trials)
-    a = small_cache.info["audit"]
-    assert (ps["study_valid"], ps["our_valid"], ps["disagree"]) == (a["study_valid"], a["our_valid"], a["disagree"])
+    pc = v["parser_comparison"]
+    assert (ps["study_valid"], ps["our_valid"], ps["both_valid"], ps["disagree"]) == (
+        pc["study_valid"], pc["ours_valid"], pc["both_valid"], pc["action_disagree"])
+    assert (ps["study_stop_ours_bet"], ps["study_bet_ours_stop"]) == (pc["study_stop_ours_bet"], pc["study_bet_ours_stop"])
+    assert views.parse_summary(v, None)["disagree"] == pc["action_disagree"]
+    assert (h["files"], h["records"]) == (sum(v["files_read"].values()), sum(v["records_read"].values()))
