@@ -423,11 +423,15 @@ def _feature_files(folder: str, st: Stamp) -> tuple[str, ...]:
     return tuple(str(f) for f, _ in schema.iter_feature_files(Path(folder)))
 
 
-def pathway_features(ctx: AppContext) -> list[str]:
-    """Features with a pathway file, by layer then index."""
-    folder = ctx.cache / schema.PATHWAYS_DIR
+def features_in(ctx: AppContext, rel: str) -> list[str]:
+    """Features with an `L<l>-<i>.json` file in a cache folder, by layer then index."""
+    folder = ctx.cache / rel
     st = stamp(folder)
     return list(_feature_files(str(folder), st)) if st else []
+
+
+def pathway_features(ctx: AppContext) -> list[str]:
+    return features_in(ctx, schema.PATHWAYS_DIR)
 
 
 def pathway_command(ctx: AppContext, feature: str) -> str:
@@ -478,9 +482,7 @@ def pathway_export(ctx: AppContext, feature: str, prompt: str) -> bytes | None:
 
 
 def prototype_features(ctx: AppContext) -> list[str]:
-    folder = ctx.cache / schema.PROTOTYPE_DIR
-    st = stamp(folder)
-    return list(_feature_files(str(folder), st)) if st else []
+    return features_in(ctx, schema.PROTOTYPE_DIR)
 
 
 def prototype(ctx: AppContext, feature: str) -> dict | None:
@@ -500,9 +502,7 @@ def prototype(ctx: AppContext, feature: str) -> dict | None:
 
 
 def token_features(ctx: AppContext) -> list[str]:
-    folder = ctx.cache / schema.TOKENS_DIR
-    st = stamp(folder)
-    return list(_feature_files(str(folder), st)) if st else []
+    return features_in(ctx, schema.TOKENS_DIR)
 
 
 def tokens_command(ctx: AppContext, feature: str) -> str:

@@ -109,6 +109,25 @@ def show_problem(problem: CacheProblem | UserError, where: Any = None) -> None:
         where.error(str(problem), icon=":material/error:")
 
 
+def empty_state(text: str, command: str | None = None, icon: str = ":material/info:", stop: bool = True) -> None:
+    """What is missing and, when a command makes it, that command; then stop the page."""
+    st.info(text, icon=icon)
+    if command:
+        st.code(command, language="bash")
+    if stop:
+        st.stop()
+
+
+def stale_banner(ctx: AppContext, step: str, what: str) -> None:
+    """A warning when the engine considers `step` out of date, with the command that refreshes it."""
+    from explorer.data import stale_note
+
+    if stale := stale_note(ctx, step):
+        st.warning(f"{what} may be out of date: {stale.note}.", icon=":material/history:")
+        if stale.command:
+            st.code(stale.command, language="bash")
+
+
 def load(fn: Callable[..., T], *args, stop: bool = True, where: Any = None) -> T | None:
     """Call a loader; on CacheProblem show it (and stop the page unless stop=False)."""
     try:

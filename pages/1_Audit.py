@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer import data, figures, views
-from explorer.widgets import fmt, load, metric_row, page_setup
+from explorer.widgets import fmt, load, metric_row, page_setup, stale_banner
 
 ctx = page_setup("Audit", ":material/fact_check:")
 st.title("Data audit")
@@ -12,9 +12,7 @@ st.caption("Step 0 reads every checkpoint file and response log of the study, ch
            "removes restart duplicates (newest copy wins) and re-parses every response.")
 
 v = load(data.audit_validation, ctx)
-if stale := data.stale_note(ctx, "audit"):
-    st.warning(f"The audit may be out of date: {stale.note}.", icon=":material/history:")
-    st.code(stale.command, language="bash")
+stale_banner(ctx, "audit", "The audit")
 if v.get("mode") == "validate-only":
     st.info("This audit ran with --validate-only: the tables below may come from an earlier full run.",
             icon=":material/info:")

@@ -3,20 +3,18 @@
 import streamlit as st
 
 from explorer import data, figures, views
-from explorer.widgets import (HELP, PAGES, fmt, load, metric_row, page_setup, pathway_panel, show_problem)
+from explorer.widgets import (HELP, PAGES, empty_state, fmt, load, metric_row, page_setup, pathway_panel,
+                              show_problem, stale_banner)
 
 ctx = page_setup("Features", ":material/list:")
 st.title("Causal features")
 
 meta, feats = load(data.causal_features, ctx)
 overview = load(data.feature_overview, ctx)
-if stale := data.stale_note(ctx, "select"):
-    st.warning(f"The selection may be out of date: {stale.note}.", icon=":material/history:")
-    st.code(stale.command, language="bash")
+stale_banner(ctx, "select", "The selection")
 if not len(overview):
-    st.info("The selection holds no causal features (no checkpoint record passed the verdict). "
-            "Check the audit page for why, or change `select.verdict` / `select.top_n`.", icon=":material/info:")
-    st.stop()
+    empty_state("The selection holds no causal features (no checkpoint record passed the verdict). "
+                "Check the audit page for why, or change `select.verdict` / `select.top_n`.")
 
 n_dir = overview["direction"].value_counts()
 with_pw = int(overview["has_pathway"].sum())
@@ -101,15 +99,16 @@ with right:
     st.query_params["feature"] = feature  # reload keeps the selection
     st.markdown(f"### {feature}")
     st.caption(f"{rec['direction']} · Cohen's d {fmt(rec['cohen_d'], 2, signed=True)} · layer {rec['layer']}")
+    prompt = "risky" if rec["direction"] == "risky" else "safe"
     b1, b2, b3 = st.columns(3)
-    b1.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:", query_params={"feature": feature})
+    b1.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:",
+                 query_params={"feature": feature, "prompt": prompt})
     b2.page_link(PAGES["tokens"], label="Token views", icon=":material/text_fields:", query_params={"feature": feature})
     b3.page_link(PAGES["live"], label="Run live", icon=":material/play_circle:", query_params={"feature": feature})
     if not rec["has_pathway"]:
         st.info(f"No pathway for {feature} yet:", icon=":material/account_tree:")
         st.code(data.pathway_command(ctx, feature), language="bash")
         st.stop()
-    prompt = "risky" if rec["direction"] == "risky" else "safe"
     try:
         bundle = views.pathway_bundle(ctx, feature, prompt, 0.8, 0.98, min(400, ctx.cfg.app.max_plot_edges),
                                       compact=True)

@@ -4,8 +4,8 @@ import streamlit as st
 
 from explorer import data, views
 from explorer.graph import available_modes
-from explorer.widgets import (HELP, feature_picker, fmt, load, metric_row, open_feature, page_setup,
-                              pathway_panel, show_problem)
+from explorer.widgets import (HELP, empty_state, feature_picker, fmt, load, metric_row, open_feature, page_setup,
+                              pathway_panel, show_problem, stale_banner)
 
 ctx = page_setup("Pathway", ":material/account_tree:")
 st.title("Pathway")
@@ -33,15 +33,10 @@ x_mode = c_x.radio("Horizontal axis", ["attribution", "position"], key="x_mode",
                    help="Within a layer, order nodes by attribution (negative left), or place them at the "
                         "prompt position where their attribution is largest.")
 
-if stale := data.stale_note(ctx, "pathways"):
-    st.warning(f"These pathways may be out of date: {stale.note}.", icon=":material/history:")
-    st.code(stale.command, language="bash")
-
+stale_banner(ctx, "pathways", "These pathways")
 if not files and feature is None:
-    st.info("No pathway graphs in this cache yet. The pathways step writes one per selected causal feature:",
-            icon=":material/account_tree:")
-    st.code(data.engine_command(ctx, "pathways"), language="bash")
-    st.stop()
+    empty_state("No pathway graphs in this cache yet. The pathways step writes one per selected causal feature:",
+                data.engine_command(ctx, "pathways"), ":material/account_tree:")
 
 if feature is None:
     st.info("Choose a feature above, or open one from the **Features** page.", icon=":material/touch_app:")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from explorer import data, figures, style
-from explorer.widgets import PAGES, feature_picker, fmt, load, metric_row, page_setup
+from explorer.widgets import PAGES, empty_state, feature_picker, fmt, load, metric_row, page_setup, stale_banner
 
 ctx = page_setup("Tokens", ":material/text_fields:")
 st.title("Token views")
@@ -12,14 +12,12 @@ st.title("Token views")
 files = data.token_features(ctx)
 c1, c2 = st.columns([1.3, 3])
 feature = feature_picker(files, where=c1)
+stale_banner(ctx, "tokens", "These token views")
 if not files and feature is None:
-    st.info("No token views in this cache yet. The tokens step writes one per selected causal feature:",
-            icon=":material/text_fields:")
-    st.code(data.engine_command(ctx, "tokens"), language="bash")
-    st.stop()
+    empty_state("No token views in this cache yet. The tokens step writes one per selected causal feature:",
+                data.engine_command(ctx, "tokens"), ":material/text_fields:")
 if feature is None:
-    st.info("Choose a feature above, or open one from the Features or Pathway page.", icon=":material/touch_app:")
-    st.stop()
+    empty_state("Choose a feature above, or open one from the Features or Pathway page.", icon=":material/touch_app:")
 
 tok = load(data.tokens, ctx, feature)
 if tok is None:

@@ -276,6 +276,22 @@ def test_live_refuses_bad_input_before_starting(monkeypatch, cache_copy, feature
     assert not (cache_copy.cache / "jobs").exists()
 
 
+def test_live_shows_a_failed_job_as_one_line(monkeypatch, cache_copy):
+    feature = "L3-17"
+    folder = cache_copy.cache / "jobs" / f"{feature}-20260101-000000-abcd"
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({
+        "job_id": folder.name, "feature": feature, "state": "failed", "created": 1.0, "finished": 3.0,
+        "request": {"feature": feature, "prompt": "both", "device": "cpu"}, "steps": [{"name": "prototype", "argv": []}],
+        "error": "error: feature L3-17: index 17 is outside the SAE (0..15)"}))
+    (folder / "log.txt").write_text("Traceback (most recent call last):\n  File x\nerror: feature L3-17: index 17 is "
+                                    "outside the SAE (0..15)\n")
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/5_Live_prototype.py", feature=feature).run()
+    no_exception(at)
+    assert "The job failed: error: feature L3-17: index 17 is outside the SAE (0..15)" in texts(at, "error")
+    assert not at.button(key="live_run").disabled  # a finished job does not block a new one
+
+
 # ---------------------------------------------------------------------------
 # Empty, missing and corrupt caches
 # ---------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def test_pages_clicks_and_deep_links(server):
         page.get_by_role("link", name="Open pathway").click()
         page.wait_for_url(f"**/Pathway?feature={feature}*")
         wait_app(page)
-        graph_title(page, f"Pathway of {feature} · safe prompt")
+        direction = next(f["direction"] for f in info["features"] if f["feature"] == feature)
+        graph_title(page, f"Pathway of {feature} · {'risky' if direction == 'risky' else 'safe'} prompt")
 
         # A deep link, then a click on a node that has its own pathway, then Back.
         deep = "L3-235" if "L3-235" in info["pathway_features"] else info["pathway_features"][-1]
