@@ -152,7 +152,7 @@ def make_response(rng: np.random.Generator, prompt: str, decision: str, amount: 
 class ResponsePool:
     """Pre-generated responses per (prompt, decision, amount), with P0 parses cached."""
 
-    def __init__(self, seed: int, size: int = 300):
+    def __init__(self, seed: int, size: int = 4000):
         rng = np.random.default_rng(seed + 7)
         self.pools: dict[tuple, list[str]] = {}
         for prompt in ("safe", "risky"):
@@ -163,7 +163,7 @@ class ResponsePool:
             else:
                 for a in RISKY_AMOUNTS:
                     self.pools[(prompt, "bet", int(a))] = [make_response(rng, prompt, "bet", int(a))
-                                                           for _ in range(max(20, size // 4))]
+                                                           for _ in range(max(20, size // 2))]
         self._parsed: dict[tuple[str, str], dict] = {}
 
     def parsed(self, text: str, run: str) -> dict:

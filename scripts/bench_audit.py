@@ -71,7 +71,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}): {err[-2000:]}")
-    return {"wall_s": wall, "tree_peak_mb": peak[0] / 1024, "main_maxrss_mb": ru.ru_maxrss / 1024}
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "tree_peak_mb": peak[0] / 1024,
+            "main_maxrss_mb": ru.ru_maxrss / 1024}
 
 
 def make_half(full: Path, half: Path) -> None:
@@ -154,18 +155,22 @@ def render(results: dict, repeats: int) -> str:
         f"of the processes). Machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
         f"load average at the end {load[0]:.1f}; best of {repeats} interleaved runs.",
         "Peak RSS is the largest sum over the process tree (the audit forks 2 workers); main = the parent's ru_maxrss.",
+        "CPU s = user + system time of the process and its workers (less sensitive than wall time to other load;",
+        "CPU ratio = baseline CPU / ours: above 1 we do less work in total, and the two workers split it).",
         "",
-        "| data | command | wall s | peak RSS tree MB | main MB | speed-up vs baseline |",
-        "|---|---|---:|---:|---:|---:|",
+        "| data | command | wall s | CPU s | peak RSS tree MB | main MB | wall speed-up | CPU ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in results.items():
         base = r["runs"]["baseline"]["wall_s"]
+        base_cpu = r["runs"]["baseline"]["cpu_s"]
         for name, desc in (("baseline", "plan `audit_data()` (json.load, loops)"),
                            ("validate", "ours: validation and counts (`--validate-only`)"),
                            ("audit", "ours: whole step (re-parse, statistics, Parquet)")):
             m = r["runs"][name]
             lines.append(f"| {label}: {r['files']} files, {r['json_mb']:.0f} MB, {r['records']:,} records | {desc} | "
-                         f"{m['wall_s']:.2f} | {m['tree_peak_mb']:.0f} | {m['main_maxrss_mb']:.0f} | {base / m['wall_s']:.1f}x |")
+                         f"{m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['tree_peak_mb']:.0f} | {m['main_maxrss_mb']:.0f} | "
+                         f"{base / m['wall_s']:.1f}x | {base_cpu / m['cpu_s']:.2f} |")
     f, h = results.get("full"), results.get("half")
     if f and h:
         lines += ["", "Growth from half to full size (x{:.2f} records): ".format(f["records"] / h["records"])

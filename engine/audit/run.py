@@ -403,8 +403,10 @@ def _effects(cfg: Config, state: dict, summary: dict) -> None:
         "feature_id": np.repeat(state["fid_of"], C),
         "condition": np.tile(np.array(conditions, dtype=object), F_).astype(str) if F_ else np.zeros(0, str),
     })
-    fc["prompt"] = fc["condition"].str.split("_").str[0]
-    fc["patch"] = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in fc["condition"]]
+    prompts = [c.split("_", 1)[0] for c in conditions]
+    patches = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in conditions]
+    fc["prompt"] = np.tile(np.array(prompts, dtype=object), F_).astype(str) if F_ else np.zeros(0, str)
+    fc["patch"] = np.tile(np.array(patches, dtype=object), F_).astype(str) if F_ else np.zeros(0, str)
     for k in ("n_trials", "n_valid", "n_stop", "n_bet", "study_n_valid", "study_n_stop"):
         fc[k] = counts[k].astype(np.int64)
     with np.errstate(divide="ignore", invalid="ignore"):
