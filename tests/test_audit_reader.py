@@ -98,3 +98,20 @@ def test_checkpoint_schemas_and_their_verdicts():
     assert [(p[0], p[3], p[4]) for p in probs] == [
         ("mistyped_field", 0, "layer"), ("layer_mismatch", 1, "layer"), ("malformed_feature", 2, "feature"),
         ("nan_value", 3, "cohen_d"), ("unknown_schema", 4, None), ("record_not_object", 5, None)]
+
+
+def test_response_record_fields_are_converted_or_rejected():
+    from engine.audit.responses import _slow_columns
+
+    base = {"feature": "L1-1", "condition": "safe_baseline", "response": "1"}
+    recs = [dict(base, trial="7"), dict(base, trial=7.0), dict(base, trial="seven"), dict(base, trial=-3),
+            dict(base, trial=10**30), dict(base, trial=True), {**base, "trial": 2, "response": 5},
+            {**base, "trial": 3, "parsed": {"bet": float("nan"), "valid": "yes"}}]
+    probs: list = []
+    cols = _slow_columns(recs, "f.json", probs)
+    assert cols["trial"] == [7, 7, 3] and cols["record"] == [0, 1, 7]
+    assert cols["study_bet"] == [None, None, None] and cols["study_valid"] == [None, None, None]
+    assert [(p[0], p[3], p[4]) for p in probs] == [
+        ("mistyped_field", 0, "trial"), ("mistyped_field", 1, "trial"), ("invalid_field", 2, "trial"),
+        ("invalid_field", 3, "trial"), ("invalid_field", 4, "trial"), ("invalid_field", 5, "trial"),
+        ("invalid_field", 6, "response"), ("absurd_bet", 7, "parsed.bet"), ("mistyped_field", 7, "parsed.valid")]

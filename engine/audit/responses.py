@@ -23,6 +23,7 @@ from engine.audit.problems import problem
 from engine.audit.reader import load_tolerant
 
 STUDY_ACTIONS = ("bet", "stop")
+MAX_TRIAL = 1_000_000  # larger indices are corrupt (and would overflow the dedupe keys)
 
 try:  # msgspec decodes straight into typed records, skipping unused fields
     import msgspec
@@ -142,6 +143,11 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
             else:
                 problems.append(problem("mistyped_field", file, i, "trial", f"trial {t!r} read as {conv}", value=t))
                 t = conv
+        if not bad and not 0 <= t <= MAX_TRIAL:
+            if strict:
+                return None
+            bad = True
+            problems.append(problem("invalid_field", file, i, "trial", f"trial must be in 0..{MAX_TRIAL}", value=t))
         if bad:
             continue
         p = r.get("parsed")
@@ -285,9 +291,10 @@ def _audit_response_file(task: ResponseTask) -> dict:
         problems.append(problem("unknown_condition", file, int(record[i]), "condition", value=cnames[c_idx[i]]))
     keep &= ~bad_c
 
-    bad_t = trial < 0
+    bad_t = (trial < 0) | (trial > MAX_TRIAL)
     for i in np.flatnonzero(bad_t & keep):
-        problems.append(problem("invalid_field", file, int(record[i]), "trial", "trial must be >= 0", value=int(trial[i])))
+        problems.append(problem("invalid_field", file, int(record[i]), "trial", f"trial must be in 0..{MAX_TRIAL}",
+                                value=int(trial[i])))
     keep &= ~bad_t
 
     blank = pc.fill_null(pc.equal(pc.utf8_ltrim(response, characters=" \t\r\n\f\v"), ""), True).to_numpy(
