@@ -135,7 +135,7 @@ PIPELINE_STEPS: tuple[str, ...] = ("audit", "select", "prototype", "pathways", "
 #: between CPU and GPU does not make its results stale).
 STEP_CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
     "audit": ("data", "audit"),
-    "select": ("data", "select"),
+    "select": ("audit", "select"),
     "prototype": ("model", "sae", "prompts", "prototype"),
     "pathways": ("model", "sae", "prompts", "pathways"),
     "tokens": ("model", "sae", "prompts", "tokens"),
@@ -159,8 +159,7 @@ def step_config_sections(cfg, step: str) -> dict[str, str]:
 
 def step_input_paths(cfg, step: str) -> dict[str, tuple[list, tuple[str, ...]]]:
     """Named inputs of a step: (files or folders, glob patterns for folders)."""
-    from engine.schema import (AUDIT_DIR, AUDIT_TRIALS, CAUSAL_FEATURES, FEATURES_DIR, PATHWAYS_DIR,
-                               PROTOTYPE_DIR, TOKENS_DIR)
+    from engine.schema import AUDIT_DIR, AUDIT_TRIALS, CAUSAL_FEATURES, FEATURES_DIR, PATHWAYS_DIR, TOKENS_DIR
 
     cache = Path(cfg.cache)
     every = ("*",)
@@ -172,10 +171,13 @@ def step_input_paths(cfg, step: str) -> dict[str, tuple[list, tuple[str, ...]]]:
     sae = (local(cfg.sae.source), every)
     selection = ([cache / CAUSAL_FEATURES], every)
     if step == "audit":
+        ck = cfg.data.checkpoints_dir
+        rs = cfg.data.responses_dir
+        if not rs and ck and (Path(ck) / "response_logs").is_dir():
+            rs = str(Path(ck) / "response_logs")  # the audit's default: the study's layout
         return {
-            "checkpoints": ([cfg.data.checkpoints_dir and Path(cfg.data.checkpoints_dir)],
-                            tuple(cfg.data.checkpoint_patterns)),
-            "responses": ([cfg.data.responses_dir and Path(cfg.data.responses_dir)], tuple(cfg.data.response_patterns)),
+            "checkpoints": ([ck and Path(ck)], tuple(cfg.data.checkpoint_patterns)),
+            "responses": ([rs and Path(rs)], tuple(cfg.data.response_patterns)),
         }
     if step == "select":
         return {"audit": ([cache / AUDIT_DIR], every)}
@@ -189,8 +191,7 @@ def step_input_paths(cfg, step: str) -> dict[str, tuple[list, tuple[str, ...]]]:
         return out
     if step == "integrate":
         return {"features": ([cache / FEATURES_DIR], every), "audit": ([cache / AUDIT_DIR], every),
-                "prototype": ([cache / PROTOTYPE_DIR], every), "pathways": ([cache / PATHWAYS_DIR], every),
-                "tokens": ([cache / TOKENS_DIR], every)}
+                "pathways": ([cache / PATHWAYS_DIR], every), "tokens": ([cache / TOKENS_DIR], every)}
     raise KeyError(f"unknown step {step!r}")
 
 

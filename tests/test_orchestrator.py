@@ -216,7 +216,8 @@ def test_each_step_gets_its_own_peak_memory_window(pipe):
     assert m["pathways"]["peak_memory_gb"] > m["tokens"]["peak_memory_gb"] + 0.3
 
 
-def test_cli_run_subprocess_mode_with_the_real_integrate_step(tmp_path):
+def test_cli_run_subprocess_mode_with_the_real_integrate_step(tmp_path, capsys):
+    from engine.cli import main as cli_main
     from test_integrate import SELECTION
 
     cache = tmp_path / "cache"
@@ -231,10 +232,12 @@ def test_cli_run_subprocess_mode_with_the_real_integrate_step(tmp_path):
     assert e["status"] == "done" and e["pipeline"]["config_sections"]["integrate"]
     snap = (cache / "config.snapshot.yaml").read_text()
     assert "top_hubs: 3" in snap  # the child read the effective config, overrides included
-    r = run_cli("run", "--config", str(cfg), "--only", "integrate", "--set", "integrate.top_hubs=3")
-    assert r.returncode == 0 and "integrate: up to date, skipped" in r.stdout
-    r = run_cli("run", "--config", str(cfg), "--only", "pathways,integrate", "--subprocess")
-    assert r.returncode != 0 and "error: step pathways failed:" in r.stderr and "Traceback" not in r.stderr
+    # the same command line in this process: up to date; a step that cannot run: one error line
+    assert cli_main(["run", "--config", str(cfg), "--only", "integrate", "--set", "integrate.top_hubs=3"]) == 0
+    assert "integrate: up to date, skipped" in capsys.readouterr().out
+    rc = cli_main(["run", "--config", str(cfg), "--only", "prototype,integrate"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: step prototype failed:" in err and "Traceback" not in err
 
 
 def test_launch_script_picks_gpus_and_pathway_ranks(tmp_path):
@@ -251,3 +254,55 @@ def test_launch_script_picks_gpus_and_pathway_ranks(tmp_path):
     r = subprocess.run(["bash", str(script), "--dry-run", "--cpu", "--config", "x.yaml"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert "--device cpu --nproc 1" in r.stdout
+
+
+@pytest.mark.slow
+def test_end_to_end_small_experiment_on_the_fixture_model(fixture_dir, tmp_path):
+    """`engine run` with the real steps 0-5 on a `small` experiment drawn for the fixture model."""
+    import pandas as pd
+
+    from engine.experiment_data import generate
+    from engine.schema import (AUDIT_TRIALS, AUDIT_VALIDATION, CAUSAL_FEATURES, INTEGRATED_FEATURES,
+                               INTEGRATED_FEATURES_JSON, INTEGRATED_REPORT, INTEGRATED_UNION_GRAPH, PATHWAYS_EDGES,
+                               PATHWAYS_INDEX, PATHWAYS_NODES, TOKENS_BEHAVIOURAL_WORDS, TOKENS_DECISION_TOKENS,
+                               TOKENS_INDEX, TOKENS_LOGIT_LENS, TOKENS_PROMPT_ACTIVATIONS, TOKENS_TOP_ACTIVATING)
+
+    generate(tmp_path / "data", "small", seed=0, config=fixture_dir / "config.yaml")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(f"model: {{name_or_path: {fixture_dir / 'model'}, dtype: float32, device: cpu}}\n"
+                        f"sae: {{source: {fixture_dir / 'saes'}}}\n"
+                        f"data: {{checkpoints_dir: data}}\ncache_dir: cache\n"
+                        f"tokens: {{sample_size: 24}}\npathways: {{n_replay: 5}}\n")
+    cfg = load_config(cfg_path)
+    lines: list[str] = []
+    rc, results = orch.run_pipeline(cfg, out=lines.append)
+    assert rc == 0, "\n".join(lines)
+    assert [r.step for r in results if r.ran] == STEPS
+    cache = tmp_path / "cache"
+    sel = json.loads((cache / CAUSAL_FEATURES).read_text())
+    names = [f["feature"] for f in sel["features"]]
+    assert len(names) >= 2
+    strongest = max(sel["features"], key=lambda f: abs(f["cohen_d"]))["feature"]
+    assert (cache / "prototype" / f"{strongest}.json").is_file()
+    for rel in (AUDIT_VALIDATION, AUDIT_TRIALS, PATHWAYS_INDEX, PATHWAYS_NODES, PATHWAYS_EDGES, TOKENS_INDEX,
+                TOKENS_LOGIT_LENS, TOKENS_DECISION_TOKENS, TOKENS_PROMPT_ACTIVATIONS, TOKENS_TOP_ACTIVATING,
+                TOKENS_BEHAVIOURAL_WORDS, INTEGRATED_FEATURES, INTEGRATED_FEATURES_JSON, INTEGRATED_UNION_GRAPH,
+                INTEGRATED_REPORT):
+        assert (cache / rel).is_file(), rel
+    for n in names:
+        assert (cache / "pathways" / f"{n}.json").is_file() and (cache / "tokens" / f"{n}.json").is_file()
+    words = pd.read_parquet(cache / TOKENS_BEHAVIOURAL_WORDS)
+    assert set(words["feature"]) <= set(names) and len(words) > 0
+    integrated = json.loads((cache / INTEGRATED_FEATURES_JSON).read_text())
+    assert sorted(r["feature"] for r in integrated["features"]) == sorted(names)
+    assert all(r["has_pathway"] and r["has_tokens"] for r in integrated["features"])
+    report = (cache / INTEGRATED_REPORT).read_text()
+    assert f"| selected causal features | {len(names)} (" in report
+    for fig in ("layer_counts", "effect_sizes", "hubs", "pathway_agreement"):
+        assert (cache / "integrated" / "figures" / f"{fig}.png").stat().st_size > 10_000
+    # unchanged: everything is skipped; a changed token view re-runs only the integration
+    rc, results = orch.run_pipeline(load_config(cfg_path), out=lines.append)
+    assert rc == 0 and not any(r.ran for r in results)
+    bump(cache / "tokens" / f"{names[0]}.json")
+    rc, results = orch.run_pipeline(load_config(cfg_path), out=lines.append)
+    assert [r.step for r in results if r.ran] == ["integrate"]

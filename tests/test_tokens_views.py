@@ -309,3 +309,24 @@ def test_tokens_cli_bad_inputs_are_one_line(fixture_dir, tmp_path):
     r = run_cli("tokens", "--config", cfg, "--cache", str(tmp_path / "c"))
     assert r.returncode == 2 and "feature L2-512: index 512 is outside the SAE (0..511)" in r.stderr
     assert not (tmp_path / "c" / "tokens").exists()
+
+
+@pytest.mark.gpu
+def test_tokens_on_cuda_agree_with_cpu(tokens_run, tmp_path):
+    from engine.schema import FeatureId
+    from engine.tokens.run import run_tokens
+
+    cfg, _, feats, docs, _, _ = tokens_run
+    run_tokens(cfg, device="cuda", only=[FeatureId.parse(f["feature"]) for f in feats], out_dir=tmp_path,
+               write_tables=False)
+    for f in feats:
+        gpu = json.loads((tmp_path / f"{f['feature']}.json").read_text())
+        cpu = docs[f["feature"]]
+        assert gpu["metadata"]["device"] == "cuda"
+        np.testing.assert_allclose([e["value"] for e in gpu["logit_lens"]["promoted"]],
+                                   [e["value"] for e in cpu["logit_lens"]["promoted"]], rtol=1e-3, atol=1e-6)
+        g = {(e["prompt"], e["context"], e["intervention"]): e for e in gpu["logit_lens"]["decision_summary"]}
+        for e in cpu["logit_lens"]["decision_summary"]:
+            k = (e["prompt"], e["context"], e["intervention"])
+            key = "delta_bet_vs_stop_logodds" if e["context"] == "choice" else "delta_mean_amount"
+            assert g[k][key] == pytest.approx(e[key], abs=1e-3)

@@ -62,18 +62,9 @@ def log_odds_dirichlet(y_i, y_j, alpha) -> LogOdds:
 
 
 def benjamini_hochberg(p) -> np.ndarray:
-    """BH-adjusted p-values (q-values), in the input order; NaN stays NaN."""
-    p = np.asarray(p, dtype=np.float64)
-    q = np.full(p.shape, np.nan)
-    ok = np.isfinite(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    pv = p[ok]
-    order = np.argsort(pv, kind="mergesort")
-    ranked = pv[order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]  # step-up: running min from the largest p
-    adj = np.empty(m)
-    adj[order] = np.minimum(ranked, 1.0)
-    q[ok] = adj
-    return q
+    """BH-adjusted p-values (q-values), in the input order; NaN stays NaN (not counted in m).
+
+    The audit's implementation is the one the whole engine uses."""
+    from engine.audit.stats import bh_qvalues
+
+    return bh_qvalues(p)

@@ -64,11 +64,11 @@ def logit_lens(dirs: torch.Tensor, norm_weight: torch.Tensor, W_U: torch.Tensor,
     ascending, mean (F,), std (F,)."""
     g = norm_weight.to(dtype=torch.float32, device=dirs.device)
     out = {k: [] for k in ("top_values", "top_ids", "bottom_values", "bottom_ids", "mean", "std")}
-    W = W_U.to(device=dirs.device)
+    W = W_U.to(device=dirs.device, dtype=torch.float32)  # one float32 copy (2 GB for LLaMA-3.1-8B), not one per chunk
     k = min(top_n, W.shape[0])
     for s in range(0, dirs.shape[0], chunk):
         d = dirs[s:s + chunk].to(torch.float32) * g
-        vals = d @ W.T.to(torch.float32) if W.dtype != torch.float32 else d @ W.T
+        vals = d @ W.T
         tv, ti = torch.topk(vals, k, dim=1)
         bv, bi = torch.topk(vals, k, dim=1, largest=False)
         out["top_values"].append(tv.cpu())
