@@ -243,7 +243,7 @@ def step_state(cfg, step: str, manifest: dict | None = None) -> tuple[str, str]:
     if entry.get("status") == "failed":
         return "failed", str(entry.get("error") or "failed")
     out = Path(cfg.cache) / STEP_OUTPUTS[step]
-    if not out.exists():
+    if not out.exists() and not (entry.get("summary") or {}).get("nothing_to_do"):
         return "missing", f"{out} is missing"
     rec = entry.get("pipeline")
     if not isinstance(rec, dict):

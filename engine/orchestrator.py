@@ -143,6 +143,17 @@ class StepResult:
     reason: str = ""
 
 
+def nothing_to_do(cfg: Config, step: str) -> str | None:
+    """Why a step that works on the selected features has nothing to do, or None."""
+    if step not in ("prototype", "pathways"):
+        return None  # tokens and integrate write their (empty) tables themselves
+    from engine.schema import CAUSAL_FEATURES, read_artifact
+
+    sel = read_artifact(cfg.cache / CAUSAL_FEATURES, "causal feature selection",
+                        rebuild="python -m engine select --config FILE")
+    return None if sel.get("features") else "no causal features were selected"
+
+
 def step_argv(cfg: Config, step: str) -> list[str]:
     if step == "prototype":
         feature = strongest_feature(cfg)
@@ -277,7 +288,7 @@ def run_pipeline(cfg: Config, steps: list[str] | None = None, force: bool = Fals
     from engine import progress
     from engine.config import dump_config_yaml
     from engine.manifest import pipeline_record, read_manifest, step_state
-    from engine.schema import CONFIG_SNAPSHOT, PROTOTYPE_DIR, atomic_write_text
+    from engine.schema import CONFIG_SNAPSHOT, atomic_write_text
 
     steps = steps or list(STEP_MODULES)
     gc.freeze()  # what is alive now (imported modules) is never garbage: later collections skip it
@@ -334,19 +345,19 @@ def run_pipeline(cfg: Config, steps: list[str] | None = None, force: bool = Fals
         except UserError as exc:
             argv = None
             err = str(exc)
-        if step == "prototype" and argv == []:
-            # nothing selected: there is no strongest feature to prototype
-            (cache / PROTOTYPE_DIR).mkdir(parents=True, exist_ok=True)
-            t0 = time.time()
+        idle = nothing_to_do(cfg, step) if argv is not None else None
+        if idle:
+            # An empty selection is a result, not an error: record the step as done with nothing to do.
             from engine.manifest import update_step
 
-            update_step(cache, step, {"status": "done", "error": None, "started": time.strftime(
-                "%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "seconds": 0.0, "peak_memory_gb": None,
-                "memory_kind": None, "device": device, "inputs": pre["inputs"], "config_hash": pre["config_hash"],
-                "command": "python -m engine run --only prototype", "outputs": [],
-                "summary": {"note": "no selected features: nothing to prototype"}, "pipeline": pre})
-            out(f"{tag}: no selected features, nothing to prototype")
-            results.append(StepResult(step, ran=True, reason="no selected features"))
+            update_step(cache, step, {"status": "done", "error": None,
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": 0.0,
+                                      "peak_memory_gb": None, "memory_kind": None, "device": device,
+                                      "inputs": pre["inputs"], "config_hash": pre["config_hash"],
+                                      "command": f"python -m engine run --only {step}", "outputs": [],
+                                      "summary": {"nothing_to_do": idle}, "pipeline": pre})
+            out(f"{tag}: nothing to do ({idle})")
+            results.append(StepResult(step, ran=True, reason=idle))
             cascade = cascade or step
             continue
         t_start = time.time()

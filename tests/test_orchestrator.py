@@ -188,6 +188,20 @@ def test_a_failed_step_stops_the_run_and_keeps_finished_steps(pipe):
     assert pipe["run"]()[1] == ["pathways", "tokens", "integrate"]  # resumes where it failed
 
 
+def test_an_empty_selection_leaves_prototype_and_pathways_nothing_to_do(pipe):
+    (pipe["data"] / "checkpoint_L1_3_a_20251101_000000.json").write_text("[]")
+    rc, ran, lines = pipe["run"]()
+    assert rc == 0 and ran == ["audit", "select", "tokens", "integrate"]  # the doubles of 2 and 3 were not called
+    assert "[3/6] prototype: nothing to do (no causal features were selected)" in lines
+    assert "[4/6] pathways: nothing to do (no causal features were selected)" in lines
+    m = read_manifest(pipe["cache"])["steps"]
+    assert m["pathways"]["status"] == "done" and m["pathways"]["summary"]["nothing_to_do"]
+    assert pipe["run"]()[1] == []  # and that is up to date
+    (pipe["data"] / "checkpoint_L1_3_a_20251101_000000.json").write_text(
+        json.dumps([{"feature": "L1-3", "layer": 1, "feature_id": 3, "cohen_d": 0.4}]))
+    assert pipe["run"]()[1] == STEPS
+
+
 def test_a_missing_step_module_is_named(pipe, monkeypatch):
     monkeypatch.setitem(orch.STEP_MODULES, "tokens", "engine.not_built_yet")
     mods = {k: v for k, v in pipe["mods"].items() if k != "tokens"}
