@@ -115,7 +115,7 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
         with ctx:
             o = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             armed["on"] = False
-            past = o.past_key_values
+            past = o.cache
             h = o.last_hidden_state[:, -1]
             for _ in range(max_new_tokens):
                 col = sample_next(unembed(h), generator, temperature, top_k, top_p)
@@ -130,9 +130,9 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
                     break
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
                 pos = pos[:, -1:] + 1
-                o = inner(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past,
+                o = inner(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=past,
                           use_cache=True)
-                past = o.past_key_values
+                past = o.cache
                 h = o.last_hidden_state[:, -1]
     texts, token_ids = [], []
     for row in out_ids.tolist():

@@ -83,6 +83,7 @@ def train_sae(X, d_sae: int, *, steps: int, batch_size: int, lr: float, l1: floa
         loss.backward()
         opt.step()
         if step % max(1, steps // 20) == 0 or step == steps - 1:
+            a = a.detach()
             curve.append({"step": step, "mse": round(float(mse), 6), "l0": round(float((a > 0).float().sum(-1).mean()), 3)})
     weights = {
         "encoder.weight": W_E.detach().contiguous(),

@@ -96,7 +96,8 @@ def stage_train(state: State) -> dict:
     with Progress(p.train_steps, "demo: training", unit="step") as bar:
         small, curve = tr.train(seqs, used, n_layers=p.n_layers, d_model=p.d_model, steps=p.train_steps,
                                 batch_size=p.batch_size, lr=p.lr, prompt_weight=p.prompt_weight, seed=state.seed,
-                                eval_seqs=held, log_every=max(1, p.train_steps // 40), progress=bar)
+                                eval_seqs=held, numbers=tr.number_values(tok, used), decision_weight=p.decision_weight,
+                                log_every=max(1, p.train_steps // 40), progress=bar)
     model = tr.expand_to_full_vocab(small, used, state.seed)
     model.requires_grad_(False)
     out = state.root / MODEL_DIR

@@ -46,15 +46,21 @@ def used_vocabulary(seqs: Sequences, extra: list[list[int]] = ()) -> list[int]:
 def small_model(n_layers: int, d_model: int, vocab: int, seed: int):
     import torch
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    cfg = llama_config(n_layers, d_model, vocab, seed)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the full vocabulary's special ids are out of this small range
+    try:
+        cfg = llama_config(n_layers, d_model, vocab, seed)
+    finally:
+        hf_logging.set_verbosity(level)
     cfg.initializer_range = 0.02
     cfg.pad_token_id = cfg.bos_token_id = cfg.eos_token_id = None  # ids of the full vocabulary
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
 
 
-def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float):
+def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float, decision_weight: float = 1.0):
     import torch
 
     L = max(len(seqs.ids[i]) for i in idx)
@@ -67,6 +73,7 @@ def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float):
         mask[row, : len(s)] = 1
         w[row, 1 : seqs.n_prompt[i]] = prompt_weight  # predicting prompt tokens (not BOS)
         w[row, seqs.n_prompt[i] : len(s)] = 1.0  # predicting response tokens and EOS
+        w[row, seqs.n_prompt[i]] = decision_weight  # the choice, "1" or "2"
     return x, mask, w
 
 
@@ -80,9 +87,38 @@ def full_vocab_loss(logits, targets, weights, n_unused: int):
     return (nll * weights).sum() / weights.sum().clamp_min(1e-9), nll
 
 
+def number_values(tok, used: list[int]) -> dict[int, int]:
+    """{row in `used`: value} for the tokens that are whole numbers ("140", " 20")."""
+    out = {}
+    for row, tid in enumerate(used):
+        text = tok.decode([tid]).strip()
+        if text.isdigit():
+            out[row] = int(text)
+    return out
+
+
+def init_number_embeddings(model, values: dict[int, int], seed: int, scale: float = 1.0) -> None:
+    """Give number tokens a magnitude direction at init (as trained LLMs' embeddings have one),
+    so the model need not discover from scratch that 140 > 20."""
+    import torch
+
+    if not values:
+        return
+    g = torch.Generator().manual_seed(seed + 17)
+    emb = model.model.embed_tokens.weight
+    u = torch.randn(emb.shape[1], generator=g)
+    u = u / u.norm()
+    rows = torch.tensor(list(values))
+    mag = torch.tensor([math.log1p(v) for v in values.values()])
+    mag = (mag - mag.mean()) / mag.std().clamp_min(1e-6)
+    with torch.no_grad():
+        emb[rows] += scale * emb[rows].norm(dim=-1, keepdim=True) * mag[:, None] * u
+
+
 def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, steps: int, batch_size: int,
           lr: float, prompt_weight: float, seed: int, eval_seqs: Sequences | None = None,
-          log_every: int = 10, progress=None) -> tuple[object, list[dict]]:
+          numbers: dict[int, int] | None = None, decision_weight: float = 1.0, log_every: int = 10,
+          progress=None) -> tuple[object, list[dict]]:
     """Train the small-vocabulary model; returns (model, loss curve records)."""
     import torch
 
@@ -92,6 +128,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
     remap[torch.tensor(used)] = torch.arange(V)
     n_unused = FULL_VOCAB - V
     model = small_model(n_layers, d_model, V, seed).train()
+    init_number_embeddings(model, numbers or {}, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warm = max(1, steps // 20)
 
@@ -105,14 +142,14 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
     curve: list[dict] = []
     eval_batch = None
     if eval_seqs is not None and eval_seqs.ids:
-        eval_batch = _batch(eval_seqs, list(range(len(eval_seqs.ids))), remap, prompt_weight)
+        eval_batch = _batch(eval_seqs, list(range(len(eval_seqs.ids))), remap, prompt_weight, decision_weight)
     for step in range(steps):
         if len(order) < batch_size:
             more = list(range(len(seqs.ids)))
             rng.shuffle(more)
             order += more
         idx, order = order[:batch_size], order[batch_size:]
-        x, mask, w = _batch(seqs, idx, remap, prompt_weight)
+        x, mask, w = _batch(seqs, idx, remap, prompt_weight, decision_weight)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
@@ -123,7 +160,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             with torch.no_grad():
-                resp = (w[:, 1:] == 1.0).float()
+                resp = (w[:, 1:] >= 1.0).float()
                 rec = {"step": step, "loss": round(float(loss), 5),
                        "response_loss": round(float((nll * resp).sum() / resp.sum()), 5),
                        "lr": round(lr_at(step), 6)}
@@ -143,7 +180,7 @@ def _eval(model, batch, n_unused: int) -> float:
     with torch.no_grad():
         logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
         _, nll = full_vocab_loss(logits[:, :-1], x[:, 1:], w[:, 1:], n_unused)
-        resp = (w[:, 1:] == 1.0).float()
+        resp = (w[:, 1:] >= 1.0).float()
         out = float((nll * resp).sum() / resp.sum())
     model.train()
     return out
