@@ -222,8 +222,8 @@ def _draw_features(rng: np.random.Generator, run: str, layers: list[int], per_la
         ids = np.sort(rng.choice(space, size=n, replace=False))
         for fid in ids:
             u = rng.random()
-            kind = "risky" if u < 0.33 else ("safe" if u < 0.5 else "none")
-            strength = float(rng.uniform(0.25, 0.55)) if kind != "none" else 0.0
+            kind = "risky" if u < 0.35 else ("safe" if u < 0.55 else "none")
+            strength = float(rng.uniform(0.3, 0.6)) if kind != "none" else 0.0
             d = float(0.3 + rng.exponential(0.4)) * (1 if rng.random() < 0.55 else -1)
             out.append(Feature(f"L{layer}-{int(fid)}", layer, int(fid), kind, strength, round(d, 4)))
     return out
