@@ -167,11 +167,6 @@ def _z(x) -> float:
     return 0.0 if math.isnan(x) else x
 
 
-def _nanmax(a, b) -> float:
-    vals = [v for v in (_f(a), _f(b)) if not math.isnan(v)]
-    return max(vals) if vals else math.nan
-
-
 # ---------------------------------------------------------------------------
 # Pruning
 # ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ stamp plus the page's settings, so a rerun with the same settings costs a dict l
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -264,7 +263,3 @@ def audit_trial_summary(ctx: AppContext, v: dict) -> dict | None:
     if isinstance(v.get("parser_comparison"), dict) and v["parser_comparison"].get("trials"):
         return parse_summary(v, None)
     return _AUDIT.get(key, lambda: parse_summary(v, data.audit_trials(ctx)))
-
-
-def nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import pandas as pd
@@ -212,22 +211,11 @@ def open_feature(feature: str, key: str = "feature") -> None:
     st.query_params[key] = feature
 
 
-def page_link(page: str, label: str, feature: str | None = None, icon: str | None = None) -> None:
-    st.page_link(PAGES[page], label=label, icon=icon, query_params={"feature": feature} if feature else None)
-
-
 def download(label: str, data: bytes | str | None, file_name: str, mime: str, help: str, key: str) -> None:
     if data is None:
         st.button(label, disabled=True, help=help, key=key, width="stretch")
     else:
         st.download_button(label, data, file_name=file_name, mime=mime, help=help, key=key, width="stretch")
-
-
-def relative(path: Path, ctx: AppContext) -> str:
-    try:
-        return str(Path(path).relative_to(ctx.cache))
-    except ValueError:
-        return str(path)
 
 
 # ---------------------------------------------------------------------------
