@@ -211,7 +211,7 @@ class AppConfig:
     host: str = "127.0.0.1"
     port: int = 8501
     max_custom_prompt_chars: int = 4000
-    max_plot_edges: int = 2000
+    max_plot_edges: int = 1000
 
 
 @dataclass

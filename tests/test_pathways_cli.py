@@ -181,3 +181,11 @@ def test_bad_input_is_one_line(fixture_dir, tmp_path, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr
     if not args:
         assert "python -m engine select" in r.stderr
+
+
+def test_empty_selection_is_nothing_to_do(fixture_dir, tmp_path):
+    write_selection(tmp_path, features=[])
+    r = run_cli("pathways", "--config", str(fixture_dir / "config.yaml"), "--cache", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "no targets to process" in r.stdout
+    assert json.loads((tmp_path / "pathways" / "index.json").read_text())["n_targets"] == 0

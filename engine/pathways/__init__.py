@@ -73,7 +73,13 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     shard = parse_shard(args.shard)
     targets = shard_of(sorted(targets, key=lambda t: (t.layer, t.feature_id)), shard)
     if not targets:
-        raise UserError("no targets to process (empty selection, --features or shard)")
+        # an empty selection (no causal feature) or an empty shard is a result, not an error
+        from engine.pathways import index as I
+
+        index = I.rebuild(cfg.cache)
+        print(f"pathways: no targets to process (empty selection or shard); {index['n_targets']} targets in the index")
+        print(f"wrote {cfg.cache / 'pathways'}")
+        return 0
     validate_targets(cfg, targets)
     device = cfg.model.device
     if os.environ.get("LOCAL_RANK") is not None and resolve_device(device).startswith("cuda"):
