@@ -327,6 +327,7 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                                                      & trials["prompt"].isin(list(cfg.prompts))).sum()),
     }
     with timings.phase("assemble"):
+        words_of = dict(tuple(word_rows.groupby("feature", sort=False))) if word_rows is not None and len(word_rows) else {}
         for l in layers:
             top = tops[l]
             for j, t in enumerate(by_layer[l]):
@@ -345,11 +346,7 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                     "max_activation_sample": float(top.max_activation[j]),
                     "max_activation_prompts": max(v["max"] for v in rec["prompt_activations"].values()),
                 }
-                if word_rows is not None and len(word_rows):
-                    fw = word_rows[word_rows["feature"] == name]
-                    rec["behavioural_words"] = _word_view(fw, tcfg.top_n)
-                else:
-                    rec["behavioural_words"] = []
+                rec["behavioural_words"] = _word_view(words_of.get(name), tcfg.top_n)
                 rec["behavioural_summary"] = word_summary.get(name, [])
     bar.update()
     bar.close()
