@@ -189,6 +189,9 @@ def test_report_and_figures(full_cache):
     assert "| layers with selected features | 2 (3–4) |" in report
     assert "| mean Δ stop rate, safe features, safe patch, safe prompt | +0.500 (n=1) |" in report
     assert "| L1-7 | 3 | 1.25 | no |" in report
+    for table in [b for b in report.split("\n\n") if b.startswith("| ")]:  # every row has the header's columns
+        widths = {len(line.replace("\\|", "").split("|")) for line in table.splitlines()}
+        assert len(widths) == 1, table
     assert "| pathways computed | 3 of 3 |" in report
     assert "Missing inputs" not in report
 
