@@ -25,7 +25,7 @@ import numpy as np
 from engine.audit import files as F
 from engine.audit.checkpoints import CHECKPOINT_COLUMNS, audit_checkpoint_file
 from engine.audit.problems import COLUMNS, KINDS, problem
-from engine.audit.responses import ResponseTask, audit_response_file
+from engine.audit.responses import MAX_TRIAL, ResponseTask, audit_response_file
 from engine.config import Config
 from engine.errors import UserError
 from engine.schema import (AUDIT_CHECKPOINT_RECORDS, AUDIT_DIR, AUDIT_FEATURE_CONDITIONS, AUDIT_FEATURE_EFFECTS,
@@ -71,7 +71,7 @@ def _iter_results(items: list, workers: int):
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(workers) as pool:
-        yield from pool.imap_unordered(_work, items, chunksize=1)
+        yield from pool.imap(_work, items, chunksize=1)  # in order: logs newest first
 
 
 def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | None, run: str | None = None,
@@ -123,13 +123,15 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         items.append(("responses", ResponseTask(str(f.path), f.name, order[f.name + f.role], f.run_id, f.ts_text,
                                                 conditions, acfg.min_bet, acfg.max_bet,
                                                 str(spool) if spool else None, full)))
-    size = {f.name + f.role: f.size for f in kept}
-    items.sort(key=lambda it: -size[(it[1][1] if it[0] == "checkpoint" else it[1].name) + it[0]])
+    # checkpoints first; then the logs newest first, so that when a log's results arrive every
+    # newer copy of its trials is already known and its winners can be written at once
+    items.sort(key=lambda it: (0, 0) if it[0] == "checkpoint" else (1, -it[1].file_rank))
     by_name = {(f.role, f.name): f for f in kept}
 
+    trials_out = AtomicFile(cache / AUDIT_TRIALS) if full else None
     try:
         t0 = time.perf_counter()
-        rs_results: list = []
+        stream = TrialStream(len(conditions), trials_out.__enter__() if trials_out else None, by_name)
         bar = Progress(len(items), "audit: reading files", unit="file", disable=None if show_progress else True)
         worker_s = collections.Counter()
         ck_fold = CheckpointFold(by_name)
@@ -137,15 +139,16 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
             if kind == "checkpoint":
                 ck_fold.add(res)  # keeps only the newest copy of each record
             else:
-                rs_results.append(res)
+                stream.add(res)
             worker_s[kind] += res.get("seconds", 0.0)
             problems.extend(res["problems"])
             bar.update(1)
         bar.close()
+        stream.close()
         timings["read_check"] = time.perf_counter() - t0
         timings.update({f"worker_{k}_s": v for k, v in worker_s.items()})
         t0 = time.perf_counter()
-        summary, state = _combine(cfg, conditions, ck_fold, rs_results, by_name, problems, full)
+        summary, state = _combine(cfg, conditions, ck_fold, stream, problems, full)
         timings["dedupe_counts"] = time.perf_counter() - t0
         summary["runs_found"] = [r.as_dict() for r in runs]
         summary["run_selected"] = chosen.run_id if chosen else None
@@ -153,8 +156,14 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         summary["n_files_skipped"] = len(skipped)
         if full:
             t0 = time.perf_counter()
-            _write_tables(cache, state, rs_results, by_name, problems)
+            trials_out.__exit__(None, None, None)
+            trials_out = None
+            _write_tables(cache, state, problems)
             timings["write_tables"] = time.perf_counter() - t0
+    except BaseException as exc:
+        if trials_out is not None:
+            trials_out.__exit__(type(exc), exc, None)
+        raise
     finally:
         if spool is not None:
             shutil.rmtree(spool, ignore_errors=True)
@@ -177,6 +186,107 @@ def _ordered(s: dict) -> dict:
     first = ("causal_by_layer", "total_causal_features", "total_response_features", "joinable_features",
              "join_rate_percent", "total_trials", "audit_results", "validated")
     return {**{k: s[k] for k in first if k in s}, **{k: v for k, v in s.items() if k not in first}}
+
+
+class TrialStream:
+    """Response-log results, arriving newest file first. A trial is kept unless a newer file
+    (already seen) or a later record of the same file has the same (feature, condition,
+    trial); the kept rows go from the file's spool straight into trials.parquet (row groups)
+    while the workers read on. The arrays stay for the statistics."""
+
+    KEY_T = MAX_TRIAL + 1
+
+    def __init__(self, n_conditions: int, trials_tmp: Path | None, by_name: dict):
+        self.C = n_conditions
+        self.by_name = by_name
+        self.gcode: dict[str, int] = {}
+        self.layer_of: list[int] = []
+        self.fid_of: list[int] = []
+        self.seen: dict[int, np.ndarray] = {}  # feature code -> condition * KEY_T + trial already seen
+        self.files: list[dict] = []  # per file with valid trials: arrays + winners
+        self.names: dict[int, str] = {}
+        self.records_read = 0
+        self.n_files = 0
+        self.tmp = trials_tmp
+        self.writer = None
+        self.pending: list = []
+        self.pending_rows = 0
+
+    def add(self, res: dict) -> None:
+        self.n_files += 1
+        self.records_read += res["n_records"]
+        self.names[res["file_rank"]] = res["name"]
+        if not res.get("n_valid"):
+            return
+        local = np.empty(len(res["features"]), dtype=np.int64)
+        for j, (nm, la, fi) in enumerate(zip(res["features"], res["layers"], res["feature_ids"])):
+            c = self.gcode.get(nm)
+            if c is None:
+                c = self.gcode[nm] = len(self.gcode)
+                self.layer_of.append(la)
+                self.fid_of.append(fi)
+            local[j] = c
+        f = local[res["f"]]
+        sub = res["c"].astype(np.int64) * self.KEY_T + res["t"].astype(np.int64)
+        key = f * (self.C * self.KEY_T) + sub
+        n = len(key)
+        last = np.zeros(n, dtype=bool)
+        last[n - 1 - np.unique(key[::-1], return_index=True)[1]] = True  # later record of a file wins
+        newer = np.zeros(n, dtype=bool)
+        order = np.argsort(f, kind="stable")
+        codes, starts = np.unique(f[order], return_index=True)
+        for code, idx in zip(codes.tolist(), np.split(order, starts[1:])):
+            mine = sub[idx]
+            prev = self.seen.get(code)
+            if prev is None:
+                self.seen[code] = mine
+            else:  # a feature met in a newer file too (a restart): those copies win
+                newer[idx] = np.isin(mine, prev)
+                self.seen[code] = np.concatenate([prev, mine])
+        win = last & ~newer
+        arrays = {k: res[k] for k in ("c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet")}
+        self.files.append({"rank": res["file_rank"], "f": f, "win": win, **arrays})
+        if res.get("spool"):
+            self._write(res, win)
+
+    def _write(self, res: dict, win: np.ndarray) -> None:
+        import pyarrow as pa
+
+        with pa.memory_map(res["spool"]) as src:
+            t = pa.ipc.open_file(src).read_all()
+        t = t.filter(pa.array(win))
+        fobj = self.by_name[("responses", res["name"])]
+        t = t.append_column("run_id", pa.array([fobj.run_id] * t.num_rows, pa.string()))
+        t = t.append_column("file_timestamp", pa.array([fobj.ts_text] * t.num_rows, pa.string()))
+        self.pending.append(t)
+        self.pending_rows += t.num_rows
+        os.unlink(res["spool"])
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
+        t = pa.concat_tables(self.pending)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(str(self.tmp), t.schema, compression="zstd")
+        self.writer.write_table(t, row_group_size=ROW_GROUP_ROWS)
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        if self.tmp is None:
+            return
+        self._flush()
+        if self.writer is None:
+            import pyarrow.parquet as pq
+
+            from engine.audit.responses import empty_trials_schema
+
+            self.writer = pq.ParquetWriter(str(self.tmp), empty_trials_schema(), compression="zstd")
+        self.writer.close()
 
 
 class CheckpointFold:
@@ -210,7 +320,7 @@ class CheckpointFold:
                 self.newest[key] = r
 
 
-def _combine(cfg: Config, conditions, ck: CheckpointFold, rs_results, by_name, problems, full: bool):
+def _combine(cfg: Config, conditions, ck: CheckpointFold, stream: TrialStream, problems, full: bool):
     # ---- checkpoints: newest record per (layer, feature_id) -------------------------
     newest = ck.newest
     for r in newest.values():
@@ -224,53 +334,27 @@ def _combine(cfg: Config, conditions, ck: CheckpointFold, rs_results, by_name, p
                                 columns=list(CHECKPOINT_COLUMNS) + ["file_timestamp", "run_id"])
     n_default = cfg.data.n_trials_per_condition or (headers_n.most_common(1)[0][0] if headers_n else None)
 
-    # ---- responses: newest copy per (feature, condition, trial) ---------------------
-    rs_results.sort(key=lambda r: r["file_rank"])
-    gcode: dict[str, int] = {}
-    layer_of: list[int] = []
-    fid_of: list[int] = []
-    arrays = collections.defaultdict(list)
-    file_rank_list, n_per_file = [], []
-    records_read = 0
-    for res in rs_results:
-        records_read += res["n_records"]
-        if not res.get("n_valid"):
-            continue
-        local = np.empty(len(res["features"]), dtype=np.int64)
-        for j, (nm, la, fi) in enumerate(zip(res["features"], res["layers"], res["feature_ids"])):
-            c = gcode.get(nm)
-            if c is None:
-                c = gcode[nm] = len(gcode)
-                layer_of.append(la)
-                fid_of.append(fi)
-            local[j] = c
-        arrays["f"].append(local[res["f"]])
-        for k in ("c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
-            arrays[k].append(res[k])
-        file_rank_list.append(res["file_rank"])
-        n_per_file.append(len(res["f"]))
-    cat = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)) for k, v in arrays.items()}
-    del arrays
-    for res in rs_results:  # the per-file copies are no longer needed
-        for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
-            res.pop(k, None)
-    for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet"):
-        cat.setdefault(k, np.zeros(0, np.int64))
-    frank = np.repeat(np.array(file_rank_list, dtype=np.int64), n_per_file) if n_per_file else np.zeros(0, np.int64)
+    # ---- responses: the stream chose the newest copy of each trial ----------------------
+    gcode = stream.gcode
+    layer_of, fid_of = stream.layer_of, stream.fid_of
+    records_read = stream.records_read
+    files = sorted(stream.files, key=lambda d: d["rank"])
+    cat = {k: (np.concatenate([d[k] for d in files]) if files else np.zeros(0, np.int64))
+           for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet", "win")}
+    frank = np.concatenate([np.full(len(d["f"]), d["rank"], np.int64) for d in files]) if files else np.zeros(0, np.int64)
+    stream.files = []
     n_valid_records = len(cat["f"])
-    C = len(conditions)
-    T = int(cat["t"].max()) + 1 if n_valid_records else 1
-    key = (cat["f"].astype(np.int64) * C + cat["c"].astype(np.int64)) * T + cat["t"].astype(np.int64)
-    order = np.lexsort((cat["rec"], frank, key))
-    ks = key[order]
-    last = np.ones(len(ks), dtype=bool)
-    last[:-1] = ks[1:] != ks[:-1]
-    winners = np.zeros(n_valid_records, dtype=bool)
-    winners[order[last]] = True
+    winners = cat["win"].astype(bool)
     duplicates = int(n_valid_records - winners.sum())
-    rank_names = {res["file_rank"]: res["name"] for res in rs_results}
+    rank_names = stream.names
+    C = len(conditions)
     if duplicates:
-        # which newer file superseded each loser: the winner of its key group
+        # name the newer file that superseded each copy: the last of its key group
+        key = (cat["f"].astype(np.int64) * C + cat["c"].astype(np.int64)) * TrialStream.KEY_T + cat["t"].astype(np.int64)
+        order = np.lexsort((cat["rec"], frank, key))
+        ks = key[order]
+        last = np.ones(len(ks), dtype=bool)
+        last[:-1] = ks[1:] != ks[:-1]
         group_id = np.cumsum(np.r_[True, ks[1:] != ks[:-1]]) - 1
         win_rank = frank[order[last]][group_id]
         lose = ~last
@@ -334,7 +418,7 @@ def _combine(cfg: Config, conditions, ck: CheckpointFold, rs_results, by_name, p
         "joinable_features": joinable,
         "join_rate_percent": round(100.0 * joinable / len(causal), 3) if causal else 0.0,
         "total_trials": n_unique,
-        "files_read": {"checkpoints": ck.files, "responses": len(rs_results)},
+        "files_read": {"checkpoints": ck.files, "responses": stream.n_files},
         "records_read": {"checkpoint": ck_records_read, "responses": records_read},
         "valid_unique_trials": n_unique,
         "duplicates": duplicates,
@@ -415,7 +499,7 @@ def _effects(cfg: Config, state: dict, summary: dict) -> None:
         fc["mean_bet"] = np.where(counts["n_bet_amount"] > 0, counts["bet_sum"] / np.maximum(counts["n_bet_amount"], 1), np.nan)
         fc["study_valid_rate"] = np.where(fc["n_trials"] > 0, fc["study_n_valid"] / fc["n_trials"], np.nan)
         fc["study_stop_rate"] = np.where(fc["study_n_valid"] > 0, fc["study_n_stop"] / fc["study_n_valid"], np.nan)
-    state["fc"] = fc
+    state["fc"] = fc.sort_values(["layer", "feature_id"], kind="mergesort").reset_index(drop=True)
     # per-feature effects joined with the checkpoint verdicts (union of both feature sets)
     fe = pd.DataFrame({"feature": names.astype(str) if F_ else np.zeros(0, str),
                        "layer": state["layer_of"], "feature_id": state["fid_of"]})
@@ -447,56 +531,9 @@ def _effects(cfg: Config, state: dict, summary: dict) -> None:
     }
 
 
-def _write_tables(cache: Path, state: dict, rs_results: list, by_name: dict, problems: list) -> None:
+def _write_tables(cache: Path, state: dict, problems: list) -> None:
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    winners, frank, rec = state["winners"], state["frank"], state["rec"]
-    path = cache / AUDIT_TRIALS
-    pos = 0
-    starts = {}
-    for res in rs_results:  # sorted by file_rank in _combine; same order as the arrays
-        if res.get("n_valid"):
-            starts[res["file_rank"]] = (pos, pos + res["n_valid"])
-            pos += res["n_valid"]
-    with AtomicFile(path) as tmp:
-        writer = None
-        pending: list = []
-        pending_rows = 0
-
-        def flush():
-            nonlocal writer, pending, pending_rows
-            if not pending:
-                return
-            t = pa.concat_tables(pending)
-            if writer is None:
-                writer = pq.ParquetWriter(str(tmp), t.schema, compression="zstd")
-            writer.write_table(t, row_group_size=ROW_GROUP_ROWS)
-            pending, pending_rows = [], 0
-
-        for res in rs_results:
-            if not res.get("spool") or res["file_rank"] not in starts:
-                continue
-            a, b = starts[res["file_rank"]]
-            mask = winners[a:b]
-            with pa.memory_map(res["spool"]) as src:
-                t = pa.ipc.open_file(src).read_all()
-            t = t.filter(pa.array(mask))
-            f = by_name[("responses", res["name"])]
-            t = t.append_column("run_id", pa.array([f.run_id] * t.num_rows, pa.string()))
-            t = t.append_column("file_timestamp", pa.array([f.ts_text] * t.num_rows, pa.string()))
-            pending.append(t)
-            pending_rows += t.num_rows
-            if pending_rows >= ROW_GROUP_ROWS:
-                flush()
-            os.unlink(res["spool"])
-        flush()
-        if writer is None:
-            from engine.audit.responses import empty_trials_schema
-
-            writer = pq.ParquetWriter(str(tmp), empty_trials_schema(), compression="zstd")
-        writer.close()
     atomic_write_parquet(cache / AUDIT_FEATURE_CONDITIONS, state["fc"])
     atomic_write_parquet(cache / AUDIT_FEATURE_EFFECTS, state["fe"])
     atomic_write_parquet(cache / AUDIT_CHECKPOINT_RECORDS, state["ck_table"])
