@@ -92,7 +92,7 @@ def main(args: argparse.Namespace, cfg) -> int:
     verdict = args.verdict or cfg.select.verdict
     inputs = {"feature_effects": fingerprint([cfg.cache / AUDIT_FEATURE_EFFECTS]),
               "feature_conditions": fingerprint([cfg.cache / AUDIT_FEATURE_CONDITIONS])}
-    with record_step(cfg.cache, "select", device="cpu", inputs=inputs, config_hash=cfg.hash("select", "audit"),
+    with record_step(cfg.cache, "select", device="cpu", cfg=cfg, inputs=inputs, config_hash=cfg.hash("select", "audit"),
                      command=f"python -m engine select --top-n {top_n} --verdict {verdict}") as rec:
         out = select_features(cfg, top_n, verdict)
         path = atomic_write_json(cfg.cache / CAUSAL_FEATURES, out)

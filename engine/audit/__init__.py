@@ -68,7 +68,7 @@ def main(args: argparse.Namespace, cfg) -> int:
     cmd = "python -m engine audit" + "".join(
         f" --{k} {v}" for k, v in (("checkpoints", ck_dir), ("responses", rs_dir), ("run", run), ("since", since),
                                    ("until", until)) if v)
-    with record_step(cfg.cache, "audit", device="cpu", inputs=inputs, config_hash=cfg.hash("data", "audit"),
+    with record_step(cfg.cache, "audit", device="cpu", cfg=cfg, inputs=inputs, config_hash=cfg.hash("data", "audit"),
                      command=cmd) as rec:
         s = run_audit(cfg, checkpoints_dir=ck_dir, responses_dir=rs_dir, run=run, since=since, until=until,
                       full=not args.validate_only)
