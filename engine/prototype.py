@@ -190,7 +190,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         result = run_prototype(cfg, feature, prompts, top_k=args.top_k)
         atomic_write_json(out, result)
     else:
-        with record_step(cfg.cache, "prototype", device=cfg.model.device, config_hash=cfg.hash("model", "sae", "prototype"),
+        with record_step(cfg.cache, "prototype", device=cfg.model.device, cfg=cfg, config_hash=cfg.hash("model", "sae", "prototype"),
                          command=f"python -m engine prototype --feature {feature}") as rec:
             result = run_prototype(cfg, feature, prompts, top_k=args.top_k)
             atomic_write_json(out, result)

@@ -85,9 +85,14 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     if os.environ.get("LOCAL_RANK") is not None and resolve_device(device).startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     device = resolve_device(device)
+    # only a run over the whole selection is the pipeline's step; shards and --features runs
+    # (e.g. a live job) are recorded under their own names
     step = "pathways" if not shard else f"pathways[{shard[0]}/{shard[1]}]"
+    if args.features:
+        step = "pathways[features]"
     inputs = {"selection": fingerprint([cfg.cache / CAUSAL_FEATURES])} if not args.features else {"features": args.features}
     with record_step(cfg.cache, step, device=device, inputs=inputs, config_hash=cfg.hash("model", "sae", "pathways"),
+                     cfg=cfg if step == "pathways" else None,
                      command="python -m engine pathways" + (f" --features {args.features}" if args.features else "")) as rec:
         with Progress(len(targets), "pathways", unit="target") as bar:
             summary = run(cfg, targets, device, force=args.force, chunk_size=args.chunk_size, progress=bar)
