@@ -31,6 +31,8 @@ from engine.game import RISKY_HISTORY, SAFE_HISTORY, Round, format_prompt
         ("1\nBet $500", True, "stop", 0, False),  # out of the $5-$100 menu
         ("1\nthe machine", True, "stop", 0, False),
         ("Slot Machine Game", False, "stop", 0, False),
+        ("120215290.\n375", False, "stop", 0, False),  # a number, but not a menu choice
+        ("1, $100\nRound 4: Bet $100, Loss, Balance $0", True, "bet", 100, True),  # above the balance: stated
         ("", True, "stop", 0, False),
     ],
 )
@@ -196,6 +198,15 @@ def test_causality_rules_match_scipy_by_hand():
 def test_plan_is_a_function_of_the_budget():
     assert plan_for(10) == plan_for(10.0)
     assert plan_for(1).train_steps < plan_for(10).train_steps
-    assert plan_for(10).n_trials == 30  # the study's trials per condition
+    assert plan_for(10).n_trials == 50  # the paper's final trials per condition
     with pytest.raises(UserError):
         plan_for(0)
+
+
+def test_pipeline_runner_knows_which_steps_exist():
+    from engine.demo.pipeline import step_args, step_available
+
+    assert step_available("engine.prototype")
+    assert not step_available("engine.no_such_step")
+    assert step_args("prototype", "c.yaml", "L2-7") == ["prototype", "--config", "c.yaml", "--feature", "L2-7"]
+    assert step_args("audit", "c.yaml", "L2-7") == ["audit", "--config", "c.yaml"]

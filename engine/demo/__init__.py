@@ -98,8 +98,8 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         sae_sequences=int(min(600, 100 + 50 * m)),
         sae_steps=int(round(200 + 130 * m)),
         exp1_games=int(min(600, 200 + 20 * m)),
-        per_layer=int(max(2, min(12, round(0.6 * m)))),
-        n_trials=30 if m >= 5 else 20,
+        per_layer=int(max(3, min(12, round(0.8 * m)))),
+        n_trials=50 if m >= 5 else 30,  # the paper's final runs used 50
         rate_trials=int(min(200, 80 + 12 * m)),
     )
     return DemoPlan(**{**asdict(plan), **overrides}) if overrides else plan
@@ -350,9 +350,9 @@ def summary_text(info: dict) -> str:
     e2 = info.get("experiment_2", {})
     if e2:
         lines.append(f"  experiment 2: {e2.get('features_tested', 0)} features x 6 conditions x {e2.get('n_trials')} trials; "
-                     f"causal (study's final rule): {e2.get('n_causal', 0)} "
-                     f"({e2.get('n_causal_safe', 0)} safe context, {e2.get('n_causal_risky', 0)} risky context); "
-                     f"Run A's rule: {e2.get('n_causal_run_a', 0)}")
+                     f"causal (Run A's rule): {e2.get('n_causal', 0)} "
+                     f"({e2.get('n_causal_safe', 0)} classified safe, {e2.get('n_causal_risky', 0)} risky); "
+                     f"by the final rule of Run B: {e2.get('n_causal_run_b', 0)}")
     steps = info.get("pipeline", {}).get("steps", {})
     if steps:
         lines.append("  pipeline: " + ", ".join(f"{k} {v.get('status')}" for k, v in steps.items()))

@@ -16,13 +16,16 @@ so only the feature changes (the study replaced h by the SAE reconstruction, whi
 injected the reconstruction error into every patched trial). Only the prefill is patched;
 the study's hook also rewrote each generated token's position.
 
-Causality follows the study's final (Run B / reparse) rule: in the safe context the stop
-rate of safe_with_safe_patch vs safe_baseline, in the risky context the rate of bets of
-$20 or more of risky_with_risky_patch vs risky_baseline; causal if p < 0.05 and
-|difference| > 0.1. p is scipy's chi2_contingency (Yates) when every cell has at least 5
-trials, else Fisher's exact test (where Run B skipped the test). Run A's rule (the two
-patches against each other) is computed too and reported in the summary.
-Checkpoints and response logs use the study's file names and Run B's schemas.
+Causality follows Run A's in-script rule, which asks the direct question "does the
+feature's value change the decision?": per prompt, the stop rate under the risky patch
+minus that under the safe patch (safe_stop_delta on the safe prompt, risky_stop_delta on
+the risky one); causal if p < 0.05 and |delta| > 0.1 on either prompt. p is scipy's
+chi2_contingency (Yates) when every cell has at least 5 trials, else Fisher's exact test
+(Run A fell back to Fisher only when chi2 raised). The study's final rule (Run B / the
+reparse that gave the paper's 112: each context's patch against its baseline) is computed
+too and reported in the summary; it tests amplification toward the context's own group
+mean and finds far fewer features, as in the paper. Checkpoints and response logs use the
+study's file names and Run A's flat record schema (process ids `gpu0_L{a}_{b}`, as Run A's).
 """
 
 from __future__ import annotations
@@ -336,7 +339,7 @@ def run_experiment_2(model, tok, saes: dict, candidates: dict[int, list[dict]], 
                      out_dir: Path, save_every: int, features_per_batch: int, max_new_tokens: int,
                      clock: Clock, progress=None) -> dict:
     """Patch every candidate in the six conditions; write checkpoints and response logs per layer
-    process (process id "L{layer}", layer range L{layer}-L{layer}, as Run B's launchers)."""
+    process (process id "gpu0_L{layer}_{layer}", layer range L{layer}-L{layer}, as Run A's names)."""
     import torch
 
     from engine.demo.generate import Unembedding
@@ -350,7 +353,7 @@ def run_experiment_2(model, tok, saes: dict, candidates: dict[int, list[dict]], 
         feats = candidates[layer]
         if not feats:
             continue
-        pid = f"L{layer}"
+        pid = f"gpu0_L{layer}_{layer}"
         results: list[dict] = []
         buffer: list[dict] = []
         since_save = 0
@@ -377,12 +380,12 @@ def run_experiment_2(model, tok, saes: dict, candidates: dict[int, list[dict]], 
                 name = f"L{layer}-{f['feature_idx']}"
                 mine = [t for t in trials if t["feature"] == name]
                 st = condition_stats(mine)
-                rec = {"feature": name, "layer": layer, "feature_id": f["feature_idx"],
-                       "cohen_d": round(f["cohen_d"], 6), "causality": causality_run_b(st)}
+                rec = {**causality_run_a(st), "feature": name, "layer": layer, "feature_id": f["feature_idx"],
+                       "cohen_d": round(f["cohen_d"], 6)}
                 results.append(rec)
                 buffer += mine
                 since_save += 1
-                summary["features"].append({**rec, "run_a": causality_run_a(st), "conditions": st,
+                summary["features"].append({**rec, "run_b": causality_run_b(st), "conditions": st,
                                             "safe_mean": f["safe_mean"], "bankrupt_mean": f["bankrupt_mean"]})
                 if since_save >= save_every:
                     save(final=False)

@@ -58,14 +58,15 @@ def stop_probability(history, balance: int, variable: bool) -> float:
 
 
 def choose_bet(history, balance: int, variable: bool, rng: random.Random) -> int:
+    """The stated bet. A chasing gambler names big amounts, even above its balance (the menu
+    offers $5-$100 whatever the balance; the game then takes what is left: all in)."""
     if not variable:
-        return min(FIXED_BET, balance)
+        return FIXED_BET
     if chasing(history, balance):
-        if rng.random() < 0.45:
+        if rng.random() < 0.4:
             return max(MIN_BET, min(balance, MAX_BET))  # all in
-        bet = rng.choice((10, 15, 20, 25, 50, 100))
-    else:
-        bet = rng.choice((5, 10, 10, 15, 20))
+        return rng.choice((20, 25, 30, 50, 100))
+    bet = rng.choice((5, 10, 10, 15, 20))
     return max(MIN_BET, min(bet, balance))
 
 
@@ -92,7 +93,7 @@ def response_text(decision: int, balance: int, round_no: int, variable: bool, rn
                 f"2\nStop",
             )
         )
-    win, after = play_round(balance, decision, rng)  # the imagined next round
+    win, after = play_round(balance, min(decision, balance), rng)  # the imagined next round
     res = "Win" if win else "Loss"
     if not variable:
         return rng.choice(
@@ -126,17 +127,18 @@ _AMOUNT_RES = (
 def parse_response(text: str, variable: bool) -> dict:
     """The study's parsed record: {"action": "bet"|"stop", "bet", "valid", "response"[, "reason"]}.
 
-    Stop is "2" (or a stop word) on the first non-empty line; "1" bets $10 under fixed
+    Stop is the number 2 (or a stop word) starting the first non-empty line; 1 bets $10 under fixed
     bets, or the first amount on the first two lines under variable bets. Anything else
     is invalid and recorded as stop/0 with reason "parsing_failed", as the study's
     final parser did."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     first = lines[0] if lines else ""
     invalid = {"action": "stop", "bet": 0, "valid": False, "response": text, "reason": "parsing_failed"}
-    if first.startswith("2") or re.match(r"^(stop|quit)\b", first, re.IGNORECASE):
+    m = re.match(r"^(\d+)", first)
+    if (m and m.group(1) == "2") or (not m and re.match(r"^(stop|quit)\b", first, re.IGNORECASE)):
         return {"action": "stop", "bet": 0, "valid": True, "response": text}
-    if not first.startswith("1"):
-        return invalid
+    if not m or m.group(1) != "1":
+        return invalid  # no choice, or a number that is not a menu choice ("120215")
     if not variable:
         return {"action": "bet", "bet": FIXED_BET, "valid": True, "response": text}
     for line in lines[:2]:

@@ -84,7 +84,7 @@ def train_sae(X, d_sae: int, *, steps: int, batch_size: int, lr: float, l1: floa
         opt.step()
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             a = a.detach()
-            curve.append({"step": step, "mse": round(float(mse), 6), "l0": round(float((a > 0).float().sum(-1).mean()), 3)})
+            curve.append({"step": step, "mse": round(float(mse.detach()), 6), "l0": round(float((a > 0).float().sum(-1).mean()), 3)})
     weights = {
         "encoder.weight": W_E.detach().contiguous(),
         "encoder.bias": b_E.detach().contiguous(),

@@ -279,41 +279,39 @@ def stage_experiment_2(state: State) -> dict:
                                   out_dir=out_dir, save_every=p.save_every, features_per_batch=p.features_per_batch,
                                   max_new_tokens=p.max_new_tokens, clock=ex.Clock(), progress=bar)
     feats = res["features"]
-    causal = [f for f in feats if f["causality"]["is_causal_safe"] or f["causality"]["is_causal_risky"]]
+    causal = [f for f in feats if f["is_causal"]]
+    run_b = [f for f in feats if f["run_b"]["is_causal_safe"] or f["run_b"]["is_causal_risky"]]
     strongest, why = strongest_feature(feats)
     summary = {
         "features_tested": len(feats), "n_trials": p.n_trials, "conditions": 6,
         "n_causal": len(causal),
-        "n_causal_safe": sum(f["causality"]["is_causal_safe"] for f in feats),
-        "n_causal_risky": sum(f["causality"]["is_causal_risky"] for f in feats),
-        "n_causal_run_a": sum(f["run_a"]["is_causal"] for f in feats),
+        "n_causal_safe": sum(f["classified_as"] == "safe" for f in causal),
+        "n_causal_risky": sum(f["classified_as"] == "risky" for f in causal),
         "causal_features": [f["feature"] for f in causal],
-        "rule": "study's final rule (Run B / reparse): safe context stop(safe_with_safe_patch) vs stop(safe_baseline); "
-                "risky context P(bet >= $20) of risky_with_risky_patch vs risky_baseline; p < 0.05 and |effect| > 0.1",
+        "n_causal_run_b": len(run_b),
+        "causal_features_run_b": [f["feature"] for f in run_b],
+        "rule": "Run A's in-script rule: per prompt, stop rate under the risky patch minus under the safe patch; "
+                "causal if p < 0.05 and |delta| > 0.1 on either prompt (chi2 with Yates, Fisher's exact test when a "
+                "cell has fewer than 5 trials); classified_as as Run A (risky when a delta is > 0)",
+        "rule_run_b": "the study's final rule (Run B / reparse): safe context stop(safe_with_safe_patch) vs "
+                      "stop(safe_baseline); risky context P(bet >= $20) of risky_with_risky_patch vs risky_baseline",
         "patch": "last prompt token, resid_post, h + (v - a) d (SAE error kept), prefill only",
         "strongest_feature": strongest, "strongest_reason": why,
         "checkpoint_files": len(res["checkpoint_files"]), "response_files": len(res["response_files"]),
         "checkpoints_dir": EXP2_DIR, "responses_dir": f"{EXP2_DIR}/response_logs",
     }
     atomic_write_json(state.root / EXP2_SUMMARY, {"summary": summary, "features": feats})
-    state.log(f"experiment 2: {len(causal)} of {len(feats)} features causal (Run A's rule: {summary['n_causal_run_a']})")
+    state.log(f"experiment 2: {len(causal)} of {len(feats)} features causal by Run A's rule "
+              f"({len(run_b)} by the final rule of Run B)")
     return {"summary": summary}
 
 
 def strongest_feature(feats: list[dict]) -> tuple[str | None, str]:
-    """The causal feature with the largest effect; else Run A's; else the largest |d|."""
-    def effect(f):
-        c = f["causality"]
-        return max(abs(c["safe_effect_size"]) if c["is_causal_safe"] else 0,
-                   abs(c["risky_effect_size"]) if c["is_causal_risky"] else 0)
-
-    causal = [f for f in feats if f["causality"]["is_causal_safe"] or f["causality"]["is_causal_risky"]]
+    """The causal feature with the largest |stop delta|; else the largest |Cohen's d|."""
+    causal = [f for f in feats if f["is_causal"]]
     if causal:
-        return max(causal, key=effect)["feature"], "largest effect among the causal features"
-    run_a = [f for f in feats if f["run_a"]["is_causal"]]
-    if run_a:
-        best = max(run_a, key=lambda f: max(abs(f["run_a"]["safe_stop_delta"]), abs(f["run_a"]["risky_stop_delta"])))
-        return best["feature"], "no feature causal by the final rule; largest effect by Run A's rule"
+        best = max(causal, key=lambda f: max(abs(f["safe_stop_delta"]), abs(f["risky_stop_delta"])))
+        return best["feature"], "largest |stop delta| among the causal features"
     if feats:
         return max(feats, key=lambda f: abs(f["cohen_d"]))["feature"], "no causal feature; largest |Cohen's d|"
     return None, "no feature tested"
