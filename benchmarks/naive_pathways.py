@@ -61,7 +61,7 @@ def naive_pathway(model, tokenizer, saes: dict, target_layer: int, target_id: in
             pos = torch.nonzero(acts[start:, u] > 0).flatten() + start
             nodes.append({"id": f"L{l}-{u}", "layer": l, "feature_id": u, "attribution": scores[u],
                           "positions": pos.tolist(), "acts": acts[pos, u].tolist()})
-    pre_clean = float(pre_t)
+    pre_clean = float(pre_t.detach())
     for n in sorted(nodes, key=lambda n: -abs(n["attribution"]))[:n_replay]:
         sae = saes[n["layer"]]
         d = (sae.W_dec[:, n["feature_id"]] * sae.dec_gain[n["feature_id"]])
