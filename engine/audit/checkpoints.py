@@ -198,7 +198,9 @@ def clear_cache() -> None:
     _SEEN.clear()
 
 
-def _normalise_cached(raw, name: str, i: int, problems: list, n_trials) -> dict | None:
+def _normalise_cached(raw, name: str, i: int, problems: list) -> dict | None:
+    """The normalised row of a record (shared between its copies: not to be modified), its
+    problems appended with this file and index."""
     import orjson
 
     key = bytes(raw)
@@ -212,19 +214,17 @@ def _normalise_cached(raw, name: str, i: int, problems: list, n_trials) -> dict 
     row, probs = hit
     for p in probs:
         problems.append((p[0], p[1], name, i, p[4], p[5], p[6]))
-    if row is None:
-        return None
-    return {**row, "source_file": name, "record": i, "n_trials_per_condition": n_trials}
+    return row
 
 
-def audit_checkpoint_file(path: str, name: str, file_rank: int) -> dict:
-    t0 = time.perf_counter()
-    problems: list[tuple] = []
+def _read_checkpoint(path: str, name: str, problems: list) -> tuple[int, dict, int | None, list]:
+    """(records read, header, n_trials_per_condition, [(normalised row, record index)]) of one
+    file; its problems are appended."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        return {"name": name, "file_rank": file_rank, "problems": [problem("unreadable_file", name, message=str(exc))],
-                "rows": [], "n_records": 0, "header": {}}
+        problems.append(problem("unreadable_file", name, message=str(exc)))
+        return 0, {}, None, []
     top = None
     if msgspec is not None and raw.strip() and not raw.startswith(b"\xef\xbb\xbf"):
         try:
@@ -237,23 +237,51 @@ def audit_checkpoint_file(path: str, name: str, file_rank: int) -> dict:
                                                 "n_trials_per_condition")}
         n_trials = _header_n(header, name, problems)
         for i, r in enumerate(top.results):
-            row = _normalise_cached(r, name, i, problems, n_trials)
+            row = _normalise_cached(r, name, i, problems)
             if row is not None:
-                rows.append(row)
-        n_records = len(top.results)
-    else:
-        loaded = load_tolerant(raw, name, "checkpoint")
-        problems.extend(loaded.problems)
-        header, recs = loaded.header, loaded.records or []
-        n_trials = _header_n(header, name, problems)
-        for i, r in enumerate(recs):
-            row = normalise(r, name, i, problems, n_trials)
-            if row is not None:
-                rows.append(row)
-        n_records = len(recs)
-    return {"name": name, "file_rank": file_rank, "problems": problems, "rows": rows, "n_records": n_records,
-            "header": {k: header.get(k) for k in ("timestamp", "process_id", "layer_range", "features_tested",
-                                                  "n_trials_per_condition")},
+                rows.append((row, i))
+        return len(top.results), header, n_trials, rows
+    loaded = load_tolerant(raw, name, "checkpoint")
+    problems.extend(loaded.problems)
+    header, recs = loaded.header, loaded.records or []
+    n_trials = _header_n(header, name, problems)
+    for i, r in enumerate(recs):
+        row = normalise(r, name, i, problems, n_trials)
+        if row is not None:
+            rows.append((row, i))
+    return len(recs), header, n_trials, rows
+
+
+def audit_checkpoint_files(files: list[tuple[str, str, int, str, str]]) -> dict:
+    """Every checkpoint file, (path, name, file rank, file timestamp, run id), read oldest first
+    in one task and folded as it goes: per (layer, feature_id) the valid copy with the largest
+    (file rank, record index) wins. Only the winners become full rows, so the parent receives
+    one row per feature instead of one per copy."""
+    import collections
+
+    t0 = time.perf_counter()
+    clear_cache()
+    problems: list[tuple] = []
+    newest: dict[tuple[int, int], tuple] = {}
+    schema_counts: collections.Counter = collections.Counter()
+    headers_n: collections.Counter = collections.Counter()
+    records_read = valid = 0
+    for path, name, _rank, ts, run_id in sorted(files, key=lambda f: f[2]):
+        n_records, header, n_trials, rows = _read_checkpoint(path, name, problems)
+        records_read += n_records
+        n = header.get("n_trials_per_condition")
+        if isinstance(n, int) and not isinstance(n, bool):
+            headers_n[n] += 1
+        valid += len(rows)
+        for row, i in rows:  # ascending (rank, record): each valid copy supersedes the ones before
+            schema_counts[row["schema"]] += 1
+            newest[(row["layer"], row["feature_id"])] = (row, name, i, n_trials, ts, run_id)
+    rows_out = {key: {**row, "source_file": name, "record": i, "n_trials_per_condition": n_trials,
+                      "file_timestamp": ts, "run_id": run_id}
+                for key, (row, name, i, n_trials, ts, run_id) in newest.items()}
+    clear_cache()
+    return {"problems": problems, "newest": rows_out, "files": len(files), "records_read": records_read,
+            "valid": valid, "schema_counts": schema_counts, "headers_n": headers_n,
             "seconds": time.perf_counter() - t0}
 
 

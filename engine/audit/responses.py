@@ -41,10 +41,24 @@ try:  # msgspec decodes straight into typed records, skipping unused fields
         response: str
         parsed: _Parsed | None = None
 
+    # validation only: the study's action and reason are not used (a non-string one is read as
+    # None without a problem on the slow path too), so they are skipped without building objects
+    class _ParsedChecked(msgspec.Struct, gc=False):
+        bet: int | None = None
+        valid: bool | None = None
+
+    class _TrialChecked(msgspec.Struct, gc=False):
+        feature: str
+        condition: str
+        trial: int
+        response: str
+        parsed: _ParsedChecked | None = None
+
     _DECODER = msgspec.json.Decoder(list[_Trial])
+    _DECODER_CHECK = msgspec.json.Decoder(list[_TrialChecked])
 except ImportError:  # pragma: no cover - orjson fallback
     msgspec = None
-    _DECODER = None
+    _DECODER = _DECODER_CHECK = None
 
 @dataclass
 class ResponseTask:
@@ -60,19 +74,20 @@ class ResponseTask:
     reparse: bool
 
 
-def _fast_columns(raw: bytes, text: bool = True) -> dict | None:
+def _fast_columns(raw, text: bool = True) -> dict | None:
     """Columns of a clean file, or None when the file needs the slow path. Without `text`
     (validation only) the study's action/valid/reason are not collected."""
     if msgspec is not None:
         try:
-            recs = _DECODER.decode(raw)
+            recs = (_DECODER if text else _DECODER_CHECK).decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
         get = operator.attrgetter
         ps = list(map(get("parsed"), recs))
+        complete = None not in ps
 
         def parsed_field(name: str) -> list:
-            if None not in ps:
+            if complete:
                 return list(map(get(name), ps))
             return [getattr(p, name) if p is not None else None for p in ps]
 
@@ -193,17 +208,21 @@ def _arr(values: list, typ):
     return a if a.type == typ else a.cast(typ)
 
 
+def _codes(values: list) -> tuple[np.ndarray, list]:
+    """Integer codes (in order of first appearance) and the distinct values: one dict lookup
+    per value, several times faster here than pyarrow's dictionary_encode of a Python list."""
+    names = list(dict.fromkeys(values))
+    index = {n: i for i, n in enumerate(names)}
+    return np.fromiter(map(index.__getitem__, values), dtype=np.int32, count=len(values)), names
+
+
 def _dict_encode(values: list):
-    """Dictionary-encode a list of strings (None allowed) in Python: one dict lookup per
-    value is several times faster here than pa.array(...).dictionary_encode()."""
+    """Dictionary-encode a list of strings (None allowed) into an Arrow DictionaryArray."""
     import pyarrow as pa
 
-    names = list(dict.fromkeys(values))  # distinct values, in order of first appearance
-    index = {n: i for i, n in enumerate(names)}
-    codes = np.fromiter(map(index.__getitem__, values), dtype=np.int32, count=len(values))
-    if None in index:  # keep nulls as nulls
-        null = index[None]
-        mask = codes == null
+    codes, names = _codes(values)
+    if None in names:  # keep nulls as nulls
+        mask = codes == names.index(None)
         names = [n if n is not None else "" for n in names]
         return pa.DictionaryArray.from_arrays(pa.array(codes, mask=mask), pa.array(names, pa.string()))
     return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(names, pa.string()))
@@ -215,6 +234,29 @@ def _decode(codes, names):
 
     return pa.DictionaryArray.from_arrays(pa.array(np.asarray(codes, dtype=np.int32)),
                                           pa.array(list(names), pa.string())).cast(pa.string())
+
+
+def _study_bets(values: list) -> tuple[np.ndarray, np.ndarray]:
+    """(bets as int64 with 0 where missing, present mask): the study's parsed.bet."""
+    if None in values:
+        arr = np.array(values, dtype=np.float64)  # None -> NaN
+        present = ~np.isnan(arr)
+        return np.where(present, arr, 0).astype(np.int64), present
+    try:
+        return np.array(values, dtype=np.int64), np.ones(len(values), bool)
+    except OverflowError:  # beyond int64: absurd anyway
+        lim = 2 ** 62
+        return np.array([min(max(v, -lim), lim) for v in values], dtype=np.int64), np.ones(len(values), bool)
+
+
+def _trials(values: list) -> np.ndarray:
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:  # beyond int64: reported as out of range below
+        return np.array([min(max(v, -1), MAX_TRIAL + 1) for v in values], dtype=np.int64)
+
+
+WS_CHARS = " \t\r\n\f\v"
 
 
 def audit_response_file(task: ResponseTask) -> dict:
@@ -232,10 +274,8 @@ def audit_response_file(task: ResponseTask) -> dict:
 
 
 def _audit_response_file(task: ResponseTask) -> dict:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from engine.audit.parser import ACTIONS, RULES, parse_decisions
+    """Checks with numpy on codes of the decoded values; pyarrow only for the re-parse and the
+    spooled table of a full audit (a validation never imports it)."""
     from engine.schema import FEATURE_ID_RE
 
     t0 = time.perf_counter()
@@ -260,33 +300,27 @@ def _audit_response_file(task: ResponseTask) -> dict:
     if n_records is None:
         n_records = n_ok
     record = np.arange(n_ok, dtype=np.int32) if cols["record"] is None else np.asarray(cols["record"], dtype=np.int32)
+    responses = cols["response"]
 
-    feature = _dict_encode(cols["feature"])
-    condition = _dict_encode(cols["condition"])
-    trial = np.asarray(cols["trial"], dtype=np.int64)
-    response = _arr(cols["response"], pa.string())
-    study_bet = _arr(cols["study_bet"], pa.int64())
+    f_idx, names = _codes(cols["feature"])
+    c_idx, cnames = _codes(cols["condition"])
+    trial = _trials(cols["trial"])
     keep = np.ones(n_ok, dtype=bool)
 
     # feature names: parsed once per distinct name
-    names = feature.dictionary.to_pylist()
     layer_of = np.full(len(names), -1, dtype=np.int64)
     fid_of = np.full(len(names), -1, dtype=np.int64)
     for j, nm in enumerate(names):
         m = FEATURE_ID_RE.match(nm)
         if m and nm == nm.strip():
             layer_of[j], fid_of[j] = int(m.group(1)), int(m.group(2))
-    f_idx = feature.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     bad_f = layer_of[f_idx] < 0
     for i in np.flatnonzero(bad_f):
         problems.append(problem("malformed_feature", file, int(record[i]), "feature", value=names[f_idx[i]]))
     keep &= ~bad_f
 
-    cnames = condition.dictionary.to_pylist()
-    c_known = np.array([c in task.conditions for c in cnames], dtype=bool)
     c_global = np.array([task.conditions.index(c) if c in task.conditions else -1 for c in cnames], dtype=np.int64)
-    c_idx = condition.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    bad_c = ~c_known[c_idx] if len(cnames) else np.zeros(n_ok, bool)
+    bad_c = c_global[c_idx] < 0 if len(cnames) else np.zeros(n_ok, bool)
     for i in np.flatnonzero(bad_c & keep):
         problems.append(problem("unknown_condition", file, int(record[i]), "condition", value=cnames[c_idx[i]]))
     keep &= ~bad_c
@@ -294,81 +328,37 @@ def _audit_response_file(task: ResponseTask) -> dict:
     bad_t = (trial < 0) | (trial > MAX_TRIAL)
     for i in np.flatnonzero(bad_t & keep):
         problems.append(problem("invalid_field", file, int(record[i]), "trial", f"trial must be in 0..{MAX_TRIAL}",
-                                value=int(trial[i])))
+                                value=cols["trial"][i]))
     keep &= ~bad_t
 
-    blank = pc.fill_null(pc.equal(pc.utf8_ltrim(response, characters=" \t\r\n\f\v"), ""), True).to_numpy(
-        zero_copy_only=False)
-    for i in np.flatnonzero(blank & keep):
-        problems.append(problem("empty_response", file, int(record[i]), "response", value=cols["response"][i]))
+    ws = WS_CHARS
+    for i in [i for i, r in enumerate(responses) if not r.lstrip(ws)]:  # blank replies are rare
+        if keep[i]:
+            problems.append(problem("empty_response", file, int(record[i]), "response", value=responses[i]))
 
-    sb = study_bet.to_numpy(zero_copy_only=False)
-    sb_valid = ~np.isnan(sb.astype(np.float64)) if sb.dtype.kind == "f" else np.ones(n_ok, bool)
-    sbv = np.where(sb_valid, sb, 0).astype(np.int64)
+    sbv, sb_valid = _study_bets(cols["study_bet"])
     absurd = sb_valid & (sbv != 0) & ((sbv < task.min_bet) | (sbv > task.max_bet))
     for i in np.flatnonzero(absurd & keep):
         problems.append(problem("absurd_bet", file, int(record[i]), "parsed.bet", value=int(sbv[i])))
 
     if utf8_replaced:
-        bad_u = pc.fill_null(pc.match_substring(response, "\ufffd"), False).to_numpy(zero_copy_only=False)
-        hits = np.flatnonzero(bad_u)
+        hit = next((i for i, r in enumerate(responses) if "\ufffd" in r), None)
         for j, pr in enumerate(problems):
-            if pr[0] == "invalid_utf8" and len(hits):
-                problems[j] = pr[:3] + (int(record[hits[0]]), "response") + pr[5:]
-
-    # our re-parse
-    prompt_safe = np.array([c.startswith("safe") for c in task.conditions], dtype=bool)
-    safe = prompt_safe[np.maximum(c_global[c_idx], 0)] if len(cnames) else np.zeros(n_ok, bool)
-    if task.reparse:
-        action, bet, valid, rule = parse_decisions(response, safe, task.min_bet, task.max_bet)
-    else:
-        action = np.full(n_ok, 2, np.int8)
-        bet = np.full(n_ok, -1, np.int32)
-        valid = np.zeros(n_ok, bool)
-        rule = np.zeros(n_ok, np.int8)
-    if task.reparse:  # the study's parse is compared with ours only in a full audit
-        sa = _arr(cols["study_action"], pa.string())
-        s_stop = np.where(pc.fill_null(pc.equal(sa, "stop"), False).to_numpy(zero_copy_only=False), 1,
-                          np.where(pc.fill_null(pc.equal(sa, "bet"), False).to_numpy(zero_copy_only=False), 0, -1))
-        s_valid = _arr(cols["study_valid"], pa.bool_())
-        s_valid_np = pc.fill_null(s_valid, False).to_numpy(zero_copy_only=False)
-    else:
-        s_stop = np.full(n_ok, -1, np.int8)
-        s_valid_np = np.zeros(n_ok, bool)
+            if pr[0] == "invalid_utf8" and hit is not None:
+                problems[j] = pr[:3] + (int(record[hit]), "response") + pr[5:]
 
     kidx = np.flatnonzero(keep)
     spool_path = None
-    if task.spool is not None and len(kidx):
-        take = pa.array(kidx)
-        lay = layer_of[f_idx[kidx]]
-        cond_names = list(task.conditions)
-        prompts = [c.split("_", 1)[0] for c in cond_names]
-        patches = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in cond_names]
-        cg = c_global[c_idx[kidx]]
-        bet_k = bet[kidx]
-        table = pa.table({
-            "feature": pc.take(feature, take).cast(pa.string()),
-            "layer": pa.array(lay.astype(np.int16)),
-            "feature_id": pa.array(fid_of[f_idx[kidx]].astype(np.int32)),
-            "condition": pc.take(condition, take).cast(pa.string()),
-            "prompt": _decode(cg, prompts),
-            "patch": _decode(cg, patches),
-            "trial": pa.array(trial[kidx].astype(np.int32)),
-            "response": pc.take(response, take),
-            "study_action": pc.take(sa, take),
-            "study_bet": pc.take(study_bet, take),
-            "study_valid": pc.take(s_valid, take),
-            "study_reason": pc.take(_arr(cols["study_reason"], pa.string()), take),
-            "action": _decode(action[kidx], ACTIONS),
-            "bet": pa.array(bet_k, pa.int32(), mask=bet_k < 0),
-            "valid": pa.array(valid[kidx]),
-            "parse_rule": _decode(rule[kidx], RULES),
-            "source_file": _decode(np.zeros(len(kidx), np.int32), [file]),
-            "record": pa.array(record[kidx]),
-        })
-        spool_path = str(Path(task.spool) / f"{task.file_rank:06d}.arrow")
-        with pa.OSFile(spool_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
+    if task.reparse:
+        prompt_safe = np.array([c.startswith("safe") for c in task.conditions], dtype=bool)
+        safe = prompt_safe[np.maximum(c_global[c_idx], 0)] if len(cnames) else np.zeros(n_ok, bool)
+        action, bet, valid, s_stop, s_valid_np, spool_path = _reparse_and_spool(
+            task, cols, responses, safe, f_idx, names, layer_of, fid_of, c_idx, c_global, trial, record, kidx)
+    else:  # the study's parse is compared with ours only in a full audit
+        action = np.full(n_ok, 2, np.int8)
+        bet = np.full(n_ok, -1, np.int32)
+        s_stop = np.full(n_ok, -1, np.int8)
+        s_valid_np = np.zeros(n_ok, bool)
 
     # compact arrays for the parent: keys, parses, and the study's parses
     used = np.unique(f_idx[kidx]) if len(kidx) else np.zeros(0, np.int64)
@@ -395,6 +385,58 @@ def _audit_response_file(task: ResponseTask) -> dict:
         "spool": spool_path,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_idx, names, layer_of, fid_of, c_idx,
+                       c_global, trial, record, kidx):
+    """Our re-parse of every reply, the study's parse as arrays, and the valid records
+    spooled to an Arrow IPC file for the parent to write into trials.parquet."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from engine.audit.parser import ACTIONS, RULES, parse_decisions
+
+    response = _arr(responses, pa.string())
+    action, bet, valid, rule = parse_decisions(response, safe, task.min_bet, task.max_bet)
+    sa_codes, sa_names = _codes(cols["study_action"])
+    s_stop = np.array([1 if n == "stop" else 0 if n == "bet" else -1 for n in sa_names], dtype=np.int8)[sa_codes] \
+        if len(sa_names) else np.zeros(0, np.int8)
+    s_valid = pa.array(cols["study_valid"], pa.bool_())
+    s_valid_np = pc.fill_null(s_valid, False).to_numpy(zero_copy_only=False)
+
+    spool_path = None
+    if task.spool is not None and len(kidx):
+        take = pa.array(kidx)
+        cond_names = list(task.conditions)
+        prompts = [c.split("_", 1)[0] for c in cond_names]
+        patches = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in cond_names]
+        fk = f_idx[kidx]
+        cg = c_global[c_idx[kidx]]
+        bet_k = bet[kidx]
+        table = pa.table({
+            "feature": _decode(fk, names),
+            "layer": pa.array(layer_of[fk].astype(np.int16)),
+            "feature_id": pa.array(fid_of[fk].astype(np.int32)),
+            "condition": _decode(cg, cond_names),
+            "prompt": _decode(cg, prompts),
+            "patch": _decode(cg, patches),
+            "trial": pa.array(trial[kidx].astype(np.int32)),
+            "response": pc.take(response, take),
+            "study_action": pc.take(_dict_encode(cols["study_action"]), take).cast(pa.string()),
+            "study_bet": pc.take(_arr(cols["study_bet"], pa.int64()), take),
+            "study_valid": pc.take(s_valid, take),
+            "study_reason": pc.take(_dict_encode(cols["study_reason"]), take).cast(pa.string()),
+            "action": _decode(action[kidx], ACTIONS),
+            "bet": pa.array(bet_k, pa.int32(), mask=bet_k < 0),
+            "valid": pa.array(valid[kidx]),
+            "parse_rule": _decode(rule[kidx], RULES),
+            "source_file": _decode(np.zeros(len(kidx), np.int32), [task.name]),
+            "record": pa.array(record[kidx]),
+        })
+        spool_path = str(Path(task.spool) / f"{task.file_rank:06d}.arrow")
+        with pa.OSFile(spool_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+    return action, bet, valid, s_stop, s_valid_np, spool_path
 
 
 def empty_trials_schema():

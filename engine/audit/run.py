@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.audit import files as F
-from engine.audit.checkpoints import CHECKPOINT_COLUMNS, audit_checkpoint_file
+from engine.audit.checkpoints import CHECKPOINT_COLUMNS, audit_checkpoint_files
 from engine.audit.problems import COLUMNS, KINDS, problem
 from engine.audit.responses import MAX_TRIAL, ResponseTask, audit_response_file
 from engine.config import Config
@@ -49,19 +49,18 @@ def _work(item):
     gc.disable()  # see audit_response_file; workers only hold acyclic data
     kind, payload = item
     if kind == "checkpoint":
-        return kind, audit_checkpoint_file(*payload)
+        return kind, audit_checkpoint_files(payload)
     return kind, audit_response_file(payload)
 
 
-def _iter_results(items: list, workers: int):
-    from engine.audit.checkpoints import clear_cache
-
-    clear_cache()
+def _iter_results(items: list, workers: int, full: bool):
     # imported before forking, so the workers share them instead of importing each
     import msgspec  # noqa: F401
-    import pyarrow.compute  # noqa: F401
 
-    from engine.audit import parser  # noqa: F401
+    if full:  # a validation does not need pyarrow at all
+        import pyarrow.compute  # noqa: F401
+
+        from engine.audit import parser  # noqa: F401
 
     if workers <= 1 or len(items) < 4:
         for it in items:
@@ -117,8 +116,8 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         spool.mkdir(parents=True)
     order = {f.name + f.role: i for i, f in enumerate(sorted(kept, key=lambda f: (f.timestamp, f.name)))}
     items = []
-    for f in ck:
-        items.append(("checkpoint", (str(f.path), f.name, order[f.name + f.role])))
+    if ck:  # one task: cumulative files share most records, checked once per distinct text
+        items.append(("checkpoint", [(str(f.path), f.name, order[f.name + f.role], f.ts_text, f.run_id) for f in ck]))
     for f in rs:
         items.append(("responses", ResponseTask(str(f.path), f.name, order[f.name + f.role], f.run_id, f.ts_text,
                                                 conditions, acfg.min_bet, acfg.max_bet,
@@ -132,17 +131,17 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
     try:
         t0 = time.perf_counter()
         stream = TrialStream(len(conditions), trials_out.__enter__() if trials_out else None, by_name)
-        bar = Progress(len(items), "audit: reading files", unit="file", disable=None if show_progress else True)
+        bar = Progress(len(ck) + len(rs), "audit: reading files", unit="file", disable=None if show_progress else True)
         worker_s = collections.Counter()
-        ck_fold = CheckpointFold(by_name)
-        for kind, res in _iter_results(items, acfg.workers):
+        ck_fold = CheckpointFold()
+        for kind, res in _iter_results(items, acfg.workers, full):
             if kind == "checkpoint":
-                ck_fold.add(res)  # keeps only the newest copy of each record
+                ck_fold.add(res)  # the newest copy of each record
             else:
                 stream.add(res)
             worker_s[kind] += res.get("seconds", 0.0)
             problems.extend(res["problems"])
-            bar.update(1)
+            bar.update(res["files"] if kind == "checkpoint" else 1)
         bar.close()
         stream.close()
         timings["read_check"] = time.perf_counter() - t0
@@ -290,11 +289,10 @@ class TrialStream:
 
 
 class CheckpointFold:
-    """Newest valid copy of each checkpoint record, folded in as files arrive (in any order):
-    per (layer, feature_id) the copy with the largest (file rank, record index) wins."""
+    """Newest valid copy of each checkpoint record (folded by `audit_checkpoint_files`: per
+    (layer, feature_id) the copy with the largest (file rank, record index) wins) and the counts."""
 
-    def __init__(self, by_name: dict):
-        self.by_name = by_name
+    def __init__(self) -> None:
         self.newest: dict[tuple[int, int], dict] = {}
         self.schema_counts: collections.Counter = collections.Counter()
         self.headers_n: collections.Counter = collections.Counter()
@@ -303,28 +301,14 @@ class CheckpointFold:
         self.files = 0
 
     def add(self, res: dict) -> None:
-        f = self.by_name[("checkpoint", res["name"])]
-        self.files += 1
-        self.records_read += res["n_records"]
-        n = res["header"].get("n_trials_per_condition")
-        if isinstance(n, int) and not isinstance(n, bool):
-            self.headers_n[n] += 1
-        ts = f.ts_text
-        for r in res.pop("rows"):
-            self.valid += 1
-            self.schema_counts[r["schema"]] += 1
-            r["file_timestamp"], r["run_id"], r["_rank"] = ts, f.run_id, (res["file_rank"], r["record"])
-            key = (r["layer"], r["feature_id"])
-            old = self.newest.get(key)
-            if old is None or old["_rank"] < r["_rank"]:
-                self.newest[key] = r
+        self.newest = res["newest"]
+        self.schema_counts, self.headers_n = res["schema_counts"], res["headers_n"]
+        self.records_read, self.valid, self.files = res["records_read"], res["valid"], res["files"]
 
 
 def _combine(cfg: Config, conditions, ck: CheckpointFold, stream: TrialStream, problems, full: bool):
     # ---- checkpoints: newest record per (layer, feature_id) -------------------------
     newest = ck.newest
-    for r in newest.values():
-        r.pop("_rank", None)
     schema_counts, headers_n, ck_records_read = ck.schema_counts, ck.headers_n, ck.records_read
     ck_table = None
     if full:
