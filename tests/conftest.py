@@ -62,3 +62,18 @@ def fixture_model(fixture_dir):
 
     cfg = load_config(fixture_dir / "config.yaml")
     return load_model(cfg.model, "cpu"), load_tokenizer(cfg.model)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A cache holding the shortened demo (engine.demo.build_quick_demo: model, SAEs, experiment
+    files and the pipeline's artifacts), built once per session; its config is
+    <cache>/demo/config.yaml. ENGINE_TEST_DEMO_CACHE=DIR reuses a finished one."""
+    from engine.demo import build_quick_demo, is_demo_complete
+
+    reuse = os.environ.get("ENGINE_TEST_DEMO_CACHE")  # a prebuilt quick demo, to iterate on tests faster
+    if reuse and is_demo_complete(Path(reuse)):
+        return Path(reuse).resolve()
+    cache = tmp_path_factory.mktemp("demo_cache")
+    build_quick_demo(cache)
+    return cache

@@ -109,6 +109,7 @@ def last_token_codes(model, tok, prompts: list[str], saes: dict, batch_size: int
     """{layer: (n_prompts, d_sae)} SAE codes at each prompt's last token (resid_post)."""
     import torch
 
+    from engine.demo.saes import pad_right
     from engine.model import forward_resid_post
 
     layers = sorted(saes)
@@ -116,12 +117,7 @@ def last_token_codes(model, tok, prompts: list[str], saes: dict, batch_size: int
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             ids_list = tok(prompts[start:start + batch_size], add_special_tokens=True)["input_ids"]
-            T = max(len(s) for s in ids_list)
-            ids = torch.zeros(len(ids_list), T, dtype=torch.long)
-            mask = torch.zeros(len(ids_list), T, dtype=torch.long)
-            for i, s in enumerate(ids_list):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
+            ids, mask = pad_right(ids_list)
             last = torch.tensor([len(s) - 1 for s in ids_list])
             res = forward_resid_post(model, ids, layers, attention_mask=mask)
             rows = torch.arange(len(ids_list))

@@ -23,6 +23,19 @@ THRESHOLD_FVU_SLACK = 0.01
 FOLDER_TEMPLATE = "Llama3_1-8B-Base-L{layer}R-8x"
 
 
+def pad_right(token_lists: list[list[int]]):
+    """(ids, attention mask) of shape (B, T), right-padded with id 0 (masked out)."""
+    import torch
+
+    T = max(len(s) for s in token_lists)
+    ids = torch.zeros(len(token_lists), T, dtype=torch.long)
+    mask = torch.zeros(len(token_lists), T, dtype=torch.long)
+    for i, s in enumerate(token_lists):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def collect_resid_post(model, token_lists: list[list[int]], layers: list[int], batch_size: int = 32):
     """{layer: (N, d_model)} resid_post at every non-BOS position of every sequence, and the
     (sequence, position) of each row."""
@@ -35,12 +48,7 @@ def collect_resid_post(model, token_lists: list[list[int]], layers: list[int], b
     with torch.no_grad():
         for start in range(0, len(token_lists), batch_size):
             chunk = token_lists[start:start + batch_size]
-            T = max(len(s) for s in chunk)
-            ids = torch.zeros(len(chunk), T, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T, dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
+            ids, mask = pad_right(chunk)
             res = forward_resid_post(model, ids, layers, attention_mask=mask)
             keep = mask.bool().clone()
             keep[:, 0] = False  # BOS

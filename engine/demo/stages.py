@@ -175,7 +175,7 @@ def stage_saes(state: State) -> dict:
     X, _ = sa.collect_resid_post(model, fit, layers)
     Xe, _ = sa.collect_resid_post(model, ev, layers)
     atomic_write_json(state.root / SAE_EVAL, {"transcripts": [{"prompt": a, "response": b} for a, b in eval_pairs],
-                                              "positions": "every token but BOS"})
+                                              "positions": "every token of BOS + prompt + response + EOS but BOS (prompt and response tokenised apart)"})
     out = {}
     folder = state.root / SAES_DIR
     with Progress(len(layers), "demo: SAEs", unit="layer") as bar:
