@@ -83,11 +83,15 @@ def run_pipeline(config_path: str | Path, cache: Path, feature: str | None, log=
                 steps[step] = {"status": NOT_AVAILABLE, "seconds": None, "error": None}
             else:
                 steps[step] = {"status": "not run", "seconds": None, "error": err}
-        # The orchestrator decides which prototypes to run; make sure the strongest feature has one.
-        if feature and steps.get("prototype", {}).get("status") != "done" and step_available(STEP_MODULES["prototype"]):
-            steps["prototype"] = _one_step("prototype", config_path, feature, log)
+        extra = {}
+        # The orchestrator prototypes the selected feature with the largest |d|; the demo's strongest
+        # feature (largest causal effect) gets one too.
+        from engine.schema import prototype_path
+
+        if feature and step_available(STEP_MODULES["prototype"]) and not prototype_path(cache, feature).is_file():
+            extra["prototype"] = {"feature": feature, **_one_step("prototype", config_path, feature, log)}
         return {"via": "orchestrator", "exit_code": rc, "error": err,
-                "seconds": round(time.perf_counter() - t0, 2), "steps": steps}
+                "seconds": round(time.perf_counter() - t0, 2), "steps": steps, "extra": extra}
     for step in STEPS:
         if not step_available(STEP_MODULES[step]):
             log(f"pipeline: {step}: {NOT_AVAILABLE}")
