@@ -333,19 +333,16 @@ def _combine(cfg: Config, conditions, ck: CheckpointFold, stream: TrialStream, p
     rank_names = stream.names
     C = len(conditions)
     if duplicates:
-        # name the newer file that superseded each copy: the last of its key group
-        key = (cat["f"].astype(np.int64) * C + cat["c"].astype(np.int64)) * TrialStream.KEY_T + cat["t"].astype(np.int64)
-        order = np.lexsort((cat["rec"], frank, key))
-        ks = key[order]
-        last = np.ones(len(ks), dtype=bool)
-        last[:-1] = ks[1:] != ks[:-1]
-        group_id = np.cumsum(np.r_[True, ks[1:] != ks[:-1]]) - 1
-        win_rank = frank[order[last]][group_id]
-        lose = ~last
-        pairs = collections.Counter(zip(frank[order][lose].tolist(), win_rank[lose].tolist()))
+        # name the newer file that superseded each copy: the winner of its key
+        key = _dense_keys(cat["f"], cat["c"], cat["t"], C)
+        lose = ~winners
+        win_rank = _lookup(key[winners], frank[winners], key[lose])
+        lose_rank = frank[lose]
+        R = int(max(lose_rank.max(), win_rank.max())) + 1
+        pair, n_pair = np.unique(lose_rank * R + win_rank, return_counts=True)
         per_loser = collections.defaultdict(list)
-        for (lr, wr), n in sorted(pairs.items()):
-            per_loser[lr].append((wr, n))
+        for code, n in zip(pair.tolist(), n_pair.tolist()):
+            per_loser[code // R].append((code % R, n))
         for lr, lst in per_loser.items():
             total = sum(n for _, n in lst)
             newer = ", ".join(f"{rank_names[wr]} ({n})" if wr != lr else f"later records of the same file ({n})"
@@ -443,13 +440,30 @@ def _combine(cfg: Config, conditions, ck: CheckpointFold, stream: TrialStream, p
     return summary, state
 
 
+def _dense_keys(f, c, t, C: int) -> np.ndarray:
+    """(feature, condition, trial) as one int64, dense in the trial indices actually used."""
+    T = int(t.max()) + 1 if len(t) else 1
+    return (f.astype(np.int64) * C + c.astype(np.int64)) * T + t.astype(np.int64)
+
+
+def _lookup(keys, values, queries) -> np.ndarray:
+    """values[keys == q] for each query (keys unique, every query among them): a dense table
+    when the keys are compact, else a sorted search."""
+    if len(keys) and int(keys.max()) < 8 * len(keys) + 1024:
+        table = np.zeros(int(keys.max()) + 1, dtype=np.int64)
+        table[keys] = values
+        return table[queries]
+    order = np.argsort(keys, kind="stable")
+    return values[order][np.searchsorted(keys[order], queries)]
+
+
 def _fkey(name: str) -> tuple[int, int]:
     a, b = name[1:].split("-")
     return int(a), int(b)
 
 
 def _conditions_found(problems, c, conditions) -> dict:
-    found = {conditions[i]: int(n) for i, n in zip(*np.unique(c, return_counts=True))} if len(c) else {}
+    found = {conditions[i]: int(n) for i, n in enumerate(np.bincount(c, minlength=len(conditions)).tolist()) if n}
     for p in problems:
         if p[0] == "unknown_condition":
             found[p[6]] = found.get(p[6], 0) + 1
