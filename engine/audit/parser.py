@@ -119,13 +119,41 @@ def parse_decision(response: str | None, prompt: str, min_bet: int = 5, max_bet:
     return Decision("bet", None, True, f"{prefix}_no_amount")
 
 
+def _amounts(segments):
+    """(found, amount) per segment (a pyarrow string array of single lines), as `_amount`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mt = pc.extract_regex(pc.replace_substring_regex(segments, CUT_RE, ""), AMOUNT_RE)
+    found = np.asarray(pc.is_valid(mt).to_numpy(zero_copy_only=False), dtype=bool)
+    a = pc.fill_null(pc.struct_field(mt, "a"), "")
+    b = pc.fill_null(pc.struct_field(mt, "b"), "")
+    c = pc.fill_null(pc.struct_field(mt, "c"), "")
+    digits = pc.if_else(pc.not_equal(a, ""), a, pc.if_else(pc.not_equal(b, ""), b, c))
+    digits = pc.if_else(pc.equal(digits, ""), "-1", digits)
+    return found, pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def _distinct(strings):
+    """(codes per row as numpy, distinct values as a pyarrow array): the rules below are
+    functions of one line, so they run once per distinct line (answers repeat: "1", "2",
+    "1) Bet $10", ...) and are spread back to the rows by the codes."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    d = pc.dictionary_encode(strings, null_encoding="encode")  # a missing line: one null entry
+    return np.asarray(d.indices.to_numpy(zero_copy_only=False), dtype=np.int64), d.dictionary
+
+
 def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 100):
     """Vectorised parser over a pyarrow string array.
 
     `prompt_is_safe` is a numpy bool array. Returns numpy arrays (action code int8, bet
-    int32 with -1 for none, valid bool, rule code int8 indexing RULES). Each regular
-    expression runs only on the rows that still need it (the first lines, the rows without
-    a leading choice, the risky bets)."""
+    int32 with -1 for none, valid bool, rule code int8 indexing RULES). Every regular
+    expression runs on the distinct first lines, or on the distinct second and third lines
+    of the risky bets; a segment's amount is the first match of its own line, and the
+    answer's amount that of the first segment with one (as the reference's loop)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -142,23 +170,26 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
     def np_bool(a) -> "np.ndarray":
         return np.asarray(pc.fill_null(a, False).to_numpy(zero_copy_only=False), dtype=bool)
 
-    # the first three lines after the leading whitespace (as LINES_RE), without a regex:
-    # trim, pad with two newlines, split at most three times
+    def nonempty(a) -> "np.ndarray":
+        return np_bool(pc.not_equal(pc.fill_null(a, ""), ""))
+
+    # the first three lines after the leading whitespace (as LINES_RE); a blank reply is an
+    # empty first line
     trimmed = pc.utf8_ltrim(resp, characters=" \t\r\n\f\v")
-    parts = pc.split_pattern(pc.binary_join_element_wise(trimmed, pa.scalar(""), "\n\n"), "\n", max_splits=3)
-    l1, l2, l3 = (pc.list_element(parts, i) for i in range(3))
-    # leading whitespace is consumed before l1, so a blank reply is exactly an empty l1
-    blank = np_bool(pc.equal(l1, ""))
-    first_line = pc.extract_regex(l1, FIRST_RE)
+    lines = pc.split_pattern(trimmed, "\n", max_splits=3)
+    i1, u1 = _distinct(pc.list_element(lines, 0))
+    # per distinct first line: the three tests in one pass, in the reference's order
+    first_line = pc.extract_regex(u1, FIRST_RE)
     num = pc.fill_null(pc.struct_field(first_line, "num"), "").to_numpy(zero_copy_only=False)
-    rest = pc.fill_null(pc.struct_field(first_line, "rest"), "")
-    has_choice = num != ""
-    is2 = has_choice & (num == "2")
-    is1 = has_choice & (num == "1")
-    other = has_choice & ~is1 & ~is2
-    stop_w = ~has_choice & ~blank & np_bool(pc.not_equal(pc.fill_null(pc.struct_field(first_line, "stop"), ""), ""))
-    bet_w = ~has_choice & ~blank & ~stop_w & np_bool(
-        pc.not_equal(pc.fill_null(pc.struct_field(first_line, "bet"), ""), ""))
+    blank_u = np_bool(pc.equal(u1, ""))
+    has_choice_u = num != ""
+    is2_u = has_choice_u & (num == "2")
+    is1_u = has_choice_u & (num == "1")
+    stop_u = ~has_choice_u & ~blank_u & nonempty(pc.struct_field(first_line, "stop"))
+    bet_u = ~has_choice_u & ~blank_u & ~stop_u & nonempty(pc.struct_field(first_line, "bet"))
+
+    blank, is1, is2, stop_w, bet_w = blank_u[i1], is1_u[i1], is2_u[i1], stop_u[i1], bet_u[i1]
+    other = has_choice_u[i1] & ~is1 & ~is2
     betting = (is1 | bet_w) & ~blank
 
     rule[is2] = RULES.index("choice_2")
@@ -170,28 +201,28 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
         rule[mask & ~safe] = RULES.index(f"{prefix}_no_amount")
     bet[betting & safe] = FIXED_BET
 
-    # amounts for risky bets: first segment with an amount wins
+    # amounts for risky bets: the first segment with an amount wins
     need = betting & ~safe
     if need.any():
         nidx = np.flatnonzero(need)
-        take = pa.array(nidx)
-        first = pc.if_else(pa.array(is1[nidx]), rest.take(take), l1.take(take))
-        s2, s3 = l2.take(take), l3.take(take)
-        use2 = pc.invert(pc.fill_null(pc.match_substring_regex(s2, ECHO_RE), False))
-        use3 = pc.and_(use2, pc.invert(pc.fill_null(pc.match_substring_regex(s3, ECHO_RE), False)))
-        # the answer's segments on separate lines; no amount pattern crosses a newline, so the
-        # leftmost amount is the first segment's that has one (as the reference's loop)
-        region = pc.if_else(use2, pc.binary_join_element_wise(first, s2, "\n"), first)
-        region = pc.if_else(use3, pc.binary_join_element_wise(region, s3, "\n"), region)
-        cut = pc.replace_substring_regex(region, CUT_RE, "")
-        mt = pc.extract_regex(cut, AMOUNT_RE)
-        found = np_bool(pc.is_valid(mt))
-        a = pc.fill_null(pc.struct_field(mt, "a"), "")
-        b = pc.fill_null(pc.struct_field(mt, "b"), "")
-        c = pc.fill_null(pc.struct_field(mt, "c"), "")
-        digits = pc.if_else(pc.not_equal(a, ""), a, pc.if_else(pc.not_equal(b, ""), b, c))
-        digits = pc.if_else(pc.equal(digits, ""), "-1", digits)
-        amount = pc.cast(digits, pa.int64()).to_numpy(zero_copy_only=False)
+        # lines 2 and 3 of every reply (null when missing: no echo, no amount), interleaved
+        l23 = pc.list_flatten(pc.list_slice(lines, 1, 3, return_fixed_size_list=True))
+        i23, u23 = _distinct(l23)
+        i2, i3 = i23[0::2][nidx], i23[1::2][nidx]
+        echo = np_bool(pc.match_substring_regex(u23, ECHO_RE))
+        # segment 1: the rest of a "1 ..." answer line, else the whole line (a bet word);
+        # segments 2 and 3: the next lines, up to the first echoed one
+        rest = pc.fill_null(pc.struct_field(first_line, "rest"), "")
+        seg1 = pc.if_else(pa.array(is1_u), rest, u1)
+        found_u, amount_u = _amounts(pa.concat_arrays([seg1, u23]))
+        f1, a1 = found_u[:len(u1)], amount_u[:len(u1)]
+        f23, a23 = found_u[len(u1):], amount_u[len(u1):]
+        k1 = i1[nidx]
+        use2 = ~echo[i2]
+        use3 = use2 & ~echo[i3]
+        g1, g2, g3 = f1[k1], use2 & f23[i2], use3 & f23[i3]
+        found = g1 | g2 | g3
+        amount = np.where(g1, a1[k1], np.where(g2, a23[i2], np.where(g3, a23[i3], -1)))
         in_range = found & (amount >= min_bet) & (amount <= max_bet)
         full_found = np.zeros(n, bool)
         full_found[nidx] = found

@@ -470,6 +470,8 @@ def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_
             "parse_rule": _decode(rule[kidx], RULES),
             "source_file": _decode(np.zeros(len(kidx), np.int32), [task.name]),
             "record": pa.array(record[kidx]),
+            "run_id": _decode(np.zeros(len(kidx), np.int32), [task.run_id]),
+            "file_timestamp": _decode(np.zeros(len(kidx), np.int32), [task.file_timestamp]),
         })
         spool_path = str(Path(task.spool) / f"{task.file_rank:06d}.arrow")
         with pa.OSFile(spool_path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:

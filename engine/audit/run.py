@@ -125,12 +125,11 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
     # checkpoints first; then the logs newest first, so that when a log's results arrive every
     # newer copy of its trials is already known and its winners can be written at once
     items.sort(key=lambda it: (0, 0) if it[0] == "checkpoint" else (1, -it[1].file_rank))
-    by_name = {(f.role, f.name): f for f in kept}
 
     trials_out = AtomicFile(cache / AUDIT_TRIALS) if full else None
     try:
         t0 = time.perf_counter()
-        stream = TrialStream(len(conditions), trials_out.__enter__() if trials_out else None, by_name)
+        stream = TrialStream(len(conditions), trials_out.__enter__() if trials_out else None)
         bar = Progress(len(ck) + len(rs), "audit: reading files", unit="file", disable=None if show_progress else True)
         worker_s = collections.Counter()
         ck_fold = CheckpointFold()
@@ -195,9 +194,8 @@ class TrialStream:
 
     KEY_T = MAX_TRIAL + 1
 
-    def __init__(self, n_conditions: int, trials_tmp: Path | None, by_name: dict):
+    def __init__(self, n_conditions: int, trials_tmp: Path | None):
         self.C = n_conditions
-        self.by_name = by_name
         self.gcode: dict[str, int] = {}
         self.layer_of: list[int] = []
         self.fid_of: list[int] = []
@@ -252,11 +250,9 @@ class TrialStream:
         import pyarrow as pa
 
         with pa.memory_map(res["spool"]) as src:
-            t = pa.ipc.open_file(src).read_all()
-        t = t.filter(pa.array(win))
-        fobj = self.by_name[("responses", res["name"])]
-        t = t.append_column("run_id", pa.array([fobj.run_id] * t.num_rows, pa.string()))
-        t = t.append_column("file_timestamp", pa.array([fobj.ts_text] * t.num_rows, pa.string()))
+            t = pa.ipc.open_file(src).read_all()  # zero-copy: the mapping outlives the unlink below
+        if not win.all():
+            t = t.filter(pa.array(win))
         self.pending.append(t)
         self.pending_rows += t.num_rows
         os.unlink(res["spool"])
