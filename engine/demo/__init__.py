@@ -96,7 +96,8 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         train_steps=int(round(220 + 28 * m)),
         lr=6e-3 if m < 5 else 5e-3,
         sae_sequences=int(min(600, 100 + 50 * m)),
-        sae_steps=int(round(200 + 130 * m)),
+        sae_steps=int(round(120 + 138 * m)),
+        sae_batch=512 if m < 5 else 1024,
         exp1_games=int(min(600, 200 + 20 * m)),
         per_layer=int(max(3, min(12, round(0.8 * m)))),
         n_trials=50 if m >= 5 else 30,  # the paper's final runs used 50
