@@ -228,7 +228,8 @@ def load_sae(cfg: SAEConfig, layer: int, device: str = "cpu", dtype: str | None 
     hp = read_hyperparams(files.hyperparams)
     tdt = torch_dtype(dtype or cfg.dtype)
     try:
-        tensors = load_file(str(files.weights), device="cpu")
+        # straight onto the target device (memory-mapped read), no host copy of a GPU SAE
+        tensors = load_file(str(files.weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {exc}") from None
     missing = [k for k in WEIGHT_KEYS if k not in tensors]
@@ -264,9 +265,9 @@ def build_sae(W_E, b_E, W_D, b_D, hp: dict, *, layer: int, convention: str, devi
     n_in, n_out = _norms(hp, hp_path or Path(source or "hyperparams.json"))
     s_in = math.sqrt(d_model) / n_in
     s_out = math.sqrt(d_model) / n_out
-    # Gains and norms are computed in float64 on CPU, then cast once.
-    W_E64, W_D64 = W_E.double(), W_D.double()
-    b_E64, b_D64 = b_E.double(), b_D.double()
+    # Gains and biases are computed in float64 (vectors only: the big matrices are never
+    # copied), then cast once.
+    b_E64, b_D64 = b_E.double().cpu(), b_D.double().cpu()
     ones = torch.ones(d_sae, dtype=torch.float64)
     if convention == "study":
         enc_gain, enc_bias = ones * s_in, b_E64
@@ -275,7 +276,8 @@ def build_sae(W_E, b_E, W_D, b_D, hp: dict, *, layer: int, convention: str, devi
     elif convention == "jumprelu":
         if "jump_relu_threshold" not in hp:
             raise UserError(f"SAE hyperparameters {hp_path or source} lack jump_relu_threshold (needed by convention jumprelu)")
-        n = (W_D64 * (s_in / s_out)).norm(dim=0)
+        # column norms in float64, a block of columns at a time (no full float64 copy)
+        n = torch.cat([W_D[:, i:i + 4096].double().norm(dim=0).cpu() for i in range(0, d_sae, 4096)]) * (s_in / s_out)
         n = torch.where(n > 0, n, torch.ones_like(n))
         enc_gain, enc_bias = n, n * b_E64 / s_in
         dec_gain, dec_bias = (s_in / s_out) / n, b_D64 / s_out
@@ -288,7 +290,7 @@ def build_sae(W_E, b_E, W_D, b_D, hp: dict, *, layer: int, convention: str, devi
         threshold = float(hp["jump_relu_threshold"]) * s_in
     else:
         raise UserError(f"unknown SAE encode convention {convention!r}: use study, jumprelu or saelens")
-    del W_E64, W_D64, b_E64, b_D64
+    del b_E64, b_D64
     return SAE(
         layer=layer,
         convention=convention,
