@@ -67,10 +67,33 @@ def _iter_results(items: list, workers: int, full: bool):
             yield _work(it)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
+    # not multiprocessing.Pool: its worker-handler thread polls the result pipe too and spins
+    # while a result waits to be read, taking the GIL from the parent's own work
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(_work, items, chunksize=1)  # in order: logs newest first
+    ex = ProcessPoolExecutor(workers, mp_context=ctx)
+    try:
+        results = ex.map(_work, items)  # in order: logs newest first; the workers are forked now
+        if full:
+            _warm_imports()
+        yield from results
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_imports() -> None:
+    """Import what the statistics and tables need (pandas, scipy.special: ~0.5 s) in a thread
+    while the workers read, instead of after them. Started only once the workers are forked
+    (a fork during an import could leave a child holding a module lock)."""
+    import threading
+
+    def run() -> None:
+        import pandas  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+        import scipy.special  # noqa: F401
+
+    threading.Thread(target=run, name="audit-imports", daemon=True).start()
 
 
 def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | None, run: str | None = None,
@@ -193,13 +216,18 @@ class TrialStream:
     while the workers read on. The arrays stay for the statistics."""
 
     KEY_T = MAX_TRIAL + 1
+    BITMAP_MAX = 64 << 20  # bytes; beyond it (huge trial indices) seen keys go to a sorted array
 
     def __init__(self, n_conditions: int, trials_tmp: Path | None):
         self.C = n_conditions
         self.gcode: dict[str, int] = {}
         self.layer_of: list[int] = []
         self.fid_of: list[int] = []
-        self.seen: dict[int, np.ndarray] = {}  # feature code -> condition * KEY_T + trial already seen
+        # keys (feature, condition, trial) of the files already added: a flag per possible key
+        # ((feature * C + condition) * T + trial, T a power of two above the largest trial)
+        self.T = 64
+        self.seen_map: np.ndarray | None = np.zeros(0, dtype=bool)
+        self.seen_sorted = np.zeros(0, dtype=np.int64)  # used instead when the flags grow too big
         self.files: list[dict] = []  # per file with valid trials: arrays + winners
         self.names: dict[int, str] = {}
         self.records_read = 0
@@ -208,6 +236,42 @@ class TrialStream:
         self.writer = None
         self.pending: list = []
         self.pending_rows = 0
+
+    def _seen_before(self, f: np.ndarray, c: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Which rows have a key that an earlier-added (newer) file holds; records the keys."""
+        C = self.C
+        tmax = int(t.max())
+        if self.seen_map is not None and tmax >= self.T:
+            while self.T <= tmax:
+                self.T *= 2
+            self.seen_map = np.zeros(0, dtype=bool)
+            if len(self.gcode) * C * self.T > self.BITMAP_MAX:
+                self.seen_map = None
+            for d in self.files:  # re-record with the new T (or into the sorted array)
+                self._record(d["f"], d["c"], d["t"])
+        return self._record(f, c, t)
+
+    def _record(self, f, c, t) -> np.ndarray:
+        C = self.C
+        if self.seen_map is not None:
+            size = len(self.gcode) * C * self.T
+            if size > self.BITMAP_MAX:
+                self.seen_map = None
+                for d in self.files:
+                    self._record(d["f"], d["c"], d["t"])
+                return self._record(f, c, t)
+            if len(self.seen_map) < size:
+                grown = np.zeros(max(size, 2 * len(self.seen_map)), dtype=bool)
+                grown[:len(self.seen_map)] = self.seen_map
+                self.seen_map = grown
+            key = (f * C + c.astype(np.int64)) * self.T + t.astype(np.int64)
+            before = self.seen_map[key]
+            self.seen_map[key] = True
+            return before
+        key = (f * C + c.astype(np.int64)) * self.KEY_T + t.astype(np.int64)
+        before = np.isin(key, self.seen_sorted)
+        self.seen_sorted = np.union1d(self.seen_sorted, key)
+        return before
 
     def add(self, res: dict) -> None:
         self.n_files += 1
@@ -224,22 +288,16 @@ class TrialStream:
                 self.fid_of.append(fi)
             local[j] = c
         f = local[res["f"]]
-        sub = res["c"].astype(np.int64) * self.KEY_T + res["t"].astype(np.int64)
-        key = f * (self.C * self.KEY_T) + sub
-        n = len(key)
-        last = np.zeros(n, dtype=bool)
-        last[n - 1 - np.unique(key[::-1], return_index=True)[1]] = True  # later record of a file wins
-        newer = np.zeros(n, dtype=bool)
-        order = np.argsort(f, kind="stable")
-        codes, starts = np.unique(f[order], return_index=True)
-        for code, idx in zip(codes.tolist(), np.split(order, starts[1:])):
-            mine = sub[idx]
-            prev = self.seen.get(code)
-            if prev is None:
-                self.seen[code] = mine
-            else:  # a feature met in a newer file too (a restart): those copies win
-                newer[idx] = np.isin(mine, prev)
-                self.seen[code] = np.concatenate([prev, mine])
+        n = len(f)
+        # a later record of the same file wins; most files repeat no key, which a count shows
+        lkey = (res["f"].astype(np.int64) * self.C + res["c"].astype(np.int64)) * (int(res["t"].max()) + 1) \
+            + res["t"].astype(np.int64)
+        if int(lkey.max()) < 8 * n + 65536 and np.bincount(lkey).max() <= 1:
+            last = np.ones(n, dtype=bool)
+        else:
+            last = np.zeros(n, dtype=bool)
+            last[n - 1 - np.unique(lkey[::-1], return_index=True)[1]] = True
+        newer = self._seen_before(f, res["c"], res["t"])  # a newer file has these keys (a restart)
         win = last & ~newer
         arrays = {k: res[k] for k in ("c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet")}
         self.files.append({"rank": res["file_rank"], "f": f, "win": win, **arrays})
