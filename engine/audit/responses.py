@@ -201,12 +201,11 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
 
 
 def _arr(values: list, typ):
-    """pa.array of a Python list; the untyped conversion is much faster for msgspec's
-    (shared) short strings than asking for a type up front."""
+    """pa.array of a Python list, typed up front: inferring the type first costs ~25x more
+    for 9,000 replies (8 ms against 0.3 ms)."""
     import pyarrow as pa
 
-    a = pa.array(values)
-    return a if a.type == typ else a.cast(typ)
+    return pa.array(values, typ)
 
 
 def _codes(values: list) -> tuple[np.ndarray, list]:
@@ -232,11 +231,12 @@ def _run_codes(values: list) -> tuple[np.ndarray, list]:
     return np.repeat(codes, np.diff(np.append(starts, n))), names
 
 
-def _dict_encode(values: list):
-    """Dictionary-encode a list of strings (None allowed) into an Arrow DictionaryArray."""
+def _dict_encode(values: list, coded: tuple | None = None):
+    """Dictionary-encode a list of strings (None allowed) into an Arrow DictionaryArray
+    (`coded`: its `_codes` when already computed)."""
     import pyarrow as pa
 
-    codes, names = _codes(values)
+    codes, names = coded if coded is not None else _codes(values)
     if None in names:  # keep nulls as nulls
         mask = codes == names.index(None)
         names = [n if n is not None else "" for n in names]
@@ -444,7 +444,11 @@ def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_
 
     spool_path = None
     if task.spool is not None and len(kidx):
-        take = pa.array(kidx)
+        every = len(kidx) == len(responses)  # the usual: no invalid record to leave out
+
+        def rows(a):
+            return a if every else pc.take(a, pa.array(kidx))
+
         cond_names = list(task.conditions)
         prompts = [c.split("_", 1)[0] for c in cond_names]
         patches = [c.split("_with_", 1)[1].replace("_patch", "") if "_with_" in c else "none" for c in cond_names]
@@ -459,11 +463,11 @@ def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_
             "prompt": _decode(cg, prompts),
             "patch": _decode(cg, patches),
             "trial": pa.array(trial[kidx].astype(np.int32)),
-            "response": pc.take(response, take),
-            "study_action": pc.take(_dict_encode(cols["study_action"]), take).cast(pa.string()),
-            "study_bet": pc.take(_arr(cols["study_bet"], pa.int64()), take),
-            "study_valid": pc.take(s_valid, take),
-            "study_reason": pc.take(_dict_encode(cols["study_reason"]), take).cast(pa.string()),
+            "response": rows(response),
+            "study_action": rows(_dict_encode(cols["study_action"], (sa_codes, sa_names))).cast(pa.string()),
+            "study_bet": rows(_arr(cols["study_bet"], pa.int64())),
+            "study_valid": rows(s_valid),
+            "study_reason": rows(_dict_encode(cols["study_reason"])).cast(pa.string()),
             "action": _decode(action[kidx], ACTIONS),
             "bet": pa.array(bet_k, pa.int32(), mask=bet_k < 0),
             "valid": pa.array(valid[kidx]),
