@@ -58,6 +58,7 @@ def _iter_results(items: list, workers: int, full: bool):
     import msgspec  # noqa: F401
 
     if full:  # a validation does not need pyarrow at all
+        import pandas  # noqa: F401  (pyarrow imports it at its first array, in every worker otherwise)
         import pyarrow.compute  # noqa: F401
 
         from engine.audit import parser  # noqa: F401
@@ -83,13 +84,12 @@ def _iter_results(items: list, workers: int, full: bool):
 
 
 def _warm_imports() -> None:
-    """Import what the statistics and tables need (pandas, scipy.special: ~0.5 s) in a thread
+    """Import what the tables and statistics need (pyarrow.parquet, scipy.special) in a thread
     while the workers read, instead of after them. Started only once the workers are forked
     (a fork during an import could leave a child holding a module lock)."""
     import threading
 
     def run() -> None:
-        import pandas  # noqa: F401
         import pyarrow.parquet  # noqa: F401
         import scipy.special  # noqa: F401
 

@@ -128,27 +128,29 @@ def cohens_h(p1, p2) -> np.ndarray:
 
 
 def feature_conditions(f, c, action, bet, s_stop, s_valid, n_features: int, conditions: tuple[str, ...]):
-    """Counts per (feature, condition) as a dict of flat numpy arrays (index f * C + c)."""
+    """Counts per (feature, condition) as a dict of flat numpy arrays (index f * C + c).
+    One bincount per group of counts: (cell, action) pairs, then the bets with an amount,
+    then (cell, study stop) over the study's valid parses."""
     C = len(conditions)
     g = f.astype(np.int64) * C + c.astype(np.int64)
     size = n_features * C
-
-    def cnt(mask=None, weights=None):
-        if mask is not None:
-            return np.bincount(g[mask], weights=None if weights is None else weights[mask], minlength=size)
-        return np.bincount(g, minlength=size)
-
-    valid = action != 2
-    has_amount = (action == 0) & (bet >= 0)
+    act = np.asarray(action, dtype=np.int64)  # 0 bet, 1 stop, 2 invalid
+    if len(act) and (act.min() < 0 or act.max() > 2):
+        raise ValueError("action codes must be 0 (bet), 1 (stop) or 2 (invalid)")
+    by_action = np.bincount(g * 3 + act, minlength=size * 3).reshape(size, 3)
+    has_amount = (act == 0) & (bet >= 0)
+    g_amount = g[has_amount]
+    sv = np.asarray(s_valid, dtype=bool)
+    by_study = np.bincount(g[sv] * 2 + (np.asarray(s_stop)[sv] == 1), minlength=size * 2).reshape(size, 2)
     return {
-        "n_trials": cnt(),
-        "n_valid": cnt(valid),
-        "n_stop": cnt(action == 1),
-        "n_bet": cnt(action == 0),
-        "bet_sum": cnt(has_amount, bet.astype(np.float64)),
-        "n_bet_amount": cnt(has_amount),
-        "study_n_valid": cnt(s_valid),
-        "study_n_stop": cnt(s_valid & (s_stop == 1)),
+        "n_trials": by_action.sum(axis=1),
+        "n_valid": by_action[:, 0] + by_action[:, 1],
+        "n_stop": by_action[:, 1].copy(),
+        "n_bet": by_action[:, 0].copy(),
+        "bet_sum": np.bincount(g_amount, weights=bet[has_amount].astype(np.float64), minlength=size),
+        "n_bet_amount": np.bincount(g_amount, minlength=size),
+        "study_n_valid": by_study.sum(axis=1),
+        "study_n_stop": by_study[:, 1].copy(),
     }
 
 
