@@ -1,13 +1,14 @@
 """Auditing one response log: decode, check every record, re-parse, spool the valid trials.
 
 Runs in a worker process. The fast path decodes a clean file straight into typed records
-(msgspec, or orjson when msgspec is missing) and does every check column-wise with
-pyarrow/numpy; a file that fails it (damaged JSON, mistyped fields, non-objects) goes
-through `reader.load_tolerant` and a per-record Python pass that reports each problem and
-converts what can be read (`"trial": "7"` -> 7). Both paths produce the same columns.
-The valid records are written to an Arrow IPC spool file; the parent gets back small numpy
-arrays (keys and parses) for deduplication and statistics, and the problems.
-"""
+(msgspec, or orjson when msgspec is missing); feature and condition names become integer
+codes and every check runs with numpy on them. A file that fails the fast path (damaged
+JSON, mistyped fields, non-objects) goes through `reader.load_tolerant` and a per-record
+Python pass that reports each problem and converts what can be read (`"trial": "7"` -> 7).
+Both paths produce the same columns. A validation stops there (no pyarrow); a full audit
+re-parses the replies with pyarrow and writes the valid records to an Arrow IPC spool file.
+The parent gets back small numpy arrays (keys and parses) for deduplication and statistics,
+and the problems."""
 
 from __future__ import annotations
 
@@ -467,7 +468,7 @@ def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_
             "study_action": rows(_dict_encode(cols["study_action"], (sa_codes, sa_names))).cast(pa.string()),
             "study_bet": rows(_arr(cols["study_bet"], pa.int64())),
             "study_valid": rows(s_valid),
-            "study_reason": rows(_dict_encode(cols["study_reason"])).cast(pa.string()),
+            "study_reason": rows(_dict_encode(cols["study_reason"], _run_codes(cols["study_reason"]))).cast(pa.string()),
             "action": _decode(action[kidx], ACTIONS),
             "bet": pa.array(bet_k, pa.int32(), mask=bet_k < 0),
             "valid": pa.array(valid[kidx]),

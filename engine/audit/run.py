@@ -1,15 +1,15 @@
 """Step 0 orchestration: files -> workers -> dedupe -> checks -> statistics -> tables.
 
-Pass 1 (worker processes, file by file): each response log is decoded, checked and
-re-parsed, its valid records spooled to Arrow IPC, and small numpy arrays (keys and parses)
-returned; each checkpoint file returns its normalised records. The parent then keeps the
-newest copy of every checkpoint record (per (layer, feature_id), by file time; checkpoints
-are cumulative, so they are never summed) and of every trial (per (feature, condition,
-trial); later file, then later record, wins), runs the feature-level checks and the
-statistics on those arrays, and in pass 2 streams the winning spooled rows into
-trials.parquet in row groups. Memory stays flat in the number of files: one file's records
-plus ~20 bytes per trial of keys.
-"""
+Worker processes read the files: one task folds every checkpoint file (oldest first) into
+the newest copy of each record (per (layer, feature_id), by file time; checkpoints are
+cumulative, so they are never summed); each response log is decoded, checked and re-parsed,
+its valid records spooled to Arrow IPC, and small numpy arrays (keys and parses) returned.
+Logs are handed out newest first and their results taken in that order, so the parent
+knows at once which trials a newer copy supersedes (per (feature, condition, trial): later
+file, then later record, wins) and streams the winning spooled rows into trials.parquet in
+row groups while the workers read on. It then runs the feature-level checks and the
+statistics on the arrays. Memory stays flat in the number of files: one file's records per
+worker plus ~25 bytes per trial of keys and parses."""
 
 from __future__ import annotations
 
