@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             "audit": [py, "-m", "engine", "audit", "--checkpoints", str(d), "--responses", str(d / "response_logs"),
                       "--cache", str(work / f"cache_{label}")],
         }
+        if label == "full":  # floors, full size only
+            cmds.update({"floor_imports": [py, __file__, "--floor", "imports"],
+                         "floor_decode": [py, __file__, "--floor", "decode", "--data", str(d)],
+                         "floor_json": [py, __file__, "--floor", "json", "--data", str(d)]})
         best: dict[str, dict] = {}
         peaks: dict[str, float] = {}
         for _ in range(a.repeats):  # interleaved, so load from other processes hits all alike
@@ -189,18 +193,6 @@ def main(argv: list[str] | None = None) -> int:
                     best[name] = m
         for name in best:
             best[name]["peak_mb_max"] = peaks[name]
-        if label == "full":  # floors, full size only
-            floors = {"floor_imports": [py, __file__, "--floor", "imports"],
-                      "floor_decode": [py, __file__, "--floor", "decode", "--data", str(d)],
-                      "floor_json": [py, __file__, "--floor", "json", "--data", str(d)]}
-            for _ in range(a.repeats):
-                for name, cmd in floors.items():
-                    m = measure(cmd, env)
-                    peaks[name] = max(peaks.get(name, 0.0), m["tree_peak_mb"])
-                    if name not in best or m["wall_s"] < best[name]["wall_s"]:
-                        best[name] = m
-            for name in floors:
-                best[name]["peak_mb_max"] = peaks[name]
         val = json.loads((work / f"cache_{label}" / "audit" / "data_validation.json").read_text())
         plan = json.loads((work / f"plan_{label}.json").read_text())
         results[label] = {"files": n_files, "json_mb": du_mb(d), "records": val["records_read"]["responses"],

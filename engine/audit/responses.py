@@ -30,19 +30,6 @@ MAX_TRIAL = 1_000_000  # larger indices are corrupt (and would overflow the dedu
 try:  # msgspec decodes straight into typed records, skipping unused fields
     import msgspec
 
-    class _Parsed(msgspec.Struct, gc=False):
-        action: str | None = None
-        bet: int | None = None
-        valid: bool | None = None
-        reason: str | None = None
-
-    class _Trial(msgspec.Struct, gc=False):
-        feature: str
-        condition: str
-        trial: int
-        response: str
-        parsed: _Parsed | None = None
-
     # validation only: the study's action and reason are not used (a non-string one is read as
     # None without a problem on the slow path too), so they are skipped without building objects
     class _ParsedChecked(msgspec.Struct, gc=False):
@@ -55,6 +42,13 @@ try:  # msgspec decodes straight into typed records, skipping unused fields
         trial: int
         response: str
         parsed: _ParsedChecked | None = None
+
+    class _Parsed(_ParsedChecked, gc=False):
+        action: str | None = None
+        reason: str | None = None
+
+    class _Trial(_TrialChecked, gc=False):
+        parsed: _Parsed | None = None
 
     _DECODER = msgspec.json.Decoder(list[_Trial])
     _DECODER_CHECK = msgspec.json.Decoder(list[_TrialChecked])
