@@ -239,36 +239,33 @@ class TrialStream:
 
     def _seen_before(self, f: np.ndarray, c: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Which rows have a key that an earlier-added (newer) file holds; records the keys."""
-        C = self.C
-        tmax = int(t.max())
-        if self.seen_map is not None and tmax >= self.T:
-            while self.T <= tmax:
-                self.T *= 2
-            self.seen_map = np.zeros(0, dtype=bool)
-            if len(self.gcode) * C * self.T > self.BITMAP_MAX:
-                self.seen_map = None
-            for d in self.files:  # re-record with the new T (or into the sorted array)
-                self._record(d["f"], d["c"], d["t"])
-        return self._record(f, c, t)
-
-    def _record(self, f, c, t) -> np.ndarray:
-        C = self.C
         if self.seen_map is not None:
-            size = len(self.gcode) * C * self.T
-            if size > self.BITMAP_MAX:
+            T = self.T
+            while T <= int(t.max()):
+                T *= 2
+            if len(self.gcode) * self.C * T > self.BITMAP_MAX:  # switch to the sorted array
                 self.seen_map = None
                 for d in self.files:
-                    self._record(d["f"], d["c"], d["t"])
-                return self._record(f, c, t)
-            if len(self.seen_map) < size:
-                grown = np.zeros(max(size, 2 * len(self.seen_map)), dtype=bool)
-                grown[:len(self.seen_map)] = self.seen_map
-                self.seen_map = grown
-            key = (f * C + c.astype(np.int64)) * self.T + t.astype(np.int64)
-            before = self.seen_map[key]
-            self.seen_map[key] = True
-            return before
-        key = (f * C + c.astype(np.int64)) * self.KEY_T + t.astype(np.int64)
+                    self._sorted(d["f"], d["c"], d["t"])
+            elif T != self.T:  # a larger trial index: the flags again, with the larger T
+                self.T, self.seen_map = T, np.zeros(0, dtype=bool)
+                for d in self.files:
+                    self._flags(d["f"], d["c"], d["t"])
+        return self._sorted(f, c, t) if self.seen_map is None else self._flags(f, c, t)
+
+    def _flags(self, f, c, t) -> np.ndarray:
+        size = len(self.gcode) * self.C * self.T
+        if len(self.seen_map) < size:
+            grown = np.zeros(max(size, 2 * len(self.seen_map)), dtype=bool)
+            grown[:len(self.seen_map)] = self.seen_map
+            self.seen_map = grown
+        key = (f * self.C + c.astype(np.int64)) * self.T + t.astype(np.int64)
+        before = self.seen_map[key]
+        self.seen_map[key] = True
+        return before
+
+    def _sorted(self, f, c, t) -> np.ndarray:
+        key = (f * self.C + c.astype(np.int64)) * self.KEY_T + t.astype(np.int64)
         before = np.isin(key, self.seen_sorted)
         self.seen_sorted = np.union1d(self.seen_sorted, key)
         return before
