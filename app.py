@@ -7,15 +7,17 @@ Pages live in pages/; their logic in explorer/. No torch in this process.
 import pandas as pd
 import streamlit as st
 
-from engine import schema
 from explorer import data
-from explorer.widgets import PAGES, fmt, page_setup
+from explorer.demo import demo_info
+from explorer.widgets import PAGES, demo_panel, fmt, page_setup
 
 ctx = page_setup("Home", ":material/hub:")
 
 st.title("SAE pathway explorer")
 st.caption("Causal SAE features of LLaMA-3.1-8B in the gambling study, their upstream pathways and the tokens "
            "they relate to. Everything shown here is read from the cache the engine wrote.")
+if (demo := demo_info(ctx)) is not None:
+    demo_panel(demo)
 
 cfg = ctx.cfg
 c1, c2 = st.columns([3, 2])
@@ -30,8 +32,6 @@ with c1.container(border=True):
 with c2.container(border=True):
     st.markdown("**Cache**")
     st.markdown(f"`{ctx.cache}`")
-    if (ctx.cache / schema.DEMO_MARKER).is_file():
-        st.info("This cache holds the embedded demo: a small random model, not LLaMA-3.1-8B.", icon=":material/science:")
     if ctx.config_error:
         st.warning(f"The config could not be read, defaults are shown: {ctx.config_error}", icon=":material/warning:")
 

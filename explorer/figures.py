@@ -313,7 +313,8 @@ def logit_lens_figure(promoted: list[dict], suppressed: list[dict], n: int = 15)
         hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
     fig.update_layout(**_BASE_LAYOUT, height=max(300, 18 * len(rows) + 80),
                       title=dict(text="Logit lens", x=0.01),
-                      xaxis=dict(title="logit effect (decoder direction · unembedding)"), yaxis=dict(automargin=True))
+                      xaxis=dict(title="logit effect (decoder direction · unembedding)"),
+                      yaxis=dict(automargin=True, type="category"))  # tokens such as '130' are labels, not numbers
     return fig
 
 

@@ -427,3 +427,135 @@ def _valid_feature(value: Any) -> str | None:
         return str(schema.FeatureId.parse(value))
     except UserError:
         return None
+
+
+# ---------------------------------------------------------------------------
+# The embedded demo (home page)
+# ---------------------------------------------------------------------------
+
+
+def _p_text(p: float | None) -> str:
+    return "–" if p is None else f"{p:.2g}"
+
+
+def demo_panel(info) -> None:
+    """Say plainly that the cache holds the embedded demo (explorer.demo.DemoInfo): what its
+    model is, what it learned, which features were causal, the build's times, and how to
+    point the tool at real data instead."""
+    from explorer.demo import REAL_DATA_COMMANDS, REAL_DATA_YAML
+
+    arch = f" ({info.architecture})" if info.architecture else ""
+    with st.container(border=True):
+        st.markdown("#### :material/science: This is the embedded demo, not LLaMA-3.1-8B")
+        st.markdown(
+            f"The cache holds the output of `python -m engine demo`: a small LLaMA-architecture model{arch} "
+            "trained to play the study's slot-machine game, residual SAEs trained on its activations, and a "
+            "miniature of Experiments 1 and 2 run on it, in the study's file formats, through the whole pipeline. "
+            "Every page shows that small model's results. `docs/demo.md` says how it is built.")
+        if info.problem:
+            st.warning(f"The demo's record {info.problem}; rebuild it with `python -m engine demo --force`.",
+                       icon=":material/broken_image:")
+        else:
+            if not info.complete:
+                st.warning("The demo's build did not finish; `python -m engine demo` resumes it.",
+                           icon=":material/hourglass_top:")
+            if info.later_model:
+                st.warning(f"A later `python -m engine run` with the model `{info.later_model}` wrote this cache's "
+                           "results: the pages show those, and the demo's own files stay in `demo/`.",
+                           icon=":material/swap_horiz:")
+            c1, c2, c3 = st.columns([2.6, 1.6, 1], gap="medium")
+            with c1:
+                _demo_learned(info)
+            with c2:
+                _demo_causal(info)
+            with c3:
+                st.markdown("**Build time**")
+                st.dataframe(_demo_stages(info), hide_index=True, width="stretch",
+                             column_config={"seconds": st.column_config.NumberColumn("wall s", format="%.1f")})
+                bits = [f"seed {info.seed}" if info.seed is not None else None,
+                        f"`--minutes {info.minutes:g}`" if info.minutes is not None else None]
+                st.caption(" · ".join(b for b in bits if b))
+    with st.container(border=True):
+        st.markdown("#### :material/database: Pointing the tool at real data")
+        st.markdown("In the repository's `config.yaml` (every key is documented there) set `model.name_or_path` "
+                    "to LLaMA-3.1-8B, `sae.source` to the LlamaScope SAEs and `data.checkpoints_dir` / "
+                    "`data.responses_dir` to the study's folders:")
+        st.code(REAL_DATA_YAML, language="yaml")
+        st.markdown("Then run the pipeline (the pathway step wants a GPU) and open the explorer on its results:")
+        st.code(REAL_DATA_COMMANDS, language="bash")
+
+
+def _demo_stages(info) -> pd.DataFrame:
+    from explorer.demo import stage_table
+
+    return stage_table(info)
+
+
+def _demo_learned(info) -> None:
+    st.markdown("**What the model learned**: its answers to the study's two prompts")
+    if info.rates is None:
+        st.info("The record holds no decision rates.", icon=":material/info:")
+    else:
+        t = info.rates
+        frame = pd.DataFrame({
+            "model": t["model"],
+            "stop_safe": [fmt(v, 2) for v in t["stop_safe"]],
+            "stop_risky": [fmt(v, 2) for v in t["stop_risky"]],
+            "valid": [f"{fmt(r['valid_n_safe'])}/{fmt(r['n_safe'])} · {fmt(r['valid_n_risky'])}/{fmt(r['n_risky'])}"
+                      for _, r in t.iterrows()],
+            "mean_bet_risky": [f"${v:.2f}" if v is not None and v == v else "–" for v in t["mean_bet_risky"]],
+        })
+        # Text cells: a rate over no valid answer shows "–", not "None".
+        st.dataframe(frame, hide_index=True, width="stretch", column_config={
+            "model": st.column_config.TextColumn(help="trained: the demo model; untrained: the same architecture "
+                                                      "with its initial weights"),
+            "stop_safe": st.column_config.TextColumn(
+                "stop, safe", help="Share of valid answers that stop, on the safe prompt ($140 after a win, "
+                                   "fixed $10 bets)"),
+            "stop_risky": st.column_config.TextColumn(
+                "stop, risky", help="Share of valid answers that stop, on the risky prompt ($20 after a $100 loss, "
+                                    "variable bets)"),
+            "valid": st.column_config.TextColumn(
+                "valid (safe · risky)", help="Answers in the game's format (a choice, then a bet or a stop), of "
+                                             "those sampled"),
+            "mean_bet_risky": st.column_config.TextColumn("bet, risky",
+                                                          help="Mean stated bet of the valid betting answers on "
+                                                               "the risky prompt"),
+        })
+    p = _p_text(info.learned_p)
+    trained = info.rates[info.rates["model"] == "trained"] if info.rates is not None else None
+    if trained is not None and len(trained):
+        r = trained.iloc[0]
+        what = (f"stop rate {fmt(r['stop_safe'], 2)} on the safe prompt vs {fmt(r['stop_risky'], 2)} on the risky "
+                f"prompt (one-sided Fisher's exact test, p = {p})")
+    else:
+        what = f"p = {p}"
+    if info.learned_ok is True:
+        st.success(f"It learned the gamble: {what}.", icon=":material/check_circle:")
+    elif info.learned_ok is False:
+        st.error(f"The model did NOT learn the gamble: {what}; at least 80% valid answers on both prompts and "
+                 "p < 0.01 are needed. The features below come from a model that does not gamble.",
+                 icon=":material/error:")
+    else:
+        st.warning("The record does not say whether the model learned the gamble.", icon=":material/help:")
+
+
+def _demo_causal(info) -> None:
+    st.markdown("**Experiment 2**: which features change the decision")
+    tested = f" of {info.features_tested} tested" if info.features_tested is not None else ""
+    trials = f", {info.n_trials} trials per condition" if info.n_trials is not None else ""
+    rule = info.rule_name or "the demo's rule"
+    st.metric(f"Causal features{tested}", fmt(info.n_causal), help=info.rule, border=True)
+    if info.n_causal == 0:
+        st.warning(f"No feature was causal by {rule}: the Features and Pathway pages have nothing to show.",
+                   icon=":material/search_off:")
+    elif info.n_causal is None:
+        st.warning("The record does not say how many features were causal.", icon=":material/help:")
+    else:
+        shown = ", ".join(f"`{f}`" for f in info.causal_features) or "–"
+        st.markdown(f"By **{rule}**{trials} (patched to the stop-game vs the bankrupt-game mean): {shown}.",
+                    help=info.rule)
+    if info.n_causal_run_b is not None:
+        b = ", ".join(f"`{f}`" for f in info.causal_features_run_b)
+        st.caption(f"By the study's final rule (Run B): {info.n_causal_run_b}" + (f" ({b})" if b else "") +
+                   ". The checkpoints record Run A's verdict, which the selection step reads.", help=info.rule_run_b)

@@ -246,7 +246,9 @@ def test_tokens_views(monkeypatch, small_cache):
     m = metrics(at)
     assert m["Last token, risky"] == f"{tok['prompt_activations']['risky']['last_token_activation']:.3f}"
     assert m["Significant words"] == str(sum(w["significant"] for w in tok["behavioural_words"]))
-    lens = next(s for s in plotly_specs(at) if "Logit lens" in s["layout"]["title"]["text"])["data"][0]
+    lens_fig = next(s for s in plotly_specs(at) if "Logit lens" in s["layout"]["title"]["text"])
+    assert lens_fig["layout"]["yaxis"]["type"] == "category"  # number tokens ('130') stay labels
+    lens = lens_fig["data"][0]
     assert sorted(lens["x"]) == sorted(t["value"] for t in tok["logit_lens"]["promoted"] + tok["logit_lens"]["suppressed"])
     words = next(d.value for d in at.dataframe if "term" in d.value.columns)
     assert set(words["term"]) == {w["term"] for w in tok["behavioural_words"]}

@@ -19,7 +19,10 @@ import json, sys
 sys.path[:0] = [ROOT, ROOT + "/tests"]
 from cache_factory import make_cache
 make_cache(CACHE, "small", seed=0)
-import explorer.context, explorer.data, explorer.figures, explorer.graph, explorer.jobs, explorer.style, explorer.views
+import pathlib  # a demo marker, so that the home page's demo panel runs too
+pathlib.Path(CACHE, "demo").mkdir()
+pathlib.Path(CACHE, "demo", "DEMO.json").write_text('{"demo": true, "complete": true, "learned": {"ok": true}}')
+import explorer.context, explorer.data, explorer.demo, explorer.figures, explorer.graph, explorer.jobs, explorer.style, explorer.views
 import explorer.widgets
 from streamlit.testing.v1 import AppTest
 sys.argv = ["app.py", "--cache", CACHE]
