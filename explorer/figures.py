@@ -281,8 +281,15 @@ def trial_histogram(counts: pd.Series, expected: int | None) -> go.Figure:
     if expected:
         fig.add_vline(x=expected, line=dict(color=style.RISKY, dash="dash"), annotation_text=f"expected {expected}",
                       annotation_position="top left")
+    xaxis: dict = dict(title="trials")
+    if len(counts):
+        lo, hi = int(counts.min()), int(counts.max())
+        if expected:
+            lo, hi = min(lo, expected), max(hi, expected)
+        if hi - lo < 10:  # counts are whole trials: whole-number ticks, not 49.6 .. 50.4 around one bar
+            xaxis.update(range=[lo - 2.5, hi + 2.5], dtick=1)
     fig.update_layout(**_BASE_LAYOUT, height=300, bargap=0.05, title=dict(text="Trials per feature × condition", x=0.01),
-                      xaxis=dict(title="trials"), yaxis=dict(title="feature × condition pairs"), showlegend=False)
+                      xaxis=xaxis, yaxis=dict(title="feature × condition pairs"), showlegend=False)
     return fig
 
 

@@ -97,6 +97,19 @@ def test_audit_numbers_match_the_cache(monkeypatch, small_cache):
     assert list(runs["run_id"]) == [r["run_id"] for r in v["runs_found"]]
 
 
+def test_trial_histogram_has_whole_number_ticks_when_counts_barely_vary():
+    import pandas as pd
+
+    from explorer import figures
+
+    even = figures.trial_histogram(pd.Series([50] * 144), 50)  # the demo: every pair has its 50 trials
+    assert even.layout.xaxis.dtick == 1 and tuple(even.layout.xaxis.range) == (47.5, 52.5)
+    short = figures.trial_histogram(pd.Series([44, 50, 50]), 50)
+    assert tuple(short.layout.xaxis.range) == (41.5, 52.5)
+    spread = figures.trial_histogram(pd.Series([3, 50, 28]), 50)
+    assert spread.layout.xaxis.range is None and spread.layout.xaxis.dtick is None
+
+
 def test_audit_problem_filter(monkeypatch, small_cache):
     at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/1_Audit.py").run()
     at.multiselect[0].select("malformed_feature").run()

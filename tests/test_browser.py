@@ -1,8 +1,14 @@
 """The explorer in a real browser: `streamlit run app.py` on a free localhost port, driven by
 Debian's chromium through Playwright (never a downloaded browser).
 
-Screenshots of every page go to test-artifacts/screenshots/; with UPDATE_SCREENSHOTS=1 they
-are also copied to docs/screenshots/ (the README shows those)."""
+The main test runs on the shortened demo's cache (the session fixture `demo_cache`, shared with
+tests/test_demo.py; `ENGINE_TEST_DEMO_CACHE=DIR` reuses any finished demo, the full one
+included): Home with its demo banner, Audit, a click on a causal feature, its pathway graph,
+deep links, Tokens and the live prototype. The shortened demo has a single causal feature, so
+the walk from a graph node to that node's own pathway and Back runs on the synthetic cache.
+
+Screenshots of every page go to test-artifacts/screenshots/; with UPDATE_SCREENSHOTS=1 the
+demo's are also copied to docs/screenshots/ (the README shows those)."""
 
 from __future__ import annotations
 
@@ -13,11 +19,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from cache_factory import make_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -33,24 +38,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _need_browser() -> None:
     pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)")
-    from engine.config import load_config
 
-    root = tmp_path_factory.mktemp("browser")
-    config = root / "config.yaml"
-    config.write_text("cache_dir: cache\n")
-    info = make_cache(root / "cache", "small", seed=0, cfg=load_config(config))
+
+@contextmanager
+def streamlit_app(config: Path, cache: Path, workdir: Path):
+    """`streamlit run app.py -- --config ... --cache ...` until the block ends; yields its URL."""
     port = free_port()
-    log = open(root / "streamlit.log", "w")
+    log_path = workdir / "streamlit.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none", "--", "--config", str(config), "--cache", str(root / "cache")],
-        cwd=str(root), stdout=log, stderr=subprocess.STDOUT)  # another working directory than the repository
+         "--server.fileWatcherType", "none", "--", "--config", str(config), "--cache", str(cache)],
+        cwd=str(workdir), stdout=log, stderr=subprocess.STDOUT)  # another working directory than the repository
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -61,9 +65,9 @@ def server(tmp_path_factory):
             except OSError:
                 pass
             if time.time() > deadline or proc.poll() is not None:
-                raise AssertionError("streamlit did not start: " + (root / "streamlit.log").read_text()[-2000:])
+                raise AssertionError("streamlit did not start: " + log_path.read_text()[-2000:])
             time.sleep(0.25)
-        yield url, info
+        yield url
     finally:
         proc.terminate()
         try:
@@ -73,6 +77,23 @@ def server(tmp_path_factory):
         log.close()
 
 
+@contextmanager
+def browser_page():
+    """A chromium page; fails the test on any uncaught page error."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1440, "height": 1800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            yield page
+        finally:
+            browser.close()
+        assert not errors, errors
+
+
 def wait_app(page, timeout: float = 30_000) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout)
     page.wait_for_selector("[data-test-script-state='notRunning']", timeout=timeout)
@@ -80,12 +101,20 @@ def wait_app(page, timeout: float = 30_000) -> None:
                            timeout=timeout)
 
 
-def shot(page, name: str) -> None:
+def no_error_boxes(page) -> None:
+    """No st.exception (a traceback) and no st.error box on the page."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    expect(page.locator("[data-testid='stAlertContentError']")).to_have_count(0)
+
+
+def shot(page, name: str, docs: bool = True) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.wait_for_timeout(600)  # let plotly and the grids paint
     page.screenshot(path=str(path), full_page=True)
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+    if docs and os.environ.get("UPDATE_SCREENSHOTS") == "1":
         DOCS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DOCS / f"{name}.png")
 
@@ -94,77 +123,204 @@ def graph_title(page, text: str, timeout: float = 30_000) -> None:
     page.locator(".gtitle", has_text=text).first.wait_for(state="visible", timeout=timeout)
 
 
-def test_pages_clicks_and_deep_links(server):
-    from playwright.sync_api import expect, sync_playwright
+def click_table_row(page, row: int) -> None:
+    """Click the row-marker cell of a row of the first st.dataframe (a canvas grid: 35 px rows)."""
+    grid = page.get_by_test_id("stDataFrame").first
+    grid.scroll_into_view_if_needed()
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + 12, box["y"] + 35 + 35 * row + 17)
 
-    url, info = server
-    feats = [f["feature"] for f in info["features"]]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        page = browser.new_page(viewport={"width": 1440, "height": 1800})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
 
+JS_NODES = """() => { const gd = document.querySelectorAll('.js-plotly-plot')[0];
+    const i = gd.data.findIndex(t => t.name === 'nodes');
+    return {i, ids: gd.data[i].customdata}; }"""
+
+
+def graph_nodes(page) -> dict:
+    return page.evaluate(JS_NODES)
+
+
+def keep_every_node(page, title: str) -> None:
+    """Move the 'Nodes kept' slider to 1.0."""
+    slider = page.get_by_test_id("stSlider").first
+    slider.get_by_role("slider").focus()
+    page.keyboard.press("End")
+    wait_app(page)
+    graph_title(page, title)
+
+
+def park_mouse(page) -> None:
+    """Move the pointer to an empty corner: no hover label or grid toolbar in the screenshot."""
+    page.mouse.move(1430, 1790)
+
+
+def click_node(page, nodes: dict, node: str) -> None:
+    k = nodes["ids"].index(node)
+    point = page.locator(".js-plotly-plot").first.locator(".scatterlayer .trace").nth(nodes["i"]).locator(".point").nth(k)
+    pb = point.bounding_box()
+    page.mouse.move(pb["x"] + pb["width"] / 2, pb["y"] + pb["height"] / 2)
+    page.mouse.click(pb["x"] + pb["width"] / 2, pb["y"] + pb["height"] / 2)
+
+
+# ---------------------------------------------------------------------------
+# The demo's cache
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_site(demo_cache, tmp_path_factory):
+    """The app on the demo's cache, and what the cache holds (read here, not from the page)."""
+    _need_browser()
+    from engine.schema import DEMO_MARKER, read_json
+    from explorer import data, views
+    from explorer.context import build_context
+
+    marker = read_json(demo_cache / DEMO_MARKER, "demo marker")
+    config = demo_cache / marker["config"]
+    ctx = build_context(str(config), str(demo_cache))
+    overview = views.filter_features(data.feature_overview(ctx))  # the Features table, in its order
+    with_pathway = overview[overview["has_pathway"]]
+    assert len(with_pathway), "the demo's pipeline wrote no pathway"
+    strongest = marker["experiment_2"].get("strongest_feature")
+    feature = strongest if strongest in set(with_pathway["feature"]) else with_pathway["feature"].iloc[0]
+    info = {
+        "marker": marker,
+        "features": overview["feature"].tolist(),
+        "feature": feature,
+        "row": overview.index[overview["feature"] == feature][0],
+        "direction": overview.loc[overview["feature"] == feature, "direction"].iloc[0],
+        "pathway_features": data.pathway_features(ctx),
+        "token_features": data.token_features(ctx),
+    }
+    with streamlit_app(config, demo_cache, tmp_path_factory.mktemp("browser_demo")) as url:
+        yield url, info
+
+
+def test_demo_pages_clicks_and_deep_links(demo_site):
+    from playwright.sync_api import expect
+
+    url, info = demo_site
+    feature, marker = info["feature"], info["marker"]
+    with browser_page() as page:
+        # Home says plainly that this is the demo model, with what it learned.
         page.goto(url)
         wait_app(page)
         expect(page.get_by_role("heading", name="SAE pathway explorer")).to_be_visible()
+        expect(page.get_by_role("heading", name="This is the embedded demo, not LLaMA-3.1-8B")).to_be_visible()
+        verdict = "It learned the gamble" if marker["learned"]["ok"] else "The model did NOT learn the gamble"
+        expect(page.get_by_text(verdict)).to_be_visible()
+        expect(page.get_by_role("heading", name="Pointing the tool at real data")).to_be_visible()
+        expect(page.get_by_text("random model")).to_have_count(0)
         expect(page.get_by_test_id("stSidebar").get_by_text("Live prototype")).to_be_visible()  # titles, not file names
+        if marker["learned"]["ok"]:
+            no_error_boxes(page)
         shot(page, "home")
 
         page.goto(f"{url}/Audit")
         wait_app(page)
         expect(page.get_by_role("heading", name="Data audit")).to_be_visible()
+        no_error_boxes(page)
         shot(page, "audit")
 
-        # Features: click a row of the table; the preview shows that feature's pathway.
+        # Features: click the causal feature's row; the preview shows its pathway.
         page.goto(f"{url}/Features")
         wait_app(page)
-        row = 3
-        feature = feats[row]
-        assert feature in info["pathway_features"]
-        grid = page.get_by_test_id("stDataFrame").first
-        grid.scroll_into_view_if_needed()
-        box = grid.bounding_box()
-        page.mouse.click(box["x"] + 12, box["y"] + 35 + 35 * row + 17)  # the row-marker column
+        click_table_row(page, info["row"])
         wait_app(page)
         graph_title(page, f"Pathway of {feature}")
         expect(page.get_by_role("heading", name=feature)).to_be_visible()
+        page.wait_for_url(f"**/Features?feature={feature}*")  # the selection is in the address
+        park_mouse(page)
+        no_error_boxes(page)
         shot(page, "features")
 
-        # Its "Open pathway" link opens the Pathway page on that feature.
+        # Its "Open pathway" link opens the Pathway page on that feature and its direction's prompt.
         page.get_by_role("link", name="Open pathway").click()
         page.wait_for_url(f"**/Pathway?feature={feature}*")
         wait_app(page)
-        direction = next(f["direction"] for f in info["features"] if f["feature"] == feature)
-        graph_title(page, f"Pathway of {feature} · {'risky' if direction == 'risky' else 'safe'} prompt")
+        prompt = "risky" if info["direction"] == "risky" else "safe"
+        graph_title(page, f"Pathway of {feature} · {prompt} prompt")
 
-        # A deep link, then a click on a node that has its own pathway, then Back.
-        deep = "L3-235" if "L3-235" in info["pathway_features"] else info["pathway_features"][-1]
+        # A deep link to the other prompt; a click on a node shows its card: a node with its own
+        # pathway when the graph holds one (the full demo's do; the shortened demo has one feature).
+        other = "safe" if prompt == "risky" else "risky"
+        page.goto(f"{url}/Pathway?feature={feature}&prompt={other}")
+        wait_app(page)
+        title = f"Pathway of {feature} · {other} prompt"
+        graph_title(page, title)
+        nodes = graph_nodes(page)
+        own = [n for n in nodes["ids"] if n != feature and n in info["pathway_features"]]
+        target = own[0] if own else next(n for n in nodes["ids"] if n != feature)
+        click_node(page, nodes, target)
+        expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
+        park_mouse(page)
+        no_error_boxes(page)
+        shot(page, "pathway")
+        if own:
+            page.get_by_role("button", name=f"Open the pathway of {target}").click()
+            page.wait_for_url(f"**/Pathway?feature={target}*")
+            wait_app(page)
+            graph_title(page, f"Pathway of {target}")
+            page.go_back()
+            page.wait_for_url(f"**feature={feature}*")
+            wait_app(page)
+            graph_title(page, title)
+        page.reload()
+        wait_app(page)
+        graph_title(page, title)
+
+        page.goto(f"{url}/Tokens?feature={feature}")
+        wait_app(page)
+        expect(page.get_by_role("heading", name="Output tokens")).to_be_visible()
+        no_error_boxes(page)
+        shot(page, "tokens")
+
+        page.goto(f"{url}/Live_prototype?feature={feature}")
+        wait_app(page)
+        expect(page.get_by_role("button", name="Run")).to_be_enabled()
+        shot(page, "live_prototype")
+
+
+# ---------------------------------------------------------------------------
+# The synthetic cache: many causal features, so a graph holds nodes with their own pathway
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_site(tmp_path_factory):
+    _need_browser()
+    from cache_factory import make_cache
+    from engine.config import load_config
+
+    root = tmp_path_factory.mktemp("browser")
+    config = root / "config.yaml"
+    config.write_text("cache_dir: cache\n")
+    info = make_cache(root / "cache", "small", seed=0, cfg=load_config(config))
+    with streamlit_app(config, root / "cache", root) as url:
+        yield url, info
+
+
+def test_node_with_its_own_pathway_opens_it_and_back_returns(synthetic_site):
+    from playwright.sync_api import expect
+
+    url, info = synthetic_site
+    files = info["pathway_features"]
+    deep = "L3-235" if "L3-235" in files else files[-1]
+    title = f"Pathway of {deep} · risky prompt"
+    with browser_page() as page:
         page.goto(f"{url}/Pathway?feature={deep}&prompt=risky")
         wait_app(page)
-        graph_title(page, f"Pathway of {deep} · risky prompt")
+        graph_title(page, title)
         page.get_by_text("Nodes kept").wait_for()
-        # Keep every node so the planted causal features are on screen, then click one.
-        js_nodes = """() => { const gd = document.querySelectorAll('.js-plotly-plot')[0];
-            const i = gd.data.findIndex(t => t.name === 'nodes');
-            return {i, ids: gd.data[i].customdata, x: gd.data[i].x, y: gd.data[i].y}; }"""
-        nodes = page.evaluate(js_nodes)
-        target = next((n for n in nodes["ids"] if n in info["pathway_features"]), None)
+        nodes = graph_nodes(page)
+        target = next((n for n in nodes["ids"] if n in files and n != deep), None)
         if target is None:  # not among the strongest: show them all
-            slider = page.get_by_test_id("stSlider").first
-            slider.get_by_role("slider").focus()
-            page.keyboard.press("End")
-            wait_app(page)
-            graph_title(page, f"Pathway of {deep} · risky prompt")
-            nodes = page.evaluate(js_nodes)
-            target = next(n for n in nodes["ids"] if n in info["pathway_features"])
-        k = nodes["ids"].index(target)
-        point = page.locator(".js-plotly-plot").first.locator(".scatterlayer .trace").nth(nodes["i"]).locator(".point").nth(k)
-        pb = point.bounding_box()
-        page.mouse.move(pb["x"] + pb["width"] / 2, pb["y"] + pb["height"] / 2)
-        page.mouse.click(pb["x"] + pb["width"] / 2, pb["y"] + pb["height"] / 2)
+            keep_every_node(page, title)
+            nodes = graph_nodes(page)
+            target = next(n for n in nodes["ids"] if n in files and n != deep)
+        click_node(page, nodes, target)
         expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
-        shot(page, "pathway")
+        shot(page, "synthetic_pathway_node", docs=False)
         page.get_by_role("button", name=f"Open the pathway of {target}").click()
         page.wait_for_url(f"**/Pathway?feature={target}*")
         wait_app(page)
@@ -172,19 +328,4 @@ def test_pages_clicks_and_deep_links(server):
         page.go_back()
         page.wait_for_url(f"**feature={deep}*")
         wait_app(page)
-        graph_title(page, f"Pathway of {deep} · risky prompt")
-        page.reload()
-        wait_app(page)
-        graph_title(page, f"Pathway of {deep} · risky prompt")
-
-        page.goto(f"{url}/Tokens?feature={info['token_features'][0]}")
-        wait_app(page)
-        expect(page.get_by_role("heading", name="Output tokens")).to_be_visible()
-        shot(page, "tokens")
-
-        page.goto(f"{url}/Live_prototype?feature={feats[0]}")
-        wait_app(page)
-        expect(page.get_by_role("button", name="Run")).to_be_enabled()
-        shot(page, "live_prototype")
-        assert not errors, errors
-        browser.close()
+        graph_title(page, title)
