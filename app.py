@@ -92,9 +92,10 @@ except data.CacheProblem:
 cards = [
     ("audit", ":material/fact_check:", "Audit", "Data checks on the study's checkpoints and response logs."),
     ("features", ":material/list:", "Features",
-     f"{fmt(counts['features'])} causal features by layer and direction." if counts["features"] is not None
+     f"{fmt(counts['features'])} causal feature{'' if counts['features'] == 1 else 's'} by layer and direction."
+     if counts["features"] is not None
      else "No causal feature list yet."),
-    ("pathway", ":material/account_tree:", "Pathway", f"{fmt(counts['pathways'])} pathway graphs with replay validation."),
+    ("pathway", ":material/account_tree:", "Pathway", f"{fmt(counts['pathways'])} pathway graph{'' if counts['pathways'] == 1 else 's'} with replay validation."),
     ("tokens", ":material/text_fields:", "Tokens", f"Token views for {fmt(counts['tokens'])} features."),
     ("live", ":material/play_circle:", "Live prototype", "Run any feature on a prompt now, on CPU or GPU."),
 ]

@@ -263,3 +263,16 @@ def audit_trial_summary(ctx: AppContext, v: dict) -> dict | None:
     if isinstance(v.get("parser_comparison"), dict) and v["parser_comparison"].get("trials"):
         return parse_summary(v, None)
     return _AUDIT.get(key, lambda: parse_summary(v, data.audit_trials(ctx)))
+
+
+def preview_prompt(rec) -> str:
+    """The prompt a feature's preview shows: where the feature is more active, so the graph
+    explains an activation rather than an off feature; by its direction when both are off."""
+    import math
+
+    safe, risky = rec.get("act_safe"), rec.get("act_risky")
+    safe = 0.0 if safe is None or (isinstance(safe, float) and math.isnan(safe)) else float(safe)
+    risky = 0.0 if risky is None or (isinstance(risky, float) and math.isnan(risky)) else float(risky)
+    if safe != risky:
+        return "safe" if safe > risky else "risky"
+    return "risky" if rec.get("direction") == "risky" else "safe"

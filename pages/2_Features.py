@@ -74,7 +74,8 @@ with left:
             "feature": st.column_config.TextColumn(help="L<layer>-<SAE index>"),
             "direction": st.column_config.TextColumn(help="safe: patching makes the model stop more; risky: bet more"),
             "cohen_d": st.column_config.NumberColumn("Cohen's d", format="%+.2f",
-                                                     help="Effect size of patching on the stop rate"),
+                                                     help="Experiment 1's Cohen's d of the feature's activation, bankrupt "
+                                                          "games minus voluntarily stopped games (from the checkpoint)"),
             "n_trials": st.column_config.NumberColumn("trials", help="Valid trials of the feature over all conditions"),
             "nodes": st.column_config.NumberColumn("nodes", format="%d", help="Upstream nodes of its pathway (largest prompt)"),
             "validated": st.column_config.ProgressColumn("validated", min_value=0.0, max_value=1.0, format="percent",
@@ -99,7 +100,7 @@ with right:
     st.query_params["feature"] = feature  # reload keeps the selection
     st.markdown(f"### {feature}")
     st.caption(f"{rec['direction']} · Cohen's d {fmt(rec['cohen_d'], 2, signed=True)} · layer {rec['layer']}")
-    prompt = "risky" if rec["direction"] == "risky" else "safe"
+    prompt = views.preview_prompt(rec)
     b1, b2, b3 = st.columns(3)
     b1.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:",
                  query_params={"feature": feature, "prompt": prompt})
@@ -116,5 +117,5 @@ with right:
         show_problem(exc)
         st.stop()
     pathway_panel(ctx, bundle, key="preview", causal={}, files=set(), compact=True)
-    st.caption("Strongest nodes (80% of |attribution|) on the prompt matching the feature's direction; "
+    st.caption(f"Strongest nodes (80% of |attribution|) on the {prompt} prompt (where the feature is more active); "
                "the Pathway page has the full graph, node details and downloads.")

@@ -143,3 +143,12 @@ def test_audit_views(small_cache):
     assert (ps["study_stop_ours_bet"], ps["study_bet_ours_stop"]) == (pc["study_stop_ours_bet"], pc["study_bet_ours_stop"])
     assert views.parse_summary(v, None)["disagree"] == pc["action_disagree"]
     assert (h["files"], h["records"]) == (sum(v["files_read"].values()), sum(v["records_read"].values()))
+
+
+def test_preview_prompt_is_where_the_feature_is_active():
+    from explorer.views import preview_prompt
+
+    assert preview_prompt({"act_safe": 0.0, "act_risky": 1.2, "direction": "safe"}) == "risky"
+    assert preview_prompt({"act_safe": 0.4, "act_risky": 0.1, "direction": "risky"}) == "safe"
+    assert preview_prompt({"act_safe": 0.0, "act_risky": 0.0, "direction": "risky"}) == "risky"
+    assert preview_prompt({"act_safe": float("nan"), "act_risky": None, "direction": "safe"}) == "safe"
