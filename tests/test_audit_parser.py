@@ -79,3 +79,21 @@ def test_vectorised_equals_reference_on_generated_and_mutated_responses():
                 prompts.append(prompt)
     assert len(texts) >= 3000
     _check_same(texts, prompts)
+
+
+def test_vectorised_equals_reference_when_no_line_repeats():
+    """The rules run once per distinct line when lines repeat (above) and on the rows
+    themselves when most are distinct: the second path, with a unique tag on every line."""
+    from engine.audit import parser
+
+    pool = ResponsePool(seed=4, size=40)
+    texts, prompts = [], []
+    for (prompt, _, _), lst in pool.pools.items():
+        for i, t in enumerate(lst):
+            texts.append("\n".join(f"{line} #{i}{prompt[0]}{k}" for k, line in enumerate(t.split("\n"))))
+            prompts.append(prompt)
+    import pyarrow as pa
+
+    firsts = pa.array([t.split("\n")[0] for t in texts])
+    assert parser._distinct(firsts)[0] is firsts  # most distinct: run on the rows
+    _check_same(texts, prompts)

@@ -119,13 +119,16 @@ def parse_decision(response: str | None, prompt: str, min_bet: int = 5, max_bet:
     return Decision("bet", None, True, f"{prefix}_no_amount")
 
 
-def _amounts(segments):
-    """(found, amount) per segment (a pyarrow string array of single lines), as `_amount`."""
+def _amounts(texts):
+    """(found, amount) per text (a pyarrow string array; the answer's segments joined by
+    newlines): the first amount after cutting each line from balance/result/... on. No amount
+    pattern crosses a newline, so the leftmost match is the first segment's that has one
+    (as the reference's loop over segments)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    mt = pc.extract_regex(pc.replace_substring_regex(segments, CUT_RE, ""), AMOUNT_RE)
+    mt = pc.extract_regex(pc.replace_substring_regex(texts, CUT_RE, ""), AMOUNT_RE)
     found = np.asarray(pc.is_valid(mt).to_numpy(zero_copy_only=False), dtype=bool)
     a = pc.fill_null(pc.struct_field(mt, "a"), "")
     b = pc.fill_null(pc.struct_field(mt, "b"), "")
@@ -136,24 +139,26 @@ def _amounts(segments):
 
 
 def _distinct(strings):
-    """(codes per row as numpy, distinct values as a pyarrow array): the rules below are
-    functions of one line, so they run once per distinct line (answers repeat: "1", "2",
-    "1) Bet $10", ...) and are spread back to the rows by the codes."""
+    """(values to run a rule on, numpy index from each row into them). A rule is a function
+    of one string, so when the strings repeat (answers do: "1", "2", "1) Bet $10", ...) it runs
+    once per distinct value and is spread back by the dictionary codes; when most are
+    distinct, on the rows themselves (coding them would only add work)."""
     import numpy as np
     import pyarrow.compute as pc
 
-    d = pc.dictionary_encode(strings, null_encoding="encode")  # a missing line: one null entry
-    return np.asarray(d.indices.to_numpy(zero_copy_only=False), dtype=np.int64), d.dictionary
+    d = pc.dictionary_encode(strings)
+    if 2 * len(d.dictionary) > len(strings):
+        return strings, np.arange(len(strings))
+    return d.dictionary, np.asarray(d.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 100):
     """Vectorised parser over a pyarrow string array.
 
     `prompt_is_safe` is a numpy bool array. Returns numpy arrays (action code int8, bet
-    int32 with -1 for none, valid bool, rule code int8 indexing RULES). Every regular
-    expression runs on the distinct first lines, or on the distinct second and third lines
-    of the risky bets; a segment's amount is the first match of its own line, and the
-    answer's amount that of the first segment with one (as the reference's loop)."""
+    int32 with -1 for none, valid bool, rule code int8 indexing RULES). Each regular
+    expression runs only on the rows that still need it (the first lines, the risky bets'
+    next lines and answers), and once per distinct value where values repeat."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -177,8 +182,8 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
     # empty first line
     trimmed = pc.utf8_ltrim(resp, characters=" \t\r\n\f\v")
     lines = pc.split_pattern(trimmed, "\n", max_splits=3)
-    i1, u1 = _distinct(pc.list_element(lines, 0))
-    # per distinct first line: the three tests in one pass, in the reference's order
+    u1, i1 = _distinct(pc.list_element(lines, 0))
+    # per (distinct) first line: the three tests in one pass, in the reference's order
     first_line = pc.extract_regex(u1, FIRST_RE)
     num = pc.fill_null(pc.struct_field(first_line, "num"), "").to_numpy(zero_copy_only=False)
     blank_u = np_bool(pc.equal(u1, ""))
@@ -205,24 +210,22 @@ def parse_decisions(responses, prompt_is_safe, min_bet: int = 5, max_bet: int = 
     need = betting & ~safe
     if need.any():
         nidx = np.flatnonzero(need)
-        # lines 2 and 3 of every reply (null when missing: no echo, no amount), interleaved
-        l23 = pc.list_flatten(pc.list_slice(lines, 1, 3, return_fixed_size_list=True))
-        i23, u23 = _distinct(l23)
-        i2, i3 = i23[0::2][nidx], i23[1::2][nidx]
-        echo = np_bool(pc.match_substring_regex(u23, ECHO_RE))
-        # segment 1: the rest of a "1 ..." answer line, else the whole line (a bet word);
-        # segments 2 and 3: the next lines, up to the first echoed one
+        # segment 1: the rest of a "1 ..." answer line, else the whole line (a bet word)
         rest = pc.fill_null(pc.struct_field(first_line, "rest"), "")
-        seg1 = pc.if_else(pa.array(is1_u), rest, u1)
-        found_u, amount_u = _amounts(pa.concat_arrays([seg1, u23]))
-        f1, a1 = found_u[:len(u1)], amount_u[:len(u1)]
-        f23, a23 = found_u[len(u1):], amount_u[len(u1):]
-        k1 = i1[nidx]
-        use2 = ~echo[i2]
-        use3 = use2 & ~echo[i3]
-        g1, g2, g3 = f1[k1], use2 & f23[i2], use3 & f23[i3]
-        found = g1 | g2 | g3
-        amount = np.where(g1, a1[k1], np.where(g2, a23[i2], np.where(g3, a23[i3], -1)))
+        first = pc.if_else(pa.array(is1_u), rest, u1).take(pa.array(i1[nidx]))
+        # segments 2 and 3: the next lines (empty when missing), up to the first echoed one
+        s23 = pc.fill_null(pc.list_flatten(pc.list_slice(lines.take(pa.array(nidx)), 1, 3,
+                                                         return_fixed_size_list=True)), "")
+        u23, i23 = _distinct(s23)
+        echo = np_bool(pc.match_substring_regex(u23, ECHO_RE))[i23]
+        s2, s3 = s23.take(pa.array(np.arange(0, len(s23), 2))), s23.take(pa.array(np.arange(1, len(s23), 2)))
+        use2 = pa.array(~echo[0::2])
+        use3 = pa.array(~echo[0::2] & ~echo[1::2])
+        region = pc.if_else(use2, pc.binary_join_element_wise(first, s2, "\n"), first)
+        region = pc.if_else(use3, pc.binary_join_element_wise(region, s3, "\n"), region)
+        ur, ir = _distinct(region)
+        found_u, amount_u = _amounts(ur)
+        found, amount = found_u[ir], amount_u[ir]
         in_range = found & (amount >= min_bet) & (amount <= max_bet)
         full_found = np.zeros(n, bool)
         full_found[nidx] = found
