@@ -267,7 +267,7 @@ def write_doc(section: str) -> None:
         keep = old.find("### Reading the figures")
         if keep >= 0:  # hand-written notes stay below the regenerated table
             section = section + "\n" + old[keep:].rstrip("\n") + "\n"
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

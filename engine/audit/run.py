@@ -374,10 +374,14 @@ def _combine(cfg: Config, conditions, ck: CheckpointFold, stream: TrialStream, p
     layer_of, fid_of = stream.layer_of, stream.fid_of
     records_read = stream.records_read
     files = sorted(stream.files, key=lambda d: d["rank"])
-    cat = {k: (np.concatenate([d[k] for d in files]) if files else np.zeros(0, np.int64))
-           for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet", "win")}
-    frank = np.concatenate([np.full(len(d["f"]), d["rank"], np.int64) for d in files]) if files else np.zeros(0, np.int64)
     stream.files = []
+    frank = np.repeat(np.array([d["rank"] for d in files], np.int64), [len(d["f"]) for d in files]) \
+        if files else np.zeros(0, np.int64)
+    cat = {}
+    for k in ("f", "c", "t", "rec", "action", "bet", "s_stop", "s_valid", "s_bet", "win"):
+        # each file's copy is dropped once concatenated, so the two never coexist in full
+        cat[k] = np.concatenate([d.pop(k) for d in files]) if files else np.zeros(0, np.int64)
+    del files
     n_valid_records = len(cat["f"])
     winners = cat["win"].astype(bool)
     duplicates = int(n_valid_records - winners.sum())
