@@ -130,18 +130,26 @@ def compare(eng: dict, base: dict) -> dict:
 
 
 def real_shape(a) -> dict:
-    """LLaMA-3.1-8B configuration, random bf16 weights and random 32K SAEs, built on the device."""
+    """LLaMA-3.1-8B configuration, random bf16 weights and random 32K SAEs, built on the device.
+
+    The engine runs chunks of layer-sorted targets (as `engine.pathways.runner.run` does), in a
+    shuffled chunk order so that a run cut by --budget-s still samples every depth; then the
+    naive baseline runs the first --baseline-targets of the finished targets on the same model
+    and SAEs, and both are compared. Peak GPU memory is measured for each separately."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.naive_pathways import naive_pathway
     from engine.config import Config
     from engine.fixtures import load_llama3_tokenizer
+    from engine.model import forward_resid_post, tokenize
     from engine.pathways.runner import PathwayEngine
     from engine.resources import peak_memory_gb, reset_peak
     from engine.sae import build_sae
     from engine.schema import FeatureId
 
     dev = a.device
+    cuda = dev.startswith("cuda")
     scale = a.scale_down
     d = 4096 // scale
     n_layers = 32 if scale == 1 else max(4, 32 // scale)
@@ -150,7 +158,8 @@ def real_shape(a) -> dict:
                         num_attention_heads=32 // min(scale, 8), num_key_value_heads=8 // min(scale, 8),
                         max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                         tie_word_embeddings=False, attn_implementation="eager")
-    dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype or ("bfloat16" if cuda else "float32")]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(dev):
@@ -159,56 +168,118 @@ def real_shape(a) -> dict:
         model = LlamaForCausalLM(cfg_m).eval()
         torch.set_default_dtype(prev)
     model.requires_grad_(False)
+    sync()
     build_s = time.perf_counter() - t0
     tok = load_llama3_tokenizer()
     cfg = Config()
     cfg.pathways.n_replay = a.n_replay
     cfg.pathways.top_k_per_layer = a.top_k
+    cfg.pathways.coverage = a.coverage
     cfg.pathways.target_batch_size = a.batch
     cfg.pathways.replay_batch_size = a.replay_batch
-    gen = torch.Generator(device=dev).manual_seed(1)
+    cfg.pathways.replay_mode = "zero"
+
+    ids = tokenize(tok, cfg.prompts["safe"], dev)
+    with torch.no_grad():
+        res = forward_resid_post(model, ids, range(n_layers))
+    # the dataset norm, measured on the prompt, so that the study scaling is realistic
+    norms = {l: float(res[l][0, 1:].float().norm(dim=-1).mean()) for l in range(n_layers)}
+    del res
 
     def random_sae(layer: int):
-        # unit-norm encoder rows, bias for an L0 of about 64 per token (pre ~ N(0, 1) - 2.9)
+        # seeded per layer, so that the baseline gets the very same SAEs; unit-norm encoder
+        # rows and a bias for an L0 of about 64 per token (pre ~ N(0, 1) - 2.9)
+        gen = torch.Generator(device=dev).manual_seed(1000 + layer)
         W_E = torch.randn(d_sae, d, device=dev, dtype=dtype, generator=gen)
         W_E /= W_E.norm(dim=1, keepdim=True)
         b_E = torch.full((d_sae,), -2.9, device=dev, dtype=dtype)
         W_D = W_E.T.contiguous()
         b_D = torch.zeros(d, device=dev, dtype=dtype)
-        # the dataset norm is measured below on the prompts, so the study scaling is realistic
         return build_sae(W_E, b_E, W_D, b_D, {"dataset_average_activation_norm": {"in": norms[layer]}},
                          layer=layer, convention="study", device=dev, dtype=dtype)
 
-    from engine.model import forward_resid_post, tokenize
+    targets = sorted((FeatureId.parse(t) for t in pick_targets(a.subset, n_layers, d_sae, 0)),
+                     key=lambda t: (t.layer, t.feature_id))
+    chunks = [targets[i:i + a.chunk] for i in range(0, len(targets), a.chunk)]
+    random.Random(0).shuffle(chunks)
+    log = lambda s: print(s, file=sys.stderr, flush=True)
 
-    ids = tokenize(tok, cfg.prompts["safe"], dev)
-    with torch.no_grad():
-        res = forward_resid_post(model, ids, range(n_layers))
-    norms = {l: float(res[l][0, 1:].float().norm(dim=-1).mean()) for l in range(n_layers)}
-    del res
-    targets = [FeatureId.parse(t) for t in pick_targets(a.subset, n_layers, d_sae, 0)]
+    # -- engine ---------------------------------------------------------------------------
     reset_peak(dev)
     eng = PathwayEngine(cfg, model, tok, dev)
     eng.sae_loader = random_sae  # random SAEs built on the device instead of files
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync()
     t1 = time.perf_counter()
     eng.encode_prompts(["safe", "risky"], targets)
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    results = eng.run_chunk(targets)
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-    t3 = time.perf_counter()
-    per_target = (t3 - t2) / len(targets)
+    sync()
+    encode_s = time.perf_counter() - t1
+    log(f"engine: encoded {n_layers} layers x 2 prompts in {encode_s:.1f} s")
+    results, chunk_log = {}, []
+    t_start = time.perf_counter()
+    for c in chunks:
+        if time.perf_counter() - t_start > a.budget_s:
+            break
+        tc = time.perf_counter()
+        results.update(eng.run_chunk(c))
+        sync()
+        dt = time.perf_counter() - tc
+        chunk_log.append({"targets": len(c), "layers": f"L{c[0].layer}-L{c[-1].layer}", "s": round(dt, 2)})
+        log(f"engine: chunk {chunk_log[-1]['layers']} ({len(c)} targets) in {dt:.1f} s; {len(results)}/{len(targets)}")
+    chunks_s = time.perf_counter() - t_start
+    done = len(results)
+    engine_peak = peak_memory_gb(dev)
+    eng_per_target = chunks_s / max(1, done)
     n_nodes = sum(len(r["prompts"][p]["nodes"]) for r in results.values() for p in r["prompts"])
+    n_edges = sum(len(r["prompts"][p]["edges"]) for r in results.values() for p in r["prompts"])
+    n_replays = sum(1 for r in results.values() for p in r["prompts"] for n in r["prompts"][p]["nodes"]
+                    if n["replay_delta"] is not None)
+    del eng
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # -- naive baseline on the first finished targets (same model, same SAEs) -------------
+    base_targets = [t for t in targets if str(t) in results][:a.baseline_targets]
+    base = {}
+    base_s = 0.0
+    base_peak = None
+    if base_targets:
+        saes = {l: random_sae(l) for l in range(max(t.layer for t in base_targets) + 1)}
+        sync()
+        reset_peak(dev)
+        tb = time.perf_counter()
+        for t in base_targets:
+            base[str(t)] = {p: naive_pathway(model, tok, saes, t.layer, t.feature_id, cfg.prompts[p], a.top_k,
+                                             a.coverage, a.n_replay)["nodes"] for p in ("safe", "risky")}
+            sync()
+            log(f"baseline: {t} done, {time.perf_counter() - tb:.1f} s")
+            if time.perf_counter() - tb > a.baseline_budget_s:
+                break
+        base_s = time.perf_counter() - tb
+        base_peak = peak_memory_gb(dev)
+        del saes
+    # agreement on the targets both ran: node sets and the strongest five nodes
+    same_sets = same_top5 = pairs = 0
+    for f, b in base.items():
+        for p, bnodes in b.items():
+            enodes = [n for n in results[f]["prompts"][p]["nodes"] if not n["is_target"]]
+            pairs += 1
+            same_sets += {n["id"] for n in enodes} == {n["id"] for n in bnodes}
+            top = lambda ns: [n["id"] for n in sorted(ns, key=lambda n: -abs(n["attribution"]))[:5]]
+            same_top5 = same_top5 + (top(enodes) == top(bnodes))
+    base_per_target = base_s / max(1, len(base))
     return {
-        "device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else platform.processor() or "cpu",
-        "scale_down": scale, "n_layers": n_layers, "d_model": d, "d_sae": d_sae, "subset": len(targets),
-        "build_s": build_s, "encode_s": t2 - t1, "chunk_s": t3 - t2, "per_target_s": per_target,
-        "extrapolated_1550_min": (per_target * 1550 + (t2 - t1)) / 60,
-        "peak_memory_gb": peak_memory_gb(dev), "nodes": n_nodes,
+        "device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or "cpu"),
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+        "scale_down": scale, "n_layers": n_layers, "d_model": d, "d_sae": d_sae, "prompt_tokens": int(ids.shape[1]),
+        "n_replay": a.n_replay, "top_k": a.top_k, "chunk": a.chunk,
+        "subset": len(targets), "done": done, "build_s": build_s, "encode_s": encode_s, "chunks_s": chunks_s,
+        "per_target_s": eng_per_target, "chunk_log": chunk_log,
+        "extrapolated_1550_min": (eng_per_target * 1550 + encode_s) / 60,
+        "engine_peak_memory_gb": engine_peak, "nodes": n_nodes, "edges": n_edges, "replays": n_replays,
+        "baseline_targets": len(base), "baseline_s": base_s, "baseline_per_target_s": base_per_target,
+        "baseline_peak_memory_gb": base_peak, "baseline_extrapolated_1550_min": base_per_target * 1550 / 60,
+        "speedup": base_per_target / eng_per_target if base and done else None,
+        "baseline_pairs": pairs, "identical_node_sets": same_sets, "identical_top5": same_top5,
     }
 
 
@@ -258,7 +329,13 @@ def main() -> int:
     p.add_argument("--write", action="store_true", help="write the figures into docs/benchmarks.md")
     p.add_argument("--real-shape", action="store_true")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--subset", type=int, default=64)
+    p.add_argument("--subset", type=int, default=1550, help="real shape: targets to run (the study's 1,550 by default)")
+    p.add_argument("--budget-s", type=float, default=240.0, help="real shape: stop starting engine chunks after this")
+    p.add_argument("--chunk", type=int, default=128, help="real shape: targets per engine chunk")
+    p.add_argument("--baseline-targets", type=int, default=8)
+    p.add_argument("--baseline-budget-s", type=float, default=90.0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="real shape: default bf16 on CUDA")
+    p.add_argument("--json", default=None, help="real shape: also write the figures to this JSON file")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--replay-batch", type=int, default=64)
     p.add_argument("--scale-down", type=int, default=1, help="divide the real shape's widths (CPU smoke runs)")
@@ -276,8 +353,10 @@ def main() -> int:
     if a.real_shape:
         r = real_shape(a)
         print(json.dumps(r, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(r, indent=1))
         if a.write:
-            write_section_real(r)
+            write_section_real(r, "python scripts/bench_pathways.py " + " ".join(sys.argv[1:]))
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="bench-pathways-"))
@@ -345,14 +424,50 @@ on a GPU to replace this estimate with a measurement.
     return 0
 
 
-def write_section_real(r: dict) -> None:
+REAL = "### Real shape on a GPU"
+
+
+def write_section_real(r: dict, cmd: str) -> None:
+    """Replace (or add) the real-shape subsection inside the pathways section."""
     path = ROOT / "docs" / "benchmarks.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    line = (f"\nReal-shape run on {r['device']}: {r['n_layers']} layers, d_model {r['d_model']}, SAE width {r['d_sae']}, "
-            f"{r['subset']} targets x 2 prompts x 20 replays: encode {r['encode_s']:.1f} s, "
-            f"{r['per_target_s']:.3f} s per target, extrapolated 1,550 targets {r['extrapolated_1550_min']:.1f} min, "
-            f"peak memory {r['peak_memory_gb']:.1f} GB.\n")
-    path.write_text(doc.rstrip() + "\n" + line)
+    full = r["done"] == r["subset"] >= 1550
+    sp = f"**{r['speedup']:.0f}x**" if r["speedup"] else "n/a"
+    text = f"""{REAL}
+
+Command: `{cmd}` on {r['device']} (torch {r['torch']}, {r['dtype']}). A model with LLaMA-3.1-8B's
+configuration ({r['n_layers']} layers, d_model {r['d_model']}) and random weights, random {r['d_sae']:,}-wide
+SAEs on every layer, the study's two prompts ({r['prompt_tokens']} tokens), top-{r['top_k']} nodes per layer,
+{r['n_replay']} replays per target and prompt, chunks of {r['chunk']} targets.
+
+| | engine | naive baseline (`benchmarks/naive_pathways.py`) |
+|---|---|---|
+| targets run (x 2 prompts) | {r['done']} of {r['subset']} | {r['baseline_targets']} |
+| wall time | {r['encode_s']:.1f} s encode + {r['chunks_s']:.1f} s | {r['baseline_s']:.1f} s |
+| seconds per target (2 prompts) | {r['per_target_s']:.3f} | {r['baseline_per_target_s']:.2f} |
+| 1,550 targets | {'measured' if full else 'extrapolated'}: {r['extrapolated_1550_min']:.1f} min | extrapolated: {r['baseline_extrapolated_1550_min']:.0f} min |
+| peak GPU memory (allocated) | {r['engine_peak_memory_gb']:.1f} GB | {(r['baseline_peak_memory_gb'] or 0):.1f} GB (all SAEs resident) |
+
+Speed-up per target: {sp}. Agreement on the baseline's targets: {r['identical_node_sets']}/{r['baseline_pairs']}
+(target, prompt) pairs with identical node sets, {r['identical_top5']}/{r['baseline_pairs']} with the same five
+strongest nodes in the same order (bf16 arithmetic differs between the batched and the one-at-a-time paths).
+The engine wrote {r['nodes']:,} nodes, {r['edges']:,} edges and {r['replays']:,} replays; building the model took
+{r['build_s']:.0f} s (not counted).
+"""
+    sec = doc.find(SECTION)
+    if REAL in doc:
+        a = doc.index(REAL)
+        b = doc.find("\n## ", a)
+        c = doc.find("\n### ", a + len(REAL))
+        stop = min(x for x in (b, c, len(doc)) if x != -1)
+        doc = doc[:a] + text + doc[stop:]
+    elif sec != -1:
+        nxt = doc.find("\n## ", sec + len(SECTION))
+        at = nxt if nxt != -1 else len(doc)
+        doc = doc[:at].rstrip() + "\n\n" + text + doc[at:]
+    else:
+        doc = doc.rstrip() + "\n\n" + text
+    path.write_text(doc.rstrip() + "\n")
 
 
 if __name__ == "__main__":

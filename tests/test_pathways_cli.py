@@ -189,3 +189,30 @@ def test_empty_selection_is_nothing_to_do(fixture_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no targets to process" in r.stdout
     assert json.loads((tmp_path / "pathways" / "index.json").read_text())["n_targets"] == 0
+
+
+@pytest.mark.gpu
+def test_pathways_on_cuda_match_cpu(fixture_dir, tmp_path):
+    """The same targets through the CLI on CUDA and on CPU (float32): same graphs and numbers."""
+    cfg = fixture_dir / "config.yaml"
+    runs = {}
+    for dev in ("cpu", "cuda"):
+        cache = tmp_path / dev
+        write_selection(cache)
+        r = pathways(cfg, cache, "--device", dev)
+        assert r.returncode == 0, r.stderr
+        runs[dev] = load_results(cache)
+    for f in TARGETS:
+        assert runs["cuda"][f]["metadata"]["device"].startswith("cuda")
+        for prompt in ("safe", "risky"):
+            c, g = runs["cpu"][f]["prompts"][prompt], runs["cuda"][f]["prompts"][prompt]
+            assert g["target_pre_activation"] == pytest.approx(c["target_pre_activation"], rel=1e-3, abs=1e-4)
+            # TF32 and kernel order differ: compare the strongest nodes and every shared node's numbers
+            top = lambda rec: [n["id"] for n in sorted(rec["nodes"], key=lambda n: -abs(n["attribution"] or 0))[:5]]
+            assert top(g) == top(c), (f, prompt)
+            gn = {n["id"]: n for n in g["nodes"]}
+            for n in c["nodes"]:
+                if n["id"] in gn and not n["is_target"]:
+                    assert gn[n["id"]]["attribution"] == pytest.approx(n["attribution"], rel=1e-2, abs=1e-4)
+                    if n["replay_delta"] is not None and gn[n["id"]]["replay_delta"] is not None:
+                        assert gn[n["id"]]["replay_delta"] == pytest.approx(n["replay_delta"], rel=1e-2, abs=1e-4)
