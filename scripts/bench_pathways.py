@@ -223,7 +223,8 @@ def real_shape(a) -> dict:
         results.update(eng.run_chunk(c))
         sync()
         dt = time.perf_counter() - tc
-        chunk_log.append({"targets": len(c), "layers": f"L{c[0].layer}-L{c[-1].layer}", "s": round(dt, 2)})
+        chunk_log.append({"targets": len(c), "layers": f"L{c[0].layer}-L{c[-1].layer}", "max_layer": c[-1].layer,
+                          "s": round(dt, 3), "members": [str(t) for t in c]})
         log(f"engine: chunk {chunk_log[-1]['layers']} ({len(c)} targets) in {dt:.1f} s; {len(results)}/{len(targets)}")
     chunks_s = time.perf_counter() - t_start
     done = len(results)
@@ -237,9 +238,11 @@ def real_shape(a) -> dict:
     if cuda:
         torch.cuda.empty_cache()
 
-    # -- naive baseline on the first finished targets (same model, same SAEs) -------------
-    base_targets = [t for t in targets if str(t) in results][:a.baseline_targets]
-    base = {}
+    # -- naive baseline on finished targets spread over the depths (same model, same SAEs) --
+    finished = [t for t in targets if str(t) in results]
+    k = min(a.baseline_targets, len(finished))
+    base_targets = [finished[round(i * (len(finished) - 1) / max(1, k - 1))] for i in range(k)] if k else []
+    base, base_time = {}, {}
     base_s = 0.0
     base_peak = None
     if base_targets:
@@ -248,15 +251,20 @@ def real_shape(a) -> dict:
         reset_peak(dev)
         tb = time.perf_counter()
         for t in base_targets:
+            ts = time.perf_counter()
             base[str(t)] = {p: naive_pathway(model, tok, saes, t.layer, t.feature_id, cfg.prompts[p], a.top_k,
                                              a.coverage, a.n_replay)["nodes"] for p in ("safe", "risky")}
             sync()
-            log(f"baseline: {t} done, {time.perf_counter() - tb:.1f} s")
+            base_time[str(t)] = time.perf_counter() - ts
+            log(f"baseline: {t} in {base_time[str(t)]:.2f} s")
             if time.perf_counter() - tb > a.baseline_budget_s:
                 break
         base_s = time.perf_counter() - tb
         base_peak = peak_memory_gb(dev)
         del saes
+    # the engine's time for the same targets: each one's share of its chunk
+    share = {str(t): c["s"] / c["targets"] for c in chunk_log for t in c["members"]}
+    matched_engine_s = sum(share[f] for f in base)
     # agreement on the targets both ran: node sets and the strongest five nodes
     same_sets = same_top5 = pairs = 0
     for f, b in base.items():
@@ -266,6 +274,22 @@ def real_shape(a) -> dict:
             same_sets += {n["id"] for n in enodes} == {n["id"] for n in bnodes}
             top = lambda ns: [n["id"] for n in sorted(ns, key=lambda n: -abs(n["attribution"]))[:5]]
             same_top5 = same_top5 + (top(enodes) == top(bnodes))
+    # chunk time grows with the depth of its deepest target: fit s = a + b * layer on the
+    # chunks run and sum the fit over every chunk, for an estimate that is not biased by
+    # which chunks a budget-cut run happened to sample
+    xs = [c["max_layer"] for c in chunk_log]
+    ys = [c["s"] for c in chunk_log]
+    if len(set(xs)) >= 2:
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        fit = lambda L: max(0.0, my + b * (L - mx))  # noqa: E731
+        est_all = sum(fit(c[-1].layer) * len(c) / a.chunk for c in chunks)
+        scale_1550 = 1550 / len(targets)
+        depth_fit_min = (est_all * scale_1550 + encode_s) / 60
+    else:
+        depth_fit_min = None
+    for c in chunk_log:
+        c.pop("members")
     base_per_target = base_s / max(1, len(base))
     return {
         "device": torch.cuda.get_device_name(0) if cuda else (platform.processor() or "cpu"),
@@ -278,7 +302,10 @@ def real_shape(a) -> dict:
         "engine_peak_memory_gb": engine_peak, "nodes": n_nodes, "edges": n_edges, "replays": n_replays,
         "baseline_targets": len(base), "baseline_s": base_s, "baseline_per_target_s": base_per_target,
         "baseline_peak_memory_gb": base_peak, "baseline_extrapolated_1550_min": base_per_target * 1550 / 60,
-        "speedup": base_per_target / eng_per_target if base and done else None,
+        "baseline_layers": [int(f[1:].split("-")[0]) for f in base],
+        "matched_engine_s": matched_engine_s,
+        "speedup": base_s / matched_engine_s if base and matched_engine_s > 0 else None,
+        "extrapolated_1550_depth_fit_min": depth_fit_min,
         "baseline_pairs": pairs, "identical_node_sets": same_sets, "identical_top5": same_top5,
     }
 

@@ -146,7 +146,8 @@ class GradGraph:
         B = next(iter(seeds.values())).shape[0]
         out = {}
         for l, g in zip(inputs, res):
-            out[l] = torch.zeros((B, *self.h[l].shape[1:]), dtype=self.h[l].dtype) if g is None else g[:, 0]
+            out[l] = (torch.zeros((B, *self.h[l].shape[1:]), dtype=self.h[l].dtype, device=self.h[l].device)
+                      if g is None else g[:, 0])
         return out
 
 
@@ -222,7 +223,7 @@ def apply_intervention(h: torch.Tensor, codes: LayerCodes, iv: Intervention, T: 
         for k in ent.tolist():
             if int(codes.pos[k]) == q:
                 cur = float(codes.act[k])
-        h[q] += torch.tensor((iv.patch_value or 0.0) - cur, dtype=h.dtype) * d
+        h[q] += torch.tensor((iv.patch_value or 0.0) - cur, dtype=h.dtype, device=h.device) * d
     else:
         raise ValueError(iv.kind)
 
@@ -241,8 +242,8 @@ def replay(model, h_clean: torch.Tensor, codes: LayerCodes, interventions: list[
     q = T - 1
     E = torch.stack([t.enc for t in targets]).double()  # (n_t, d)
     layer_of = [t.layer for t in targets]
-    bias = torch.tensor([t.bias for t in targets], dtype=torch.float64)
-    deltas = torch.empty((len(interventions), len(targets)), dtype=torch.float64)
+    bias = torch.tensor([t.bias for t in targets], dtype=torch.float64, device=E.device)
+    deltas = torch.empty((len(interventions), len(targets)), dtype=torch.float64, device=E.device)
     clean = None
     i = 0
     bs = max(1, batch_size)
@@ -267,7 +268,7 @@ def replay(model, h_clean: torch.Tensor, codes: LayerCodes, interventions: list[
             clean = pre[0].clone()
         deltas[i:i + len(chunk)] = pre[1:] - pre[0]
         i += len(chunk)
-    return clean, deltas
+    return clean.cpu(), deltas.cpu()  # one copy; callers read single values
 
 
 def n_blocks(model) -> int:
