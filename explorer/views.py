@@ -276,3 +276,22 @@ def preview_prompt(rec) -> str:
     if safe != risky:
         return "safe" if safe > risky else "risky"
     return "risky" if rec.get("direction") == "risky" else "safe"
+
+
+def decision_tables(summary: list[dict]) -> dict[str, pd.DataFrame]:
+    """Step 4's decision summary as one table per context, so that no column is empty:
+    'choice' (Δ log-odds of bet vs stop) and 'amount' (Δ mean bet in dollars)."""
+    if not summary:
+        return {}
+    df = pd.DataFrame(summary)
+    if "context" not in df.columns:
+        return {}
+    effect = {"choice": "delta_bet_vs_stop_logodds", "amount": "delta_mean_amount"}
+    out = {}
+    for context, col in effect.items():
+        part = df[df["context"] == context]
+        if part.empty or col not in part.columns:
+            continue
+        keep = [c for c in ("prompt", "intervention", "value", "activation", col) if c in part.columns]
+        out[context] = part[keep].reset_index(drop=True)
+    return out

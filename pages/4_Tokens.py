@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from explorer import data, figures, style
+from explorer import data, figures, style, views
 from explorer.widgets import PAGES, empty_state, feature_picker, fmt, load, metric_row, page_setup, stale_banner
 
 ctx = page_setup("Tokens", ":material/text_fields:")
@@ -83,25 +83,29 @@ with t_words:
             "q": st.column_config.NumberColumn("q (BH)", format="%.3g", help="Benjamini-Hochberg adjusted p-value"),
         })
 
-summary = (tok.get("logit_lens") or {}).get("decision_summary") or []
-if summary:
-    df = pd.DataFrame(summary)
-    keep = [c for c in ("prompt", "context", "intervention", "value", "activation", "delta_bet_vs_stop_logodds",
-                        "delta_mean_amount") if c in df.columns]
+tables = views.decision_tables((tok.get("logit_lens") or {}).get("decision_summary") or [])
+if tables:
     st.subheader("Effect on the decision")
     st.caption("Setting the feature's activation at the last prompt token (ablate = 0, amplify = a multiple of its "
                "largest activation, or the study's patch values) and reading the model's next-token probabilities.")
-    st.dataframe(df[keep], hide_index=True, width="stretch", column_config={
-        "context": st.column_config.TextColumn(help="choice: the token after 'Choice: '; amount: the bet amount "
-                                                    "after choosing to bet"),
+    common = {
         "value": st.column_config.NumberColumn("set to", format="%.3f", help="The activation written into the feature"),
         "activation": st.column_config.NumberColumn("was", format="%.3f", help="Its activation before"),
-        "delta_bet_vs_stop_logodds": st.column_config.NumberColumn(
-            "Δ log-odds bet vs stop", format="%+.3f",
-            help="Change of log p('1') − log p('2') after the choice prompt: positive = more betting"),
-        "delta_mean_amount": st.column_config.NumberColumn("Δ mean bet ($)", format="%+.2f",
-                                                           help="Change of the expected bet amount"),
-    })
+    }
+    cols = st.columns(len(tables))
+    if "choice" in tables:
+        with cols[0]:
+            st.markdown("**Bet or stop** (the token after 'Choice: ')")
+            st.dataframe(tables["choice"], hide_index=True, width="stretch", column_config={**common,
+                         "delta_bet_vs_stop_logodds": st.column_config.NumberColumn(
+                             "Δ log-odds bet vs stop", format="%+.3f",
+                             help="Change of log p('1') − log p('2') after the choice prompt: positive = more betting")})
+    if "amount" in tables:
+        with cols[-1]:
+            st.markdown("**Bet amount** (after choosing to bet)")
+            st.dataframe(tables["amount"], hide_index=True, width="stretch", column_config={**common,
+                         "delta_mean_amount": st.column_config.NumberColumn(
+                             "Δ mean bet ($)", format="%+.2f", help="Change of the expected bet amount")})
 
 st.subheader("Input tokens")
 if not pa:

@@ -258,19 +258,10 @@ def render(results: dict, repeats: int, load_start: tuple) -> str:
 
 
 def write_doc(section: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Audit (step 0)")
-    if start >= 0:
-        nxt = text.find("\n## ", start + 5)
-        old = text[start:nxt + 1] if nxt >= 0 else text[start:]
-        keep = old.find("### Reading the figures")
-        if keep >= 0:  # hand-written notes stay below the regenerated table
-            section = section + "\n" + old[keep:].rstrip("\n") + "\n"
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    from benchmarks.doc import write_section
+
+    # hand-written notes stay below the regenerated table
+    write_section("## Audit (step 0)", section, keep="### Reading the figures")
 
 
 if __name__ == "__main__":

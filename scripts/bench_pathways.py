@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.doc import DOC, section_of, write_section  # noqa: E402
+
 SECTION = "## Pathways (step 3)"
 
 
@@ -329,18 +331,6 @@ def flop_estimate() -> str:
 # ---------------------------------------------------------------------------
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + (doc[nxt:] if nxt != -1 else "")
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc.rstrip() + "\n")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", type=int, default=200)
@@ -443,16 +433,10 @@ largest relative attribution difference {cmp['max_rel_attribution_diff']:.1e}, l
 {cmp['max_abs_replay_diff']:.1e} (pre-activation units).
 
 """
-        doc_path = ROOT / "docs" / "benchmarks.md"
-        doc = doc_path.read_text() if doc_path.exists() else ""
-        if REAL in doc:  # keep the GPU measurement, which this CPU run does not redo
-            i = doc.index(REAL)
-            j = doc.find("\n## ", i)
-            text = text.rstrip() + "\n\n" + doc[i:j if j != -1 else len(doc)]
-        else:
+        if section_of(DOC.read_text() if DOC.exists() else "", REAL) is None:
             text += (f"\nReal shape: not measured on a GPU yet. FLOP-based estimate: {flop_estimate()}. Run "
                      "`python scripts/bench_pathways.py --real-shape --device cuda --write` on one.\n")
-        write_section(text)
+        write_section(SECTION, text, keep=REAL)  # the GPU measurement stays: this CPU run does not redo it
         print("wrote docs/benchmarks.md")
     return 0
 
@@ -462,8 +446,7 @@ REAL = "### Real shape on a GPU"
 
 def write_section_real(r: dict, cmd: str) -> None:
     """Replace (or add) the real-shape subsection inside the pathways section."""
-    path = ROOT / "docs" / "benchmarks.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     full = r["done"] == r["subset"] >= 1550
     sp = f"**{r['speedup']:.0f}x**" if r["speedup"] else "n/a"
     text = f"""{REAL}
@@ -488,20 +471,14 @@ strongest nodes in the same order (bf16 arithmetic differs between the batched a
 The engine wrote {r['nodes']:,} nodes, {r['edges']:,} edges and {r['replays']:,} replays; building the model took
 {r['build_s']:.0f} s (not counted).
 """
-    sec = doc.find(SECTION)
-    if REAL in doc:
-        a = doc.index(REAL)
-        b = doc.find("\n## ", a)
-        c = doc.find("\n### ", a + len(REAL))
-        stop = min(x for x in (b, c, len(doc)) if x != -1)
-        doc = doc[:a] + text + doc[stop:]
-    elif sec != -1:
-        nxt = doc.find("\n## ", sec + len(SECTION))
-        at = nxt if nxt != -1 else len(doc)
-        doc = doc[:at].rstrip() + "\n\n" + text + doc[at:]
+    span = section_of(doc, REAL)
+    if span:
+        doc = doc[:span[0]] + text.rstrip("\n") + "\n" + ("\n" + doc[span[1]:] if span[1] < len(doc) else "")
+    elif (sec := section_of(doc, SECTION)):
+        doc = doc[:sec[1]].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + doc[sec[1]:] if sec[1] < len(doc) else "")
     else:
-        doc = doc.rstrip() + "\n\n" + text
-    path.write_text(doc.rstrip() + "\n")
+        doc = doc.rstrip("\n") + "\n\n" + SECTION + "\n\n" + text
+    DOC.write_text(doc.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

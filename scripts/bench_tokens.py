@@ -156,15 +156,9 @@ def main() -> int:
     )
     print(text)
     if a.write:
-        path = ROOT / "docs" / "benchmarks.md"
-        doc = path.read_text() if path.exists() else "# Benchmarks\n"
-        if SECTION in doc:
-            start = doc.index(SECTION)
-            nxt = doc.find("\n## ", start + len(SECTION))
-            doc = doc[:start] + text + (doc[nxt:] if nxt != -1 else "")
-        else:
-            doc = doc.rstrip() + "\n\n" + text
-        path.write_text(doc.rstrip() + "\n")
+        from benchmarks.doc import write_section
+
+        write_section(SECTION, text)
         print("wrote docs/benchmarks.md")
     return 0 if same_tokens == n and worst < 1e-3 else 1
 

@@ -152,3 +152,24 @@ def test_preview_prompt_is_where_the_feature_is_active():
     assert preview_prompt({"act_safe": 0.4, "act_risky": 0.1, "direction": "risky"}) == "safe"
     assert preview_prompt({"act_safe": 0.0, "act_risky": 0.0, "direction": "risky"}) == "risky"
     assert preview_prompt({"act_safe": float("nan"), "act_risky": None, "direction": "safe"}) == "safe"
+
+
+def test_decision_tables_split_by_context_with_no_empty_cells():
+    from explorer.views import decision_tables
+
+    summary = [
+        {"prompt": "safe", "context": "choice", "intervention": "ablate", "value": 0.0, "activation": 2.5,
+         "delta_bet_vs_stop_logodds": -0.4, "delta_mean_amount": None},
+        {"prompt": "risky", "context": "amount", "intervention": "amplify", "value": 10.0, "activation": 2.0,
+         "delta_bet_vs_stop_logodds": None, "delta_mean_amount": 3.25},
+        {"prompt": "risky", "context": "choice", "intervention": "amplify", "value": 10.0, "activation": 2.0,
+         "delta_bet_vs_stop_logodds": 1.5},
+    ]
+    t = decision_tables(summary)
+    assert set(t) == {"choice", "amount"}
+    assert list(t["choice"].columns) == ["prompt", "intervention", "value", "activation", "delta_bet_vs_stop_logodds"]
+    assert t["choice"]["delta_bet_vs_stop_logodds"].tolist() == [-0.4, 1.5]
+    assert t["amount"].to_dict("records") == [{"prompt": "risky", "intervention": "amplify", "value": 10.0,
+                                               "activation": 2.0, "delta_mean_amount": 3.25}]
+    assert not any(df.isna().any().any() for df in t.values())
+    assert decision_tables([]) == {} and decision_tables([{"prompt": "safe"}]) == {}
