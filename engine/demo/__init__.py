@@ -162,7 +162,7 @@ def ensure_demo(cfg, minutes: float = 10.0, seed: int = 0) -> tuple[str, Path]:
         print(f"demo: {cache} holds results that are not the demo's; showing them as they are "
               f"(use --cache with an empty folder to build the demo)", file=sys.stderr)
         return cfg.source_path, cache
-    print(f"building the demo in {cache / DEMO_DIR} (about {minutes:g} minutes on 2 CPU cores) ...", file=sys.stderr)
+    print(f"building the demo in {cache / DEMO_DIR} (sized to finish within {minutes:g} minutes on 2 CPU cores) ...", file=sys.stderr)
     build_demo(cache, minutes=minutes, seed=seed)
     return str(demo_config_path(cache)), cache
 
