@@ -295,3 +295,8 @@ def decision_tables(summary: list[dict]) -> dict[str, pd.DataFrame]:
         keep = [c for c in ("prompt", "intervention", "value", "activation", col) if c in part.columns]
         out[context] = part[keep].reset_index(drop=True)
     return out
+
+
+def low_precision(meta: dict) -> bool:
+    """Whether a pathway was computed in a 16-bit dtype (its node order is approximate)."""
+    return str(meta.get("dtype") or "").removeprefix("torch.") in ("bfloat16", "float16", "bf16", "fp16", "half")

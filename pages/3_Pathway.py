@@ -76,9 +76,15 @@ else:
 meta = pathway.get("metadata") or {}
 if meta.get("encode_convention"):
     sub.append(f"{meta['encode_convention']} convention")
+if meta.get("dtype"):
+    sub.append(f"{meta['dtype']} on {meta.get('device', '?')}")
 if meta.get("created"):
     sub.append(f"computed {meta['created']}")
 st.markdown(f"### {feature}  \n" + " · ".join(sub))
+if views.low_precision(meta):
+    st.caption(f"Computed in {meta['dtype']}: nodes with close attributions may swap places (about 2% noise in "
+               "attributions; docs/science.md, Precision). The replay changes are real interventions; rerun this "
+               "feature in float32 when the order matters.")
 
 full, shown = bundle.full, bundle.shown
 ta = full.info.get("target_activation")

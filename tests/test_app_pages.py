@@ -236,6 +236,31 @@ def test_pathway_difference_and_query_params(monkeypatch, small_cache):
     assert set(nodes["customdata"]) == set(attr["safe"]) | set(attr["risky"])
 
 
+def test_pathway_says_when_it_was_computed_in_bf16(monkeypatch, cache_copy):
+    from engine.schema import atomic_write_json
+
+    feature = cache_copy.info["pathway_features"][0]
+    path = cache_copy.cache / "pathways" / f"{feature}.json"
+    doc = read(path)
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/3_Pathway.py", feature=feature).run()
+    no_exception(at)
+    assert not any("may swap places" in c for c in texts(at, "caption"))
+    doc["metadata"].update({"dtype": "bfloat16", "device": "cuda"})
+    atomic_write_json(path, doc)
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/3_Pathway.py", feature=feature).run()
+    no_exception(at)
+    assert "bfloat16 on cuda" in " ".join(texts(at, "markdown"))
+    assert any(c.startswith("Computed in bfloat16: nodes with close attributions may swap places")
+               for c in texts(at, "caption"))
+
+
+def test_low_precision_names():
+    from explorer.views import low_precision
+
+    assert low_precision({"dtype": "bfloat16"}) and low_precision({"dtype": "torch.float16"})
+    assert not low_precision({"dtype": "float32"}) and not low_precision({})
+
+
 def test_pathway_missing_feature_names_the_command(monkeypatch, small_cache):
     missing = next(f["feature"] for f in small_cache.info["features"]
                    if f["feature"] not in small_cache.info["pathway_features"])
