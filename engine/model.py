@@ -61,7 +61,9 @@ def _source(cfg: ModelConfig) -> tuple[str, dict]:
         return str(Path(name).expanduser()), {"local_files_only": True}
     if name.startswith((".", "/", "~")):
         raise UserError(f"model folder not found: {name}")
-    return name, {"local_files_only": cfg.local_files_only, "revision": cfg.revision}
+    from engine.hub import local_only
+
+    return name, {"local_files_only": local_only(cfg.local_files_only), "revision": cfg.revision}
 
 
 def load_config_only(cfg: ModelConfig):

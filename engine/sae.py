@@ -156,12 +156,14 @@ def _hub_file(cfg: SAEConfig, filename: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
+        from engine.hub import local_only
+
         return Path(
             hf_hub_download(
                 repo_id=cfg.source,
                 filename=filename,
                 revision=cfg.revision,
-                local_files_only=cfg.local_files_only,
+                local_files_only=local_only(cfg.local_files_only),
             )
         )
     except Exception as exc:  # hub errors come in many classes; the message is what matters
