@@ -446,7 +446,6 @@ REAL = "### Real shape on a GPU"
 
 def write_section_real(r: dict, cmd: str) -> None:
     """Replace (or add) the real-shape subsection inside the pathways section."""
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     full = r["done"] == r["subset"] >= 1550
     sp = f"**{r['speedup']:.0f}x**" if r["speedup"] else "n/a"
     text = f"""{REAL}
@@ -471,14 +470,7 @@ strongest nodes in the same order (bf16 arithmetic differs between the batched a
 The engine wrote {r['nodes']:,} nodes, {r['edges']:,} edges and {r['replays']:,} replays; building the model took
 {r['build_s']:.0f} s (not counted).
 """
-    span = section_of(doc, REAL)
-    if span:
-        doc = doc[:span[0]] + text.rstrip("\n") + "\n" + ("\n" + doc[span[1]:] if span[1] < len(doc) else "")
-    elif (sec := section_of(doc, SECTION)):
-        doc = doc[:sec[1]].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n" + ("\n" + doc[sec[1]:] if sec[1] < len(doc) else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + SECTION + "\n\n" + text
-    DOC.write_text(doc.rstrip("\n") + "\n")
+    write_section(REAL, text, parent=SECTION)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,18 @@ def test_write_without_the_kept_subsection(tmp_path):
     path.write_text(DOC.replace("### Real shape on a GPU\n\nH200 figures\n\n", ""))
     write_section("## Pathways (step 3)", "## Pathways (step 3)\n\nnew\n", keep="### Real shape on a GPU", path=path)
     assert "## Pathways (step 3)\n\nnew\n\n## Tokens" in path.read_text()
+
+
+def test_write_a_subsection_into_its_parent(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    no_gpu = DOC.replace("### Real shape on a GPU\n\nH200 figures\n\n", "")
+    path.write_text(no_gpu)
+    write_section("### Real shape on a GPU", "### Real shape on a GPU\n\nH100 figures\n",
+                  parent="## Pathways (step 3)", path=path)
+    assert path.read_text() == DOC.replace("H200 figures", "H100 figures")
+    write_section("### Real shape on a GPU", "### Real shape on a GPU\n\nH200 figures\n",
+                  parent="## Pathways (step 3)", path=path)
+    assert path.read_text() == DOC
+    path.write_text("# Benchmarks\n")
+    write_section("### Sub", "### Sub\n\nx\n", parent="## Parent", path=path)
+    assert path.read_text() == "# Benchmarks\n\n## Parent\n\n### Sub\n\nx\n"
