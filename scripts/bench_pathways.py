@@ -131,6 +131,35 @@ def compare(eng: dict, base: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def real_shape_config(scale: int):
+    """LLaMA-3.1-8B's configuration, widths divided by `scale` (1: the real shape)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096 // scale, intermediate_size=14336 // scale,
+                       num_hidden_layers=32 if scale == 1 else max(4, 32 // scale),
+                       num_attention_heads=32 // min(scale, 8), num_key_value_heads=8 // min(scale, 8),
+                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, attn_implementation="eager")
+
+
+def random_sae(layer: int, d: int, d_sae: int, norm: float, device: str, dtype, gen_dtype=None):
+    """A random SAE seeded per layer (so that every caller gets the same one): unit-norm encoder
+    rows, the decoder their transpose, and a bias for an L0 of about 64 per token
+    (pre ~ N(0, 1) - 2.9). `gen_dtype` draws in another dtype and rounds to `dtype`."""
+    import torch
+
+    from engine.sae import build_sae
+
+    gen = torch.Generator(device=device).manual_seed(1000 + layer)
+    W_E = torch.randn(d_sae, d, device=device, dtype=gen_dtype or dtype, generator=gen)
+    W_E /= W_E.norm(dim=1, keepdim=True)
+    b_E = torch.full((d_sae,), -2.9, device=device, dtype=gen_dtype or dtype)
+    return build_sae(W_E.to(dtype), b_E.to(dtype), W_E.T.contiguous().to(dtype),
+                     torch.zeros(d, device=device, dtype=dtype),
+                     {"dataset_average_activation_norm": {"in": norm}}, layer=layer, convention="study",
+                     device=device, dtype=dtype)
+
+
 def real_shape(a) -> dict:
     """LLaMA-3.1-8B configuration, random bf16 weights and random 32K SAEs, built on the device.
 
@@ -139,7 +168,7 @@ def real_shape(a) -> dict:
     naive baseline runs the first --baseline-targets of the finished targets on the same model
     and SAEs, and both are compared. Peak GPU memory is measured for each separately."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from benchmarks.naive_pathways import naive_pathway
     from engine.config import Config
@@ -147,19 +176,13 @@ def real_shape(a) -> dict:
     from engine.model import forward_resid_post, tokenize
     from engine.pathways.runner import PathwayEngine
     from engine.resources import peak_memory_gb, reset_peak
-    from engine.sae import build_sae
     from engine.schema import FeatureId
 
     dev = a.device
     cuda = dev.startswith("cuda")
     scale = a.scale_down
-    d = 4096 // scale
-    n_layers = 32 if scale == 1 else max(4, 32 // scale)
-    d_sae = 32768 // scale
-    cfg_m = LlamaConfig(vocab_size=128256, hidden_size=d, intermediate_size=14336 // scale, num_hidden_layers=n_layers,
-                        num_attention_heads=32 // min(scale, 8), num_key_value_heads=8 // min(scale, 8),
-                        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False, attn_implementation="eager")
+    cfg_m = real_shape_config(scale)
+    d, n_layers, d_sae = cfg_m.hidden_size, cfg_m.num_hidden_layers, 32768 // scale
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype or ("bfloat16" if cuda else "float32")]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
@@ -188,17 +211,8 @@ def real_shape(a) -> dict:
     norms = {l: float(res[l][0, 1:].float().norm(dim=-1).mean()) for l in range(n_layers)}
     del res
 
-    def random_sae(layer: int):
-        # seeded per layer, so that the baseline gets the very same SAEs; unit-norm encoder
-        # rows and a bias for an L0 of about 64 per token (pre ~ N(0, 1) - 2.9)
-        gen = torch.Generator(device=dev).manual_seed(1000 + layer)
-        W_E = torch.randn(d_sae, d, device=dev, dtype=dtype, generator=gen)
-        W_E /= W_E.norm(dim=1, keepdim=True)
-        b_E = torch.full((d_sae,), -2.9, device=dev, dtype=dtype)
-        W_D = W_E.T.contiguous()
-        b_D = torch.zeros(d, device=dev, dtype=dtype)
-        return build_sae(W_E, b_E, W_D, b_D, {"dataset_average_activation_norm": {"in": norms[layer]}},
-                         layer=layer, convention="study", device=dev, dtype=dtype)
+    def make_sae(layer: int):
+        return random_sae(layer, d, d_sae, norms[layer], dev, dtype)
 
     targets = sorted((FeatureId.parse(t) for t in pick_targets(a.subset, n_layers, d_sae, 0)),
                      key=lambda t: (t.layer, t.feature_id))
@@ -209,7 +223,7 @@ def real_shape(a) -> dict:
     # -- engine ---------------------------------------------------------------------------
     reset_peak(dev)
     eng = PathwayEngine(cfg, model, tok, dev)
-    eng.sae_loader = random_sae  # random SAEs built on the device instead of files
+    eng.sae_loader = make_sae  # random SAEs built on the device instead of files
     sync()
     t1 = time.perf_counter()
     eng.encode_prompts(["safe", "risky"], targets)
@@ -248,7 +262,7 @@ def real_shape(a) -> dict:
     base_s = 0.0
     base_peak = None
     if base_targets:
-        saes = {l: random_sae(l) for l in range(max(t.layer for t in base_targets) + 1)}
+        saes = {l: make_sae(l) for l in range(max(t.layer for t in base_targets) + 1)}
         sync()
         reset_peak(dev)
         tb = time.perf_counter()

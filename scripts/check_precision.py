@@ -25,25 +25,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_pathways import pick_targets  # noqa: E402
+from scripts.bench_pathways import pick_targets, random_sae, real_shape_config  # noqa: E402
 
 HEADING = "### bf16 against float32"
 
 
 def build(scale: int, threads: int):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from engine.config import Config
     from engine.fixtures import load_llama3_tokenizer
     from engine.model import forward_resid_post, tokenize
-    from engine.config import Config
 
     torch.set_num_threads(threads)
-    d, n_layers, d_sae = 4096 // scale, max(4, 32 // scale), 32768 // scale
-    cfg_m = LlamaConfig(vocab_size=128256, hidden_size=d, intermediate_size=14336 // scale, num_hidden_layers=n_layers,
-                        num_attention_heads=32 // min(scale, 8), num_key_value_heads=8 // min(scale, 8),
-                        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False, attn_implementation="eager")
+    cfg_m = real_shape_config(scale)
+    d, n_layers, d_sae = cfg_m.hidden_size, cfg_m.num_hidden_layers, 32768 // scale
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg_m).eval().requires_grad_(False)
     tok = load_llama3_tokenizer()
@@ -57,19 +54,8 @@ def build(scale: int, threads: int):
 def sae_factory(norms: dict, d: int, d_sae: int, dtype):
     import torch
 
-    from engine.sae import build_sae
-
-    def make(layer: int):
-        # generated in float32 and rounded, so both precisions see the same SAE
-        gen = torch.Generator().manual_seed(1000 + layer)
-        W_E = torch.randn(d_sae, d, generator=gen)
-        W_E /= W_E.norm(dim=1, keepdim=True)
-        b_E = torch.full((d_sae,), -2.9)
-        return build_sae(W_E.to(dtype), b_E.to(dtype), W_E.T.contiguous().to(dtype), torch.zeros(d, dtype=dtype),
-                         {"dataset_average_activation_norm": {"in": norms[layer]}}, layer=layer, convention="study",
-                         device="cpu", dtype=dtype)
-
-    return make
+    # drawn in float32 and rounded, so both precisions see the same SAE
+    return lambda layer: random_sae(layer, d, d_sae, norms[layer], "cpu", dtype, gen_dtype=torch.float32)
 
 
 def run_engine(model, tok, make_sae, targets, a) -> dict:
