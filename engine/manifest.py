@@ -9,7 +9,6 @@ by the hash of the sections the step reads.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import time
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from engine.schema import MANIFEST, SCHEMA_VERSION, atomic_write_json, read_json
+from engine.schema import MANIFEST, SCHEMA_VERSION, atomic_write_json, file_lock, read_json
 
 
 def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[str] = ("*",)) -> str:
@@ -55,21 +54,10 @@ def read_manifest(cache: str | os.PathLike) -> dict:
     return data
 
 
-@contextmanager
-def _locked(cache: Path) -> Iterator[None]:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".manifest.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def update_step(cache: str | os.PathLike, step: str, entry: dict) -> None:
     """Read-modify-write the manifest under a lock; the write itself is atomic."""
     cache = Path(cache)
-    with _locked(cache):
+    with file_lock(cache / ".manifest.lock"):
         data = read_manifest(cache)
         data.pop("corrupt", None)
         data["schema_version"] = SCHEMA_VERSION
@@ -214,7 +202,7 @@ def record_pipeline(cache: str | os.PathLike, step: str, record: dict, started_a
     With `started_after` (a time.time()), only an entry the step wrote during this run is
     touched. Returns whether the entry was updated."""
     cache = Path(cache)
-    with _locked(cache):
+    with file_lock(cache / ".manifest.lock"):
         data = read_manifest(cache)
         entry = data["steps"].get(step)
         if not isinstance(entry, dict):

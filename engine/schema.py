@@ -11,14 +11,16 @@ explorer and the engine share it without pulling in torch.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from engine.errors import UserError
 
@@ -273,6 +275,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True)
 
 def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created with its folder) for a read-modify-write
+    across processes; released when the block ends, or by the OS if the process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, fsync: bool = True) -> Path:

@@ -11,7 +11,6 @@ SIGTERM to the runner's process group. The UI process never imports torch.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -22,11 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Iterator
 
 from engine import schema
 from engine.config import Config
@@ -186,23 +183,11 @@ def commands(config_path: str | None, cache: Path, req: JobRequest, folder: Path
     return out
 
 
-@contextmanager
-def _locked(cache: Path) -> Iterator[None]:
-    folder = jobs_dir(cache)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest) -> JobStatus:
     """Validate, refuse a second job for the same feature, then start the runner."""
     req = validate_request(cfg, req)
     cache = Path(cache)
-    with _locked(cache):
+    with schema.file_lock(jobs_dir(cache) / ".lock"):
         running = active_job(cache, req.feature)
         if running is not None:
             raise UserError(f"a job for {req.feature} is already running ({running.job_id}); wait or cancel it")
