@@ -102,9 +102,12 @@ def test_cancel_stops_the_engine_process(tmp_path):
     proc = start_runner(folder)
     wait_state(folder, ("running",))
     end = time.time() + 20
-    while time.time() < end and not jobs.log_tail(folder).strip().splitlines()[-1].isdigit():
+    last_line = ""
+    while time.time() < end and not last_line.isdigit():  # the log is empty until the child has printed
         time.sleep(0.05)
-    child = int(jobs.log_tail(folder).strip().splitlines()[-1])
+        last_line = (jobs.log_tail(folder).splitlines() or [""])[-1].strip()
+    assert last_line.isdigit(), f"the engine process never printed its pid: {jobs.log_tail(folder)!r}"
+    child = int(last_line)
     assert jobs.active_job(tmp_path, "L1-2").job_id == "L1-2-slow"
     jobs.cancel_job(folder)
     proc.wait(20)
