@@ -50,8 +50,9 @@ def test_live_prototype_with_pathway(monkeypatch, fixture_dir, fixture_model, tm
     pathway = json.loads((cache / "pathways" / f"{feature}.json").read_text())
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
     assert f"Pathway of {feature} · safe prompt" in titles
-    ups = [n for n in pathway["prompts"]["safe"]["nodes"] if not n["is_target"]]
-    assert any(f"{len(ups)} " in c or f"{len(ups)}" in c for c in texts(at, "caption")) or ups
+    n_edges = len(pathway["prompts"]["safe"]["edges"])
+    shown = [c for c in texts(at, "caption") if c.endswith(f" edges shown of {n_edges}, strongest first.")]
+    assert shown and 0 < int(shown[0].split()[0]) <= n_edges, texts(at, "caption")
     # Saving copies the result into the cache as the prototype of the feature.
     save = next(b for b in at.button if b.label == "Save into the cache")
     save.click().run()
