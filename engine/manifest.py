@@ -36,8 +36,13 @@ def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[st
             h.update(f"<missing {p}>".encode())
             continue
         for f in files:
-            st = f.stat()
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            try:
+                st = f.stat()
+            except OSError:  # removed since the listing
+                h.update(os.fsencode(f) + b"|<gone>\n")
+                continue
+            # fsencode: a name that is not UTF-8 (surrogate-escaped) hashes as its bytes
+            h.update(os.fsencode(f) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 

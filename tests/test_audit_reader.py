@@ -6,7 +6,7 @@ import json
 import math
 
 from engine.audit.checkpoints import detect_schema, nested_direction, normalise
-from engine.audit.reader import load_tolerant
+from engine.audit.reader import LOST, load_tolerant
 
 REC = {"feature": "L3-7", "condition": "safe_baseline", "trial": 0, "response": "1\nBet $10"}
 
@@ -24,10 +24,28 @@ def test_truncated_array_recovers_records_before_the_break():
     assert out.problems[0][3] == 4  # the record index where it broke
 
 
-def test_break_in_the_middle_is_corrupt_not_truncated():
+def test_break_in_the_middle_costs_that_record_only():
     body = '[{"feature": "L3-7", "trial": 0}, {"feature": oops}, {"trial": 2}]'
     out = load_tolerant(body.encode(), "f.json", "responses")
-    assert len(out.records) == 1 and kinds(out) == ["corrupt_json"]
+    # the broken record keeps its place (as LOST) so that the next one is still record 2
+    assert out.records == [{"feature": "L3-7", "trial": 0}, LOST, {"trial": 2}]
+    assert kinds(out) == ["corrupt_record"] and out.problems[0][3] == 1
+
+
+def test_garbage_between_records_is_corrupt_json():
+    body = '[{"feature": "L3-7", "trial": 0}, {"trial": 1} oops'
+    out = load_tolerant(body.encode(), "f.json", "responses")
+    assert out.records == [{"feature": "L3-7", "trial": 0}, {"trial": 1}] and kinds(out) == ["truncated_file"]
+
+
+def test_deep_nesting_loses_the_record_or_the_file_not_the_run():
+    deep = "[" * 10000 + "]" * 10000
+    body = '[{"trial": 0}, {"x": ' + deep + '}, {"trial": 2}]'
+    out = load_tolerant(body.encode(), "f.json", "responses")
+    assert out.records == [{"trial": 0}, LOST, {"trial": 2}] and kinds(out) == ["too_deep"]
+    for whole in (deep, "[" * 10000):
+        out = load_tolerant(whole.encode(), "f.json", "responses")
+        assert out.records == [] and kinds(out) in (["corrupt_json"], ["truncated_file"])
 
 
 def test_empty_and_whitespace_files():
@@ -87,10 +105,11 @@ def test_checkpoint_schemas_and_their_verdicts():
     assert rows[2]["safe_effect"] == 0.23 and rows[1]["safe_effect"] == 0.2
     assert nested_direction(True, True, 0.2, 0.3) == "mixed" and nested_direction(False, True, 0, 0.3) == "risky"
     assert nested_direction(True, False, -0.2, 0) == "mixed" and nested_direction(False, False, 1, 1) is None
-    # damaged records: mistyped layer converted, mismatched layer and bad names dropped
+    # damaged records: mistyped layer converted, mismatched layer kept under the name, bad names dropped
     probs = []
     assert normalise(dict(plan, layer="2"), "c.json", 0, probs, 30)["layer"] == 2
-    assert normalise(dict(plan, layer=3), "c.json", 1, probs, 30) is None
+    kept = normalise(dict(plan, layer=3), "c.json", 1, probs, 30)
+    assert (kept["feature"], kept["layer"], kept["feature_id"], kept["checkpoint_verdict"]) == ("L2-5", 2, 5, True)
     assert normalise(dict(plan, feature="L2_5"), "c.json", 2, probs, 30) is None
     assert normalise(dict(plan, cohen_d=float("nan")), "c.json", 3, probs, 30)["cohen_d"] is None
     assert normalise({"feature": "L2-5", "layer": 2}, "c.json", 4, probs, 30) is None

@@ -42,7 +42,7 @@ def hand_dir(tmp_path_factory):
         {**head, "timestamp": "20251014_100000", "results": [flat("L1-10", True, 0.5, "risky"), flat("L1-11", False, 0.2)]}))
     c2 = [flat("L1-10", False, 0.6), flat("L1-11", False, 0.2), flat("L2-20", True, -0.9, "safe"),
           flat("L2-21", True, 0.4, "risky", layer="2"),          # mistyped layer: converted
-          flat("L2-22", True, 0.3, "risky", layer=3),            # layer disagrees with the name: dropped
+          flat("L2-22", True, 0.3, "risky", layer=3),            # layer disagrees with the name: kept as L2-22
           {**flat("L2-23", True, 0.3, "risky"), "feature": "L2_23"},  # malformed name: dropped
           flat("L2-40", True, 0.7, "risky")]                     # no trials in the logs
     (root / "checkpoint_L1_2_gpu0_L1_2_20251014_110000.json").write_text(json.dumps(
@@ -93,13 +93,13 @@ def test_counts_by_hand(audited):
     assert s["invalid_records"] == 4 and s["duplicates"] == 3
     assert s["valid_unique_trials"] == s["total_trials"] == 73
     assert s["files_read"] == {"checkpoints": 3, "responses": 7}
-    assert s["checkpoint_records"] == {"read": 10, "valid": 8, "unique": 6, "superseded": 2,
-                                       "schemas": {"run_a_flat": 7, "plan": 1}}
-    # newest record per feature: L1-10 is no longer causal; L2-20, L2-21, L2-40, L2-30 are
-    assert s["causal_by_layer"] == {"2": 4} and s["total_causal_features"] == 4
-    assert s["total_response_features"] == 6 and s["joinable_features"] == 3 and s["join_rate_percent"] == 75.0
+    assert s["checkpoint_records"] == {"read": 10, "valid": 9, "unique": 7, "superseded": 2,
+                                       "schemas": {"run_a_flat": 8, "plan": 1}}
+    # newest record per feature: L1-10 is no longer causal; L2-20, L2-21, L2-22, L2-40, L2-30 are
+    assert s["causal_by_layer"] == {"2": 5} and s["total_causal_features"] == 5
+    assert s["total_response_features"] == 6 and s["joinable_features"] == 3 and s["join_rate_percent"] == 60.0
     assert s["problem_counts"] == {
-        "absurd_bet": 2, "bom": 1, "checkpoint_without_trials": 1, "duplicate_trials": 1, "empty_file": 1,
+        "absurd_bet": 2, "bom": 1, "checkpoint_without_trials": 2, "duplicate_trials": 1, "empty_file": 1,
         "empty_response": 1, "feature_without_checkpoint": 1, "layer_mismatch": 1, "malformed_feature": 2,
         "missing_conditions": 3, "missing_field": 1, "mistyped_field": 2, "nan_literal": 1, "no_timestamp": 1,
         "not_json": 1, "record_not_object": 1, "too_few_trials": 3, "truncated_file": 1, "unknown_condition": 1}
@@ -128,7 +128,8 @@ def test_tables(audited):
     l10 = fc[(fc.feature == "L1-10") & (fc.condition == "safe_baseline")].iloc[0]
     assert (l10.n_trials, l10.n_stop, l10.stop_rate, l10.mean_bet) == (3, 0, 0.0, 10.0)
     fe = pd.read_parquet(cfg.cache / "audit/feature_effects.parquet").set_index("feature")
-    assert sorted(fe.index) == ["L1-10", "L1-11", "L2-20", "L2-21", "L2-30", "L2-40", "L2-99"]
+    assert sorted(fe.index) == ["L1-10", "L1-11", "L2-20", "L2-21", "L2-22", "L2-30", "L2-40", "L2-99"]
+    assert fe.loc["L2-22", "layer"] == 2 and fe.loc["L2-22", "checkpoint_verdict"]  # kept under its name
     assert not fe.loc["L1-10", "checkpoint_verdict"] and fe.loc["L2-20", "checkpoint_direction"] == "safe"
     assert fe.loc["L2-40", "n_trials"] == 0 and not fe.loc["L2-40", "has_trials"]
     assert not fe.loc["L2-99", "has_checkpoint"]

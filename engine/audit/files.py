@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.audit.problems import clean_text, problem
 from engine.errors import UserError
 from engine.schema import CHECKPOINT_NAME_RE, RESPONSES_NAME_RE
 
@@ -33,7 +36,8 @@ class DataFile:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The file name as shown in reports (bytes that are not UTF-8 shown as U+FFFD)."""
+        return clean_text(self.path.name)
 
     @property
     def ts_text(self) -> str:
@@ -57,8 +61,7 @@ class Run:
         }
 
 
-def _file(path: Path, role: str) -> DataFile:
-    st = path.stat()
+def _file(path: Path, role: str, st: os.stat_result) -> DataFile:
     rx = CHECKPOINT_NAME_RE if role == "checkpoint" else RESPONSES_NAME_RE
     m = rx.match(path.name)
     lr = pid = None
@@ -78,22 +81,43 @@ def _file(path: Path, role: str) -> DataFile:
 
 
 def discover(folder: str | Path | None, patterns: list[str], role: str,
-             exclude_patterns: list[str] | None = None) -> list[DataFile]:
-    """Files directly in `folder` matching any pattern (not recursive), oldest first."""
+             exclude_patterns: list[str] | None = None, problems: list | None = None) -> list[DataFile]:
+    """Files directly in `folder` matching any pattern (not recursive), oldest first. An entry
+    with a matching name that is not a regular file (a folder, FIFO, socket, dangling link,
+    symlink loop) is reported in `problems` as `not_a_file` instead of being skipped silently."""
     if folder is None:
         return []
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{role} folder not found: {folder}")
     out = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot list the {role} folder {folder}: {exc}") from None
+    for p in entries:
+        if p.name.startswith("."):
             continue
         if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns):
             continue
         if exclude_patterns and any(fnmatch.fnmatchcase(p.name, pat) for pat in exclude_patterns):
             continue
-        out.append(_file(p, role))
+        try:
+            st = p.stat()  # follows links: a dangling link or a loop raises
+        except OSError as exc:
+            what = "a symlink loop" if getattr(exc, "errno", None) == 40 else \
+                "a dangling link" if p.is_symlink() else "not readable"
+            if problems is not None:
+                problems.append(problem("not_a_file", clean_text(p.name), message=f"{what} ({exc.strerror}); not read"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            what = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+                stat.S_ISBLK(st.st_mode) else "not a regular file"
+            if problems is not None:
+                problems.append(problem("not_a_file", clean_text(p.name), message=f"{what} named like a {role} file; not read"))
+            continue
+        out.append(_file(p, role, st))
     out.sort(key=lambda f: (f.timestamp, f.name))
     return out
 

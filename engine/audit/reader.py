@@ -25,6 +25,17 @@ _HEADER_STR = re.compile(r'"(timestamp|process_id|layer_range)"\s*:\s*"([^"\\]*)
 _WS = " \t\r\n"
 
 
+class _Lost:
+    """Stands in the records list for a record that could not be decoded (already reported as
+    corrupt_record/too_deep), so that later records keep their index and it counts as read."""
+
+    def __repr__(self) -> str:
+        return "<broken record>"
+
+
+LOST = _Lost()
+
+
 @dataclass
 class Loaded:
     records: list | None  # None: nothing usable
@@ -85,7 +96,7 @@ def _recover(text: str, file: str, role: str, err: json.JSONDecodeError, nan: _N
     """Decode the records array element by element up to the first break."""
     start = len(text) - len(text.lstrip(_WS))
     if start >= len(text) or text[start] not in "[{":
-        out.problems.append(problem("not_json", file, message=f"not JSON ({err.msg} at byte {err.pos})"))
+        out.problems.append(problem("not_json", file, message=f"not JSON ({err.msg} at char {err.pos})"))
         return
     if text[start] == "[":
         pos = start + 1
@@ -107,16 +118,29 @@ def _recover(text: str, file: str, role: str, err: json.JSONDecodeError, nan: _N
     records: list = []
     n = len(text)
     broke_at = None
+    lost: list[tuple[int, int, str]] = []  # (record index, char, why) of each skipped record
+    junk: list[int] = []  # chars where text between records was skipped
     while True:
         while pos < n and text[pos] in _WS:
             pos += 1
         if pos < n and text[pos] == "]":
             break
+        why = None
         try:
             obj, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            broke_at = pos
-            break
+        except json.JSONDecodeError as e:
+            why = e.msg
+        except RecursionError:
+            why = "nested too deeply"
+        if why is not None:
+            nxt = _resync(text, pos, dec)
+            if nxt is None:
+                broke_at = pos
+                break
+            lost.append((len(records), pos, why))
+            records.append(LOST)
+            pos = nxt
+            continue
         records.append(obj)
         pos = end
         while pos < n and text[pos] in _WS:
@@ -126,15 +150,48 @@ def _recover(text: str, file: str, role: str, err: json.JSONDecodeError, nan: _N
             continue
         if pos < n and text[pos] == "]":
             break
-        broke_at = pos
-        break
+        nxt = _resync(text, pos - 1, dec)  # text after a record: skip it if a record follows
+        if nxt is None:
+            broke_at = pos
+            break
+        junk.append(pos)
+        pos = nxt
     out.records = records
+    for idx, at, why in lost:
+        kind = "too_deep" if why == "nested too deeply" else "corrupt_record"
+        out.problems.append(problem(kind, file, record=idx, message=f"record broken at char {at} ({why}); "
+                                    "skipped to the next record"))
+    for at in junk:
+        out.problems.append(problem("corrupt_json", file, message=f"unexpected text at char {at} between records; "
+                                    "skipped to the next record"))
+    if broke_at is None and (lost or junk):
+        return  # the array was read to its end around the skipped records
     truncated = not text.rstrip(_WS).endswith(("]", "}"))
     where = f"at char {broke_at}" if broke_at is not None else f"({err.msg} at char {err.pos})"
     kind = "truncated_file" if truncated else "corrupt_json"
     msg = (f"JSON ends early {where}; recovered {len(records)} records before the break" if truncated
            else f"JSON breaks {where}; recovered {len(records)} records before the break")
     out.problems.append(problem(kind, file, record=len(records), message=msg))
+
+
+_NEXT = re.compile(r",[ \t\r\n]*\{")
+
+
+def _resync(text: str, pos: int, dec: json.JSONDecoder) -> int | None:
+    """Start of the next record that decodes after a broken one at `pos` (a `{` after a
+    comma, followed by `,` or `]`), or None: one damaged record costs that record only."""
+    n = len(text)
+    for m in _NEXT.finditer(text, pos + 1):
+        start = m.end() - 1
+        try:
+            obj, end = dec.raw_decode(text, start)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        while end < n and text[end] in _WS:
+            end += 1
+        if isinstance(obj, dict) and (end >= n or text[end] in ",]"):
+            return start
+    return None
 
 
 def load_tolerant(raw: bytes, file: str, role: str) -> Loaded:
@@ -157,6 +214,8 @@ def load_tolerant(raw: bytes, file: str, role: str) -> Loaded:
         top = json.loads(text, parse_constant=nan)
     except json.JSONDecodeError as err:
         _recover(text, file, role, err, nan, out)
+    except RecursionError:  # thousands of levels: read what can be read record by record
+        _recover(text, file, role, json.JSONDecodeError("nested too deeply", text, 0), nan, out)
     else:
         _records_from_top(top, file, role, out)
     if nan.n:

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.audit.problems import problem
-from engine.audit.reader import load_tolerant
+from engine.audit.problems import clean_text, has_surrogate, problem
+from engine.audit.reader import LOST, load_tolerant
 
 STUDY_ACTIONS = ("bet", "stop")
+BET_LIMIT = 2 ** 62  # a study bet beyond it is absurd and kept out of the int64 column
 MAX_TRIAL = 1_000_000  # larger indices are corrupt (and would overflow the dedupe keys)
 
 try:  # msgspec decodes straight into typed records, skipping unused fields
@@ -76,8 +77,8 @@ def _fast_columns(raw, text: bool = True) -> dict | None:
     if msgspec is not None:
         try:
             recs = (_DECODER if text else _DECODER_CHECK).decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            return None  # invalid UTF-8, nesting thousands deep, ...: the tolerant path says what
         get = operator.attrgetter
         ps = list(map(get("parsed"), recs))
         complete = None not in ps
@@ -102,11 +103,26 @@ def _fast_columns(raw, text: bool = True) -> dict | None:
 
     try:
         recs = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, RecursionError, ValueError):
         return None
     if not isinstance(recs, list):
         return None
     return _slow_columns(recs, "", [], strict=True)
+
+
+def _surrogates(cols: dict, file: str, problems: list) -> dict:
+    """Lone surrogates (a "\\udcff" escape without its pair, which Python's json.dump writes
+    for undecodable bytes) in the decoded strings: replaced by U+FFFD, each record flagged."""
+    for key, fld in (("feature", "feature"), ("condition", "condition"), ("response", "response"),
+                     ("study_action", "parsed.action"), ("study_reason", "parsed.reason")):
+        col = cols.get(key)
+        if not col:
+            continue
+        for i, v in enumerate(col):
+            if v is not None and has_surrogate(v):
+                problems.append(problem("lone_surrogate", file, i, fld, value=v))
+                col[i] = clean_text(v)
+    return cols
 
 
 def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -> dict | None:
@@ -114,6 +130,8 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
     cols: dict[str, list] = {k: [] for k in ("feature", "condition", "trial", "response", "study_action",
                                                "study_bet", "study_valid", "study_reason", "record")}
     for i, r in enumerate(recs):
+        if r is LOST:  # a broken record, already reported by the reader
+            continue
         if not isinstance(r, dict):
             if strict:
                 return None
@@ -133,6 +151,11 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
                 if strict:
                     return None
                 problems.append(problem("invalid_field", file, i, key, f"{key} must be a string", value=v))
+            elif has_surrogate(v):
+                if strict:
+                    return None
+                problems.append(problem("lone_surrogate", file, i, key, value=v))
+                v = clean_text(v)
             vals[key] = v
         t = r.get("trial")
         if "trial" not in r:
@@ -144,7 +167,7 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
             if strict:
                 return None
             conv = None
-            if isinstance(t, str) and t.strip().isdigit():
+            if isinstance(t, str) and t.strip().isascii() and t.strip().isdigit() and len(t.strip()) <= 18:
                 conv = int(t.strip())
             elif isinstance(t, float) and math.isfinite(t) and t.is_integer():
                 conv = int(t)
@@ -173,7 +196,7 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
                        or type(action) not in (str, type(None)) or type(reason) not in (str, type(None))):
             return None
         if bet is not None and type(bet) is not int:
-            if isinstance(bet, float) and math.isfinite(bet) and bet.is_integer():
+            if isinstance(bet, float) and math.isfinite(bet) and bet.is_integer() and abs(bet) <= BET_LIMIT:
                 bet = int(bet)
             else:
                 # NaN, text, ...: kept as absurd; the study field is left empty
@@ -187,6 +210,11 @@ def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -
         cols["condition"].append(vals["condition"])
         cols["trial"].append(t)
         cols["response"].append(vals["response"])
+        for fld, v in (("parsed.action", action), ("parsed.reason", reason)):
+            if isinstance(v, str) and has_surrogate(v):
+                problems.append(problem("lone_surrogate", file, i, fld, value=v))
+        action = clean_text(action) if isinstance(action, str) else action
+        reason = clean_text(reason) if isinstance(reason, str) else reason
         cols["study_action"].append(action if isinstance(action, str) else None)
         cols["study_bet"].append(bet)
         cols["study_valid"].append(valid)
@@ -247,17 +275,27 @@ def _decode(codes, names):
                                           pa.array(list(names), pa.string())).cast(pa.string())
 
 
-def _study_bets(values: list) -> tuple[np.ndarray, np.ndarray]:
-    """(bets as int64 with 0 where missing, present mask): the study's parsed.bet."""
+def _study_bets(values: list) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(bets as int64 with 0 where missing, present mask, rows whose bet is beyond +-BET_LIMIT
+    (absurd; left out of the column)): the study's parsed.bet."""
+    if None not in values:
+        try:
+            arr = np.array(values, dtype=np.int64)
+        except OverflowError:  # beyond int64: the careful path below
+            pass
+        else:
+            if not len(arr) or int(np.abs(arr).max()) <= BET_LIMIT:
+                return arr, np.ones(len(values), bool), []
+    huge = [i for i, v in enumerate(values) if v is not None and not -BET_LIMIT <= v <= BET_LIMIT]
+    if huge:
+        values = list(values)
+        for i in huge:
+            values[i] = None
     if None in values:
-        arr = np.array(values, dtype=np.float64)  # None -> NaN
+        arr = np.array(values, dtype=np.float64)  # None -> NaN; the rest within +-2^62
         present = ~np.isnan(arr)
-        return np.where(present, arr, 0).astype(np.int64), present
-    try:
-        return np.array(values, dtype=np.int64), np.ones(len(values), bool)
-    except OverflowError:  # beyond int64: absurd anyway
-        lim = 2 ** 62
-        return np.array([min(max(v, -lim), lim) for v in values], dtype=np.int64), np.ones(len(values), bool)
+        return np.where(present, arr, 0).astype(np.int64), present, huge
+    return np.array(values, dtype=np.int64), np.ones(len(values), bool), huge
 
 
 def _trials(values: list) -> np.ndarray:
@@ -273,10 +311,18 @@ _BUF = bytearray(0)
 
 def _read(path: str) -> memoryview:
     """The file's bytes in a buffer reused from file to file (decoding copies what it keeps):
-    a fresh 4 MB bytes object per log costs more in page faults than the read itself."""
+    a fresh 4 MB bytes object per log costs more in page faults than the read itself.
+    Opened without blocking and refused unless a regular file (a FIFO put in its place after
+    the listing would block the read forever)."""
+    import stat
+
     global _BUF
-    with open(path, "rb", buffering=0) as fh:
-        size = os.fstat(fh.fileno()).st_size
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb", buffering=0) as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"not a regular file: {path}")
+        size = st.st_size
         if len(_BUF) <= size:
             _BUF = bytearray(size + (size >> 4) + 4096)
         view = memoryview(_BUF)
@@ -294,19 +340,38 @@ def _read(path: str) -> memoryview:
 
 def audit_response_file(task: ResponseTask) -> dict:
     """One file, with the cyclic GC paused: decoding creates ~30,000 objects per file, none
-    cyclic, and the collector's passes over them cost more than the decode itself."""
+    cyclic, and the collector's passes over them cost more than the decode itself.
+
+    Isolated: an unexpected exception on the fast path retries the file on the tolerant path
+    (each record checked on its own), and one there too becomes a `read_failed` problem row
+    for this file, never the run's failure."""
     import gc
 
     was = gc.isenabled()
     gc.disable()
     try:
-        return _audit_response_file(task)
+        try:
+            return _audit_response_file(task)
+        except Exception as first:  # noqa: BLE001 - anything the data can cause is this file's problem
+            try:
+                res = _audit_response_file(task, tolerant=True)
+            except Exception as exc:  # noqa: BLE001
+                return _failed(task, [problem("read_failed", task.name, message=f"{type(exc).__name__}: {exc}"[:300])])
+            res["problems"].append(problem("read_failed", task.name, message=f"the fast reader failed "
+                                           f"({type(first).__name__}: {first}); read record by record instead"[:300]))
+            return res
     finally:
         if was:
             gc.enable()
 
 
-def _audit_response_file(task: ResponseTask) -> dict:
+def _failed(task: ResponseTask, problems: list) -> dict:
+    """The result of a file with no usable record."""
+    return {"name": task.name, "file_rank": task.file_rank, "n_records": 0, "n_valid": 0, "problems": problems,
+            "spool": None, "seconds": 0.0}
+
+
+def _audit_response_file(task: ResponseTask, tolerant: bool = False) -> dict:
     """Checks with numpy on codes of the decoded values; pyarrow only for the re-parse and the
     spooled table of a full audit (a validation never imports it)."""
     from engine.schema import FEATURE_ID_RE
@@ -317,8 +382,12 @@ def _audit_response_file(task: ResponseTask) -> dict:
     try:
         raw = _read(task.path)
     except OSError as exc:
-        return {"name": file, "problems": [problem("unreadable_file", file, message=str(exc))], "n_records": 0}
-    cols = _fast_columns(raw, text=task.reparse) if bytes(raw[:3]) != b"\xef\xbb\xbf" else None
+        return _failed(task, [problem("unreadable_file", file, message=str(exc))])
+    cols = None
+    if not tolerant and bytes(raw[:3]) != b"\xef\xbb\xbf":
+        cols = _fast_columns(raw, text=task.reparse)
+        if cols is not None and (b"\\ud" in raw or b"\\uD" in raw):  # rare: "\udXXX" escapes
+            cols = _surrogates(cols, file, problems)
     n_records = None
     utf8_replaced = False
     if cols is None:
@@ -369,10 +438,14 @@ def _audit_response_file(task: ResponseTask) -> dict:
         if keep[i]:
             problems.append(problem("empty_response", file, int(record[i]), "response", value=responses[i]))
 
-    sbv, sb_valid = _study_bets(cols["study_bet"])
+    sbv, sb_valid, huge = _study_bets(cols["study_bet"])
     absurd = sb_valid & (sbv != 0) & ((sbv < task.min_bet) | (sbv > task.max_bet))
     for i in np.flatnonzero(absurd & keep):
         problems.append(problem("absurd_bet", file, int(record[i]), "parsed.bet", value=int(sbv[i])))
+    for i in huge:
+        if keep[i]:
+            problems.append(problem("absurd_bet", file, int(record[i]), "parsed.bet",
+                                    "the study's bet is too large to store; left empty", value=cols["study_bet"][i]))
 
     if utf8_replaced:
         hit = next((i for i, r in enumerate(responses) if "\ufffd" in r), None)
@@ -386,7 +459,8 @@ def _audit_response_file(task: ResponseTask) -> dict:
         prompt_safe = np.array([c.startswith("safe") for c in task.conditions], dtype=bool)
         safe = prompt_safe[np.maximum(c_global[c_idx], 0)] if len(cnames) else np.zeros(n_ok, bool)
         action, bet, valid, s_stop, s_valid_np, spool_path = _reparse_and_spool(
-            task, cols, responses, safe, f_idx, names, layer_of, fid_of, c_idx, c_global, trial, record, kidx)
+            task, cols, responses, safe, f_idx, names, layer_of, fid_of, c_idx, c_global, trial, record, kidx,
+            sbv, sb_valid)
     else:  # the study's parse is compared with ours only in a full audit
         action = np.full(n_ok, 2, np.int8)
         bet = np.full(n_ok, -1, np.int32)
@@ -421,7 +495,7 @@ def _audit_response_file(task: ResponseTask) -> dict:
 
 
 def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_idx, names, layer_of, fid_of, c_idx,
-                       c_global, trial, record, kidx):
+                       c_global, trial, record, kidx, sbv, sb_valid):
     """Our re-parse of every reply, the study's parse as arrays, and the valid records
     spooled to an Arrow IPC file for the parent to write into trials.parquet."""
     import pyarrow as pa
@@ -460,7 +534,7 @@ def _reparse_and_spool(task: ResponseTask, cols: dict, responses: list, safe, f_
             "trial": pa.array(trial[kidx].astype(np.int32)),
             "response": rows(response),
             "study_action": rows(_dict_encode(cols["study_action"], (sa_codes, sa_names))).cast(pa.string()),
-            "study_bet": rows(_arr(cols["study_bet"], pa.int64())),
+            "study_bet": rows(pa.array(sbv, pa.int64(), mask=~sb_valid)),
             "study_valid": rows(s_valid),
             "study_reason": rows(_dict_encode(cols["study_reason"], _run_codes(cols["study_reason"]))).cast(pa.string()),
             "action": _decode(action[kidx], ACTIONS),

@@ -110,14 +110,19 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         responses_dir = str(Path(checkpoints_dir) / "response_logs")  # the study's layout
     if not checkpoints_dir and not responses_dir:
         raise UserError("no data folders: set data.checkpoints_dir / data.responses_dir or pass --checkpoints/--responses")
-    ck = F.discover(checkpoints_dir, cfg.data.checkpoint_patterns, "checkpoint")
-    rs = F.discover(responses_dir, cfg.data.response_patterns, "responses", exclude_patterns=cfg.data.checkpoint_patterns)
+    not_files: list[tuple] = []
+    ck = F.discover(checkpoints_dir, cfg.data.checkpoint_patterns, "checkpoint", problems=not_files)
+    rs = F.discover(responses_dir, cfg.data.response_patterns, "responses", exclude_patterns=cfg.data.checkpoint_patterns,
+                    problems=not_files)
     runs = F.detect_runs(ck + rs, acfg.run_gap_days)
     kept, skipped, chosen = F.select(ck + rs, runs, run, since, until)
     ck = [f for f in kept if f.role == "checkpoint"]
     rs = [f for f in kept if f.role == "responses"]
-    problems: list[tuple] = []
+    problems: list[tuple] = list(not_files)
     for f in kept:
+        if f.name != f.path.name:
+            problems.append(problem("invalid_utf8", f.name, field="file name",
+                                    message="the file name is not UTF-8; shown with U+FFFD"))
         if f.ts_source == "mtime":
             problems.append(problem("no_timestamp", f.name, message=f"ordered by mtime {f.ts_text}"))
     kept_runs = sorted({f.run_id for f in kept})
