@@ -122,6 +122,7 @@ AUDIT_TRIALS = "audit/trials.parquet"
 AUDIT_FEATURE_CONDITIONS = "audit/feature_conditions.parquet"
 AUDIT_FEATURE_EFFECTS = "audit/feature_effects.parquet"
 AUDIT_CHECKPOINT_RECORDS = "audit/checkpoint_records.parquet"
+AUDIT_COMPLETE = "audit/complete.json"  # written last, in the folder swapped in whole
 
 FEATURES_DIR = "features"
 CAUSAL_FEATURES = "features/causal_features.json"

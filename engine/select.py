@@ -34,6 +34,11 @@ def select_features(cfg, top_n: int, verdict: str) -> dict:
         raise UserError(f"{fe_path} not found: run `python -m engine audit` first (not with --validate-only)")
     if top_n < 1:
         raise UserError(f"--top-n must be at least 1, got {top_n}")
+    from engine.audit.outputs import incomplete_reason
+
+    why = incomplete_reason(cfg.cache)
+    if why:  # never select from a half-written or mixed audit
+        raise UserError(f"{why}: run `python -m engine audit` again")
     try:
         fe = pd.read_parquet(fe_path)
         fc = pd.read_parquet(fc_path, columns=["feature", "condition", "n_trials"])

@@ -377,6 +377,9 @@ def make_audit(cache: Path, feats: list[dict], size: Size, rng: np.random.Genera
         "mode": "full",
     })
     _dump(cache / schema.AUDIT_VALIDATION, validation)
+    from engine.audit.outputs import mark_complete
+
+    mark_complete(cache / schema.AUDIT_DIR)  # as a finished audit leaves it
     return {"tested": tested, "total_trials": total, "problems": problems, "feature_conditions": fc}
 
 

@@ -10,6 +10,7 @@ import pytest
 from engine.config import load_config
 from engine.errors import UserError
 from engine.schema import AUDIT_FEATURE_CONDITIONS, AUDIT_FEATURE_EFFECTS, atomic_write_parquet
+from engine.audit.outputs import mark_complete
 from engine.select import select_features
 from helpers import run_cli
 
@@ -33,6 +34,7 @@ def cfg(tmp_path):
     fc = pd.DataFrame([(f, c, 30 if n else 0) for f, *_, n in ROWS for c in ("safe_baseline", "risky_baseline")],
                       columns=["feature", "condition", "n_trials"])
     atomic_write_parquet(cfg.cache / AUDIT_FEATURE_CONDITIONS, fc)
+    mark_complete(cfg.cache / "audit")
     return cfg
 
 

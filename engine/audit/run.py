@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from engine.audit import files as F
+from engine.audit import outputs as O
 from engine.audit.checkpoints import CHECKPOINT_COLUMNS, audit_checkpoint_files
 from engine.audit.problems import COLUMNS, KINDS, problem
 from engine.audit.responses import MAX_TRIAL, ResponseTask, audit_response_file
 from engine.config import Config
 from engine.errors import UserError
-from engine.schema import (AUDIT_CHECKPOINT_RECORDS, AUDIT_DIR, AUDIT_FEATURE_CONDITIONS, AUDIT_FEATURE_EFFECTS,
-                           AUDIT_PROBLEMS, AUDIT_TRIALS, AUDIT_VALIDATION, CONDITION_SETS, AtomicFile,
+from engine.schema import (AUDIT_CHECKPOINT_RECORDS, AUDIT_FEATURE_CONDITIONS, AUDIT_FEATURE_EFFECTS,
+                           AUDIT_PROBLEMS, AUDIT_TRIALS, AUDIT_VALIDATION, CONDITION_SETS,
                            atomic_write_json, atomic_write_parquet, with_schema)
 
 ROW_GROUP_ROWS = 256 * 1024
@@ -138,10 +139,11 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
                                 + ", ".join(cfg.data.response_patterns)))
 
     cache = Path(cfg.cache)
-    spool = cache / AUDIT_DIR / f".spool-{os.getpid()}" if full else None
+    # a full audit writes into a folder of its own, swapped in whole once complete
+    work = O.staging_dir(cache) if full else None
+    spool = work / ".spool" if full else None
     if spool is not None:
-        shutil.rmtree(spool, ignore_errors=True)
-        spool.mkdir(parents=True)
+        spool.mkdir()
     order = {f.name + f.role: i for i, f in enumerate(sorted(kept, key=lambda f: (f.timestamp, f.name)))}
     items = []
     if ck:  # one task: cumulative files share most records, checked once per distinct text
@@ -154,10 +156,10 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
     # newer copy of its trials is already known and its winners can be written at once
     items.sort(key=lambda it: (0, 0) if it[0] == "checkpoint" else (1, -it[1].file_rank))
 
-    trials_out = AtomicFile(cache / AUDIT_TRIALS) if full else None
+    stream = None
     try:
         t0 = time.perf_counter()
-        stream = TrialStream(len(conditions), trials_out.__enter__() if trials_out else None)
+        stream = TrialStream(len(conditions), work / _name(AUDIT_TRIALS) if full else None)
         bar = Progress(len(ck) + len(rs), "audit: reading files", unit="file", disable=None if show_progress else True)
         worker_s = collections.Counter()
         ck_fold = CheckpointFold()
@@ -182,17 +184,37 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         summary["n_files_skipped"] = len(skipped)
         if full:
             t0 = time.perf_counter()
-            trials_out.__exit__(None, None, None)
-            trials_out = None
-            _write_tables(cache, state, problems)
-            timings["write_tables"] = time.perf_counter() - t0
-    except BaseException as exc:
-        if trials_out is not None:
-            trials_out.__exit__(type(exc), exc, None)
-        raise
-    finally:
-        if spool is not None:
             shutil.rmtree(spool, ignore_errors=True)
+            _write_tables(work, state, problems)
+            timings["write_tables"] = time.perf_counter() - t0
+        out = _final_summary(summary, problems, cfg, conditions, timings, t_start, full, checkpoints_dir,
+                             responses_dir, run, since, until)
+        if full:
+            atomic_write_json(work / _name(AUDIT_VALIDATION), out)
+            O.mark_complete(work, out)
+            O.swap_in(work, cache)
+            work = None
+    finally:
+        if work is not None and stream is not None and stream.writer is not None:
+            try:  # a failed audit: close the half-written trials table before its folder goes
+                stream.writer.close()
+            except Exception:  # noqa: BLE001 - the folder goes anyway
+                pass
+        if work is not None:  # failed: the previous audit stays as it was
+            shutil.rmtree(work, ignore_errors=True)
+    if not full:  # validate-only: the summary alone, beside the tables of the last full audit
+        O.recover(cache)
+        atomic_write_json(cache / AUDIT_VALIDATION, out)
+    return out
+
+
+def _name(path: str) -> str:
+    return path.split("/", 1)[1]  # "audit/x.parquet" -> "x.parquet"
+
+
+def _final_summary(summary: dict, problems: list, cfg: Config, conditions, timings: dict, t_start: float, full: bool,
+                   checkpoints_dir, responses_dir, run, since, until) -> dict:
+    acfg = cfg.audit
     _finish_summary(summary, problems, acfg.max_examples_per_kind)
     timings["total"] = time.perf_counter() - t_start
     summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -203,9 +225,7 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
                          "run": run, "since": since, "until": until}
     summary["mode"] = "full" if full else "validate-only"  # validate-only leaves older tables untouched
     summary["created"] = dt.datetime.now().isoformat(timespec="seconds")
-    out = with_schema(_ordered(summary))
-    atomic_write_json(cache / AUDIT_VALIDATION, out)
-    return out
+    return with_schema(_ordered(summary))
 
 
 def _ordered(s: dict) -> dict:
@@ -589,15 +609,16 @@ def _effects(cfg: Config, state: dict, summary: dict) -> None:
     }
 
 
-def _write_tables(cache: Path, state: dict, problems: list) -> None:
+def _write_tables(folder: Path, state: dict, problems: list) -> None:
+    """The tables, into the audit's temporary folder (the swap makes them visible together)."""
     import pandas as pd
 
-    atomic_write_parquet(cache / AUDIT_FEATURE_CONDITIONS, state["fc"])
-    atomic_write_parquet(cache / AUDIT_FEATURE_EFFECTS, state["fe"])
-    atomic_write_parquet(cache / AUDIT_CHECKPOINT_RECORDS, state["ck_table"])
+    atomic_write_parquet(folder / _name(AUDIT_FEATURE_CONDITIONS), state["fc"])
+    atomic_write_parquet(folder / _name(AUDIT_FEATURE_EFFECTS), state["fe"])
+    atomic_write_parquet(folder / _name(AUDIT_CHECKPOINT_RECORDS), state["ck_table"])
     pt = pd.DataFrame(problems, columns=list(COLUMNS))
     pt["record"] = pt["record"].astype("Int64")
-    atomic_write_parquet(cache / AUDIT_PROBLEMS, pt)
+    atomic_write_parquet(folder / _name(AUDIT_PROBLEMS), pt)
 
 
 def _finish_summary(summary: dict, problems: list, cap: int) -> None:
