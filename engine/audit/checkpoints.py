@@ -373,6 +373,7 @@ def audit_checkpoint_files(files: list[tuple[str, str, int, str, str]]) -> dict:
     schema_counts: collections.Counter = collections.Counter()
     headers_n: collections.Counter = collections.Counter()
     records_read = valid = 0
+    per_file = []
     for path, name, _rank, ts, run_id in sorted(files, key=lambda f: f[2]):
         n_records, header, n_trials, rows = _read_checkpoint_isolated(path, name, problems)
         records_read += n_records
@@ -380,6 +381,7 @@ def audit_checkpoint_files(files: list[tuple[str, str, int, str, str]]) -> dict:
             headers_n[n_trials] += 1
         lr = _layer_range(header.get("layer_range"), name)
         valid += len(rows)
+        per_file.append({"file": name, "role": "checkpoint", "records": n_records, "valid": len(rows)})
         for row, i in rows:  # ascending (rank, record): each valid copy supersedes the ones before
             schema_counts[row["schema"]] += 1
             if lr is not None and not lr[0] <= row["layer"] <= lr[1]:
@@ -392,7 +394,7 @@ def audit_checkpoint_files(files: list[tuple[str, str, int, str, str]]) -> dict:
                 for key, (row, name, i, n_trials, ts, run_id) in newest.items()}
     clear_cache()
     return {"problems": problems, "newest": rows_out, "files": len(files), "records_read": records_read,
-            "valid": valid, "schema_counts": schema_counts, "headers_n": headers_n,
+            "valid": valid, "schema_counts": schema_counts, "headers_n": headers_n, "per_file": per_file,
             "seconds": time.perf_counter() - t0}
 
 

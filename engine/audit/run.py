@@ -163,11 +163,15 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         bar = Progress(len(ck) + len(rs), "audit: reading files", unit="file", disable=None if show_progress else True)
         worker_s = collections.Counter()
         ck_fold = CheckpointFold()
+        per_file: list[dict] = []
         for kind, res in _iter_results(items, acfg.workers, full):
             if kind == "checkpoint":
                 ck_fold.add(res)  # the newest copy of each record
+                per_file.extend(res["per_file"])
             else:
                 stream.add(res)
+                per_file.append({"file": res["name"], "role": "responses", "records": res["n_records"],
+                                 "valid": res.get("n_valid", 0)})
             worker_s[kind] += res.get("seconds", 0.0)
             problems.extend(res["problems"])
             bar.update(res["files"] if kind == "checkpoint" else 1)
@@ -182,6 +186,8 @@ def run_audit(cfg: Config, *, checkpoints_dir: str | None, responses_dir: str | 
         summary["run_selected"] = chosen.run_id if chosen else None
         summary["files_skipped"] = [f.name for f in skipped][:50]
         summary["n_files_skipped"] = len(skipped)
+        # per file: records read and valid records (before newest-copy selection)
+        summary["per_file"] = sorted(per_file, key=lambda d: (d["role"], d["file"]))
         if full:
             t0 = time.perf_counter()
             shutil.rmtree(spool, ignore_errors=True)
