@@ -31,3 +31,87 @@ def test_one_damaged_file_is_that_files_problem(tmp_path_factory, data):
     corpus = data.draw(AF.corpora(), label="corpus")
     damage = data.draw(AF.damages(corpus), label="damage")
     AF.check(corpus, damage, tmp_path_factory.getbasetemp() / f"fuzz-{next(_n)}")
+
+
+def test_every_reproduced_cause_in_one_run(tmp_path):
+    """Issue 12's reproduced causes, each in its own file of one generated study folder: the
+    command exits 0 with its report, each damaged file is named with its kind, every other file
+    is counted as on the clean folder, and `engine select` runs on the result."""
+    import json
+    import os
+    import re
+    import shutil
+
+    import pandas as pd
+
+    from engine.experiment_data import generate
+    from helpers import run_cli
+
+    clean = tmp_path / "clean"
+    generate(clean, "tiny", seed=5, runs="A")
+    bad = tmp_path / "bad"
+    shutil.copytree(clean, bad)
+    logs = sorted((bad / "response_logs").glob("*.json"))
+    cks = sorted(bad.glob("checkpoint_*.json"))
+
+    def edit(p, old, new, count=1):
+        b = p.read_bytes()
+        assert old in b
+        p.write_bytes(b.replace(old, new, count))
+
+    expect = {}  # damaged file -> a kind that must name it
+    edit(logs[0], b'"response": "', b'"response": "\xff', 1)
+    expect[logs[0].name] = "invalid_utf8"
+    edit(logs[1], b'"response": "', b'"response": "\\udcff', 1)
+    expect[logs[1].name] = "lone_surrogate"
+    edit(logs[2], b'"response": "', b'"response": "caf\xe9 ', 1)
+    expect[logs[2].name] = "invalid_utf8"
+    logs[3].write_bytes(re.sub(rb'"bet": \d+', b'"bet": 1' + b"0" * 30, logs[3].read_bytes(), count=1))
+    expect[logs[3].name] = "absurd_bet"
+    edit(logs[4], b'"response": "', b'"x": ' + b"[" * 10000 + b"]" * 10000 + b', "response": "')
+    expect[logs[4].name] = "too_deep"
+    edit(cks[-1], b'"feature": "', b'"feature": "\xff')
+    expect[cks[-1].name] = "invalid_utf8"
+    edit(cks[-2], b'"feature": "', b'"feature": "\\udcff')
+    expect[cks[-2].name] = "lone_surrogate"
+    body = json.loads(cks[-3].read_text())
+    r0 = body["results"][0]
+    r0["layer"] += 1  # disagrees with its name: kept under the name, flagged
+    cks[-3].write_text(json.dumps(body))
+    expect[cks[-3].name] = "layer_mismatch"
+    rd = bad / "response_logs"
+    extra = {"responses_L9_9_x_20251014_070001.json": "dir", "responses_L9_9_x_20251014_070002.json": "loop",
+             "responses_L9_9_x_20251014_070003.json": "fifo", "responses_L9_9_x_20251014_070004.json": "dangling"}
+    (rd / "responses_L9_9_x_20251014_070001.json").mkdir()
+    os.symlink("responses_L9_9_x_20251014_070002.json", rd / "responses_L9_9_x_20251014_070002.json")
+    os.mkfifo(rd / "responses_L9_9_x_20251014_070003.json")
+    os.symlink(tmp_path / "gone.json", rd / "responses_L9_9_x_20251014_070004.json")
+    expect.update({n: "not_a_file" for n in extra})
+    (rd / "responses_L9_9_x_20251014_070005.json").write_bytes(b"[" * 10000 + b"]" * 10000)
+    (rd / "responses_L9_9_x_20251014_070006.json").write_bytes(b"[" * 10000)
+    expect["responses_L9_9_x_20251014_070005.json"] = "corrupt_json"
+    expect["responses_L9_9_x_20251014_070006.json"] = "truncated_file"
+
+    ref = AF.audit(clean, tmp_path / "cache-clean")
+    cache = tmp_path / "cache"
+    r = run_cli("audit", "--checkpoints", str(bad), "--responses", str(rd), "--cache", str(cache),
+                "--set", "audit.workers=2")
+    assert r.returncode == 0, r.stderr
+    assert "internal error" not in r.stderr and str(cache / "audit/data_validation.json") in r.stdout
+    s = json.loads((cache / "audit/data_validation.json").read_text())
+    p = pd.read_parquet(cache / "audit/problems.parquet")
+    for name, kind in expect.items():
+        assert ((p.file == name) & (p.kind == kind)).any(), (name, kind, p[p.file == name].kind.tolist())
+    before, after = AF.per_file(ref), AF.per_file(s)
+    damaged = set(expect)
+    assert {k: v for k, v in after.items() if k[1] not in damaged} == \
+        {k: v for k, v in before.items() if k[1] not in damaged}
+    # one bad byte costs at most its record: the 0xFF, surrogate, Latin-1 and huge-bet logs keep all
+    for log in logs[:4]:
+        assert after[("responses", log.name)] == before[("responses", log.name)]
+    assert after[("responses", logs[4].name)][1] == before[("responses", logs[4].name)][1] - 1
+    # the mismatched checkpoint record is kept under its feature name
+    ckr = pd.read_parquet(cache / "audit/checkpoint_records.parquet")
+    assert r0["feature"] in set(ckr.feature)
+    sel = run_cli("select", "--cache", str(cache))
+    assert sel.returncode == 0, sel.stderr
