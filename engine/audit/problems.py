@@ -18,7 +18,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "empty_file": ("error", "the file is empty"),
     "not_json": ("error", "the file is not JSON; nothing recovered"),
     "truncated_file": ("error", "the JSON ends early; the records before the break were recovered"),
-    "corrupt_json": ("error", "the JSON breaks in the middle; the records before the break were recovered"),
+    "corrupt_json": ("error", "the JSON breaks in the middle; the records before the break (and after it, "
+                              "where reading could resume at a record) were recovered"),
     "object_not_array": ("error", "a response log holds an object where an array of records belongs"),
     "array_not_object": ("warning", "a checkpoint holds an array; read as its results"),
     "bom": ("warning", "UTF-8 byte-order mark at the start of the file (ignored)"),
