@@ -607,7 +607,7 @@ def apply_defects(out: Path, truth: Truth, rng: np.random.Generator) -> None:
         note(kind, fname)
 
     # 7. the newest checkpoint of one process: NaN literals, "layer": "12", a layer that
-    # disagrees with the name (an older copy of that record stays valid)
+    # disagrees with the name (the audit keeps that record under its name and flags it)
     ck = sorted(n for n in set(truth.checkpoint_files))
     by_stem: dict[str, list[str]] = {}
     for n in ck:

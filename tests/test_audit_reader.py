@@ -32,10 +32,13 @@ def test_break_in_the_middle_costs_that_record_only():
     assert kinds(out) == ["corrupt_record"] and out.problems[0][3] == 1
 
 
-def test_garbage_between_records_is_corrupt_json():
+def test_garbage_after_or_between_records():
     body = '[{"feature": "L3-7", "trial": 0}, {"trial": 1} oops'
     out = load_tolerant(body.encode(), "f.json", "responses")
     assert out.records == [{"feature": "L3-7", "trial": 0}, {"trial": 1}] and kinds(out) == ["truncated_file"]
+    body = '[{"trial": 0}, {"trial": 1} oops, {"trial": 2}]'
+    out = load_tolerant(body.encode(), "f.json", "responses")
+    assert out.records == [{"trial": 0}, {"trial": 1}, {"trial": 2}] and kinds(out) == ["corrupt_json"]
 
 
 def test_deep_nesting_loses_the_record_or_the_file_not_the_run():
