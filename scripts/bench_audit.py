@@ -54,9 +54,9 @@ def _tree_rss_kb(pid: int) -> int:
     return total
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
+def measure(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(cwd or ROOT))
     peak = [0]
     done = threading.Event()
 
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/bench_audit", help="where generated data and caches go")
     ap.add_argument("--repeats", type=int, default=2, help="runs per command (the fastest is reported)")
     ap.add_argument("--write-doc", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--before", default=None, metavar="DIR",
+                    help="a checkout of an earlier version (e.g. `git archive <commit> | tar -x -C DIR`): its audit "
+                         "runs interleaved with ours, as extra rows")
     ap.add_argument("--floor", choices=["decode", "json", "imports"], help=argparse.SUPPRESS)  # one floor row, run by main
     a = ap.parse_args(argv)
     if a.floor:
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     half = work / "half"
     make_half(full, half)
     env = {**os.environ, "ENGINE_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    env_before = env
     py = sys.executable
     results = {}
     for label, d in (("half", half), ("full", full)):
@@ -179,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             "audit": [py, "-m", "engine", "audit", "--checkpoints", str(d), "--responses", str(d / "response_logs"),
                       "--cache", str(work / f"cache_{label}")],
         }
+        if a.before:  # the same commands on the earlier code (run from its folder), for "no slower than before"
+            env_before = {**env, "PYTHONPATH": str(Path(a.before).resolve())}
+            for name in ("validate", "audit"):
+                c = list(cmds[name])
+                c[c.index("--cache") + 1] = str(work / f"cache_{label}_{name}_before")
+                cmds[f"{name}_before"] = c
         if label == "full":  # floors, full size only
             cmds.update({"floor_imports": [py, __file__, "--floor", "imports"],
                          "floor_decode": [py, __file__, "--floor", "decode", "--data", str(d)],
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks: dict[str, float] = {}
         for _ in range(a.repeats):  # interleaved, so load from other processes hits all alike
             for name, cmd in cmds.items():
-                m = measure(cmd, env)
+                m = measure(cmd, env_before, cwd=a.before) if name.endswith("_before") else measure(cmd, env)
                 peaks[name] = max(peaks.get(name, 0.0), m["tree_peak_mb"])
                 if name not in best or m["wall_s"] < best[name]["wall_s"]:
                     best[name] = m
@@ -197,14 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = json.loads((work / f"plan_{label}.json").read_text())
         results[label] = {"files": n_files, "json_mb": du_mb(d), "records": val["records_read"]["responses"],
                           "runs": best, "ours": val, "plan": plan}
-    table = render(results, a.repeats, load_start)
+    table = render(results, a.repeats, load_start, a.before)
     print(table)
     if a.write_doc:
         write_doc(table)
     return 0
 
 
-def render(results: dict, repeats: int, load_start: tuple) -> str:
+def render(results: dict, repeats: int, load_start: tuple, before: str | None = None) -> str:
     load = os.getloadavg()
     cpu = platform.processor() or platform.machine()
     lines = [
@@ -227,7 +237,11 @@ def render(results: dict, repeats: int, load_start: tuple) -> str:
         base_cpu = r["runs"]["baseline"]["cpu_s"]
         for name, desc in (("baseline", "plan `audit_data()` (json.load, loops)"),
                            ("validate", "ours: validation and counts (`--validate-only`)"),
-                           ("audit", "ours: whole step (re-parse, statistics, Parquet)")):
+                           ("validate_before", "the same, code before this round (`--before`)"),
+                           ("audit", "ours: whole step (re-parse, statistics, Parquet)"),
+                           ("audit_before", "the same, code before this round (`--before`)")):
+            if name not in r["runs"]:
+                continue
             m = r["runs"][name]
             lines.append(f"| {label}: {r['files']} files, {r['json_mb']:.0f} MB, {r['records']:,} records | {desc} | "
                          f"{m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['peak_mb_max']:.0f} | "

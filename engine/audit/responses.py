@@ -110,21 +110,6 @@ def _fast_columns(raw, text: bool = True) -> dict | None:
     return _slow_columns(recs, "", [], strict=True)
 
 
-def _surrogates(cols: dict, file: str, problems: list) -> dict:
-    """Lone surrogates (a "\\udcff" escape without its pair, which Python's json.dump writes
-    for undecodable bytes) in the decoded strings: replaced by U+FFFD, each record flagged."""
-    for key, fld in (("feature", "feature"), ("condition", "condition"), ("response", "response"),
-                     ("study_action", "parsed.action"), ("study_reason", "parsed.reason")):
-        col = cols.get(key)
-        if not col:
-            continue
-        for i, v in enumerate(col):
-            if v is not None and has_surrogate(v):
-                problems.append(problem("lone_surrogate", file, i, fld, value=v))
-                col[i] = clean_text(v)
-    return cols
-
-
 def _slow_columns(recs: list, file: str, problems: list, strict: bool = False) -> dict | None:
     """Per-record checks with conversions; `strict` returns None at the first problem."""
     cols: dict[str, list] = {k: [] for k in ("feature", "condition", "trial", "response", "study_action",
@@ -385,9 +370,7 @@ def _audit_response_file(task: ResponseTask, tolerant: bool = False) -> dict:
         return _failed(task, [problem("unreadable_file", file, message=str(exc))])
     cols = None
     if not tolerant and bytes(raw[:3]) != b"\xef\xbb\xbf":
-        cols = _fast_columns(raw, text=task.reparse)
-        if cols is not None and (b"\\ud" in raw or b"\\uD" in raw):  # rare: "\udXXX" escapes
-            cols = _surrogates(cols, file, problems)
+        cols = _fast_columns(raw, text=task.reparse)  # msgspec refuses lone surrogates: tolerant path
     n_records = None
     utf8_replaced = False
     if cols is None:
