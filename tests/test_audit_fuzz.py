@@ -115,3 +115,45 @@ def test_every_reproduced_cause_in_one_run(tmp_path):
     assert r0["feature"] in set(ckr.feature)
     sel = run_cli("select", "--cache", str(cache))
     assert sel.returncode == 0, sel.stderr
+
+
+def test_one_file_failing_is_isolated(tmp_path, monkeypatch):
+    """An unreadable log gives its own row (not KeyError 'file_rank'); an unexpected exception
+    on the fast path retries the file record by record (`read_failed`, records still counted);
+    one on both paths leaves that file with no records and the others untouched."""
+    import json
+    import os
+
+    from engine.audit import responses as R
+    from engine.schema import REAL_CONDITIONS
+
+    recs = [{"feature": "L3-7", "condition": "safe_baseline", "trial": t, "response": "1", "parsed": {"bet": 10}}
+            for t in range(4)]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(recs))
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+
+    def task(p, rank):
+        return R.ResponseTask(str(p), p.name, rank, "r", "20251014_000000", tuple(REAL_CONDITIONS), 5, 100, None, True)
+
+    res = R.audit_response_file(task(fifo, 7))  # opened without blocking, refused as not a regular file
+    assert res["file_rank"] == 7 and res["n_records"] == 0 and [p[0] for p in res["problems"]] == ["unreadable_file"]
+
+    real = R._run_codes
+    calls = []
+
+    def flaky(values):  # fails once (on the fast path), then works
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("boom")
+        return real(values)
+
+    monkeypatch.setattr(R, "_run_codes", flaky)
+    res = R.audit_response_file(task(good, 1))
+    assert res["n_valid"] == 4 and [p[0] for p in res["problems"]] == ["read_failed"]
+    assert "ValueError: boom" in res["problems"][0][5]
+    monkeypatch.setattr(R, "_run_codes", lambda values: (_ for _ in ()).throw(RuntimeError("always")))
+    res = R.audit_response_file(task(good, 2))
+    assert (res["n_records"], res["n_valid"], res["file_rank"]) == (0, 0, 2)
+    assert [p[0] for p in res["problems"]] == ["read_failed"] and "always" in res["problems"][0][5]

@@ -137,3 +137,48 @@ def test_response_record_fields_are_converted_or_rejected():
         ("mistyped_field", 0, "trial"), ("mistyped_field", 1, "trial"), ("invalid_field", 2, "trial"),
         ("invalid_field", 3, "trial"), ("invalid_field", 4, "trial"), ("invalid_field", 5, "trial"),
         ("invalid_field", 6, "response"), ("absurd_bet", 7, "parsed.bet"), ("mistyped_field", 7, "parsed.valid")]
+
+
+def test_problem_rows_are_always_writable():
+    import orjson
+    import pyarrow as pa
+
+    from engine.audit.problems import problem
+
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    rows = [problem("invalid_field", "f\udcff.json", 1, "x\udcff", "m\ud800", value="v\udfff"),
+            problem("invalid_field", "f.json", value=10 ** 5000), problem("invalid_field", "f.json", value=deep)]
+    assert rows[0][2] == "f\ufffd.json" and rows[0][4] == "x\ufffd" and rows[0][5] == "m\ufffd" and rows[0][6] == "v\ufffd"
+    assert rows[1][6] == "<int>" and rows[2][6] == "<list>"
+    for r in rows:  # the writers that refused them before
+        pa.array([x for x in r if isinstance(x, str)], pa.string())
+        orjson.dumps(list(r))
+
+
+def test_checkpoint_file_failure_is_isolated(tmp_path, monkeypatch):
+    from engine.audit import checkpoints as C
+
+    rec = {"feature": "L2-5", "layer": 2, "feature_id": 5, "is_causal": True, "cohen_d": 0.5}
+    files = []
+    for k in range(2):
+        p = tmp_path / f"checkpoint_L2_2_p_2025101{k}_000000.json"
+        p.write_text(json.dumps({"n_trials_per_condition": 30, "results": [dict(rec, feature_id=k, feature=f"L2-{k}")]}))
+        files.append((str(p), p.name, k, f"2025101{k}_000000", "r"))
+    real = C._read_checkpoint
+
+    def fail_first(path, name, problems):
+        if name == files[0][1]:
+            problems.append(("junk",))
+            raise RuntimeError("boom")
+        return real(path, name, problems)
+
+    monkeypatch.setattr(C, "_read_checkpoint", fail_first)
+    out = C.audit_checkpoint_files(files)
+    assert out["records_read"] == 2 and out["valid"] == 2 and sorted(out["newest"]) == [(2, 0), (2, 1)]
+    assert [p[0] for p in out["problems"]] == ["read_failed"] and out["problems"][0][2] == files[0][1]
+    monkeypatch.setattr(C, "_read_tolerant", lambda *a: (_ for _ in ()).throw(MemoryError()))
+    out = C.audit_checkpoint_files(files)
+    assert out["records_read"] == 1 and sorted(out["newest"]) == [(2, 1)]
+    assert [p[0] for p in out["problems"]] == ["read_failed"]
