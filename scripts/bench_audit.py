@@ -220,7 +220,8 @@ def render(results: dict, repeats: int, load_start: tuple, before: str | None = 
     lines = [
         "## Audit (step 0)",
         "",
-        "`python scripts/bench_audit.py --write-doc` (generates a full-scale Run-A directory with",
+        f"`python scripts/bench_audit.py {' '.join(sys.argv[1:]) or '--write-doc'}` (generates a full-scale Run-A "
+        "directory with",
         "`scripts/make_experiment_data.py --scale full --runs A` under /tmp, or `--data DIR`; half = the files of the",
         f"first half of the processes). Machine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
         f"load average (1 min) {load_start[0]:.1f} at the start and {load[0]:.1f} at the end; "
