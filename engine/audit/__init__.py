@@ -5,8 +5,9 @@ response logs (not cumulative; restart duplicates: newest copy wins), checks eve
 record without sampling or stopping at the first error, re-parses every response with our
 decision parser, recomputes each feature's patching effects, and writes
 `<cache>/audit/{data_validation.json, problems.parquet, trials.parquet,
-feature_conditions.parquet, feature_effects.parquet, checkpoint_records.parquet}`.
-Rules and formulas: docs/audit.md.
+feature_conditions.parquet, feature_effects.parquet, checkpoint_records.parquet, complete.json}`
+(built in a temporary folder and swapped in whole, so a failed audit leaves the previous one).
+A damaged file is that file's problem rows, never the run's failure. Rules and formulas: docs/audit.md.
 """
 
 from __future__ import annotations
