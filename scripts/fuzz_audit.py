@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_doc and ok:
         from benchmarks.doc import write_section
 
-        rows = "\n".join(f"| {k} | {tried[k]} |" for k in AF.KINDS)
+        rows = "\n".join(f"| {k} | {AF.KIND_TEXT[k]} | {tried[k]} |" for k in AF.KINDS)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         write_section("### Audit fuzzing", f"""### Audit fuzzing
 
@@ -88,10 +88,10 @@ file was named in the problems (or, for edits that may be harmless, its counts w
 every other file's records and valid records were counted exactly as on the clean corpus.
 {secs:.0f} s in all. CI runs the same property on a fixed-seed profile (`ci`, 40 examples).
 
-| damage | corruptions tried |
-|---|---:|
+| damage | what | corruptions tried |
+|---|---|---:|
 {rows}
-| **all** | **{total}** |
+| **all** | | **{total}** |
 """, parent="## Audit (step 0)")
         print("wrote docs/benchmarks.md")
     return 0 if ok else 1

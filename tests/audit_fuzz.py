@@ -157,6 +157,17 @@ def _numbers(body: bytes) -> list[tuple[int, int]]:
 
 KINDS = ("insert", "delete", "replace", "truncate", "surrogate", "invalid_utf8", "encoding", "bom", "deep",
          "number", "nan", "wrong_type", "non_file", "empty", "many")
+KIND_TEXT = {
+    "insert": "1-8 random bytes inserted anywhere", "delete": "1-64 bytes deleted anywhere",
+    "replace": "one byte replaced by any byte", "truncate": "cut anywhere",
+    "surrogate": "a lone \\ud800-\\udfff escape in a feature or response", "invalid_utf8":
+    "0xFF, Latin-1, CESU or overlong bytes in a feature or response", "encoding":
+    "non-ASCII text, file re-encoded as Latin-1, cp1252, UTF-16 or UTF-32", "bom": "a UTF-8/UTF-16 BOM (or two)",
+    "deep": "nesting 1,100-30,000 deep: a value, the whole file, or unclosed", "number":
+    "a number replaced by 10^30, 1e999, 2^63, 2^64, 5,000 digits, 2.5, ...", "nan": "NaN or +-Infinity literal",
+    "wrong_type": "a record field set to null, [], {}, text, float, bool, 10^30, ...", "non_file":
+    "the file replaced by a folder, FIFO, dangling link or symlink loop", "empty": "emptied or whitespace only",
+    "many": "2-6 random edits at once"}
 
 
 @st.composite
