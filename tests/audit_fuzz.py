@@ -30,8 +30,8 @@ RESPONSES = ("1", "2", "1\nBet $10", "2\nI will stop here.", "1) Bet $25\nRound 
              "Choice: 2\n\nI'll walk away with $130", "1\nI'll bet $15 because my target is $100.",
              "  \n", "Bet $500", "I choose to stop", "3", "1\nCafé time: bet £20 \u2014 ok \U0001F3B0")
 
-for _name, _kw in (("ci", dict(max_examples=40, derandomize=True)),
-                   ("fuzz", dict(max_examples=2000, derandomize=False))):
+for _name, _kw in (("audit-ci", dict(max_examples=40, derandomize=True)),
+                   ("audit-fuzz", dict(max_examples=2000, derandomize=False))):
     settings.register_profile(_name, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                      HealthCheck.function_scoped_fixture], **_kw)

@@ -14,7 +14,7 @@ import audit_fuzz as AF
 _n = itertools.count()
 
 
-@settings(settings.get_profile("ci"), max_examples=6)
+@settings(settings.get_profile("audit-ci"), max_examples=6)
 @given(AF.corpora())
 def test_clean_corpora_count_every_record(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("clean")
@@ -25,7 +25,7 @@ def test_clean_corpora_count_every_record(tmp_path_factory, corpus):
     assert s["valid_unique_trials"] == sum(len(r) for r in corpus.responses.values())
 
 
-@settings(settings.get_profile("ci"))
+@settings(settings.get_profile("audit-ci"))
 @given(st.data())
 def test_one_damaged_file_is_that_files_problem(tmp_path_factory, data):
     corpus = data.draw(AF.corpora(), label="corpus")
