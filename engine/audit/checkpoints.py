@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 from engine.audit.problems import clean_text, has_surrogate, problem
 from engine.audit.reader import LOST, load_tolerant
