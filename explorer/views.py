@@ -206,7 +206,7 @@ def coverage_matrix(fc: pd.DataFrame, expected: int | None, conditions: list[str
         return pd.DataFrame()
     fc = fc.copy()
     if "layer" not in fc.columns:
-        fc["layer"] = fc["feature"].astype(str).str.extract(r"^L(\d+)-")[0].astype(int)
+        fc["layer"] = fc["feature"].astype(str).str.extract(r"^L([0-9]+)-")[0].astype(int)
     need = expected if expected else max(1, int(fc["n_trials"].mode().iloc[0]))
     fc["full"] = fc["n_trials"] >= need
     wide = fc.pivot_table(index="layer", columns="condition", values="full", aggfunc="mean", fill_value=0.0,

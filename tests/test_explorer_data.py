@@ -173,3 +173,18 @@ def test_decision_tables_split_by_context_with_no_empty_cells():
                                                "activation": 2.0, "delta_mean_amount": 3.25}]
     assert not any(df.isna().any().any() for df in t.values())
     assert decision_tables([]) == {} and decision_tables([{"prompt": "safe"}]) == {}
+
+
+def test_streamlit_binds_to_localhost_by_default():
+    """`streamlit run app.py` reads .streamlit/config.toml: it must not listen on every interface,
+    and `engine explore` passes the same default address explicitly."""
+    import tomllib
+
+    from engine.config import Config
+    from engine.explore import streamlit_command
+    from helpers import ROOT
+
+    conf = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert conf["server"]["address"] == "127.0.0.1"
+    cmd = streamlit_command(None, ROOT / "cache", Config().app.host, 8501)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
