@@ -71,8 +71,8 @@ def test_iter_feature_files_ignores_other_names(tmp_path):
 @pytest.mark.parametrize("content, detail", [
     (b"", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
     (b'{"a": "caf\xe9"}', "is not valid JSON (not UTF-8: byte 0xe9 at offset 10)"),
-    (b"[" * 100000, "is not valid JSON (nested too deeply)"),
-    (b"1" * 5000, "is not valid JSON (Exceeds the limit (4300 digits)"),
+    pytest.param(b"[" * 100000, "is not valid JSON (nested too deeply)", id="deep"),
+    pytest.param(b"1" * 5000, "is not valid JSON (Exceeds the limit (4300 digits)", id="5000-digits"),
     (None, "cannot be read (Is a directory)"),
 ])
 def test_read_json_bad_files_one_line(tmp_path, content, detail):
