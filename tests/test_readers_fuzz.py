@@ -132,3 +132,116 @@ def test_config_set_overrides(items):
         assert one_line(str(exc)), str(exc)
     else:
         cfg.hash()
+
+
+# ---------------------------------------------------------------------------
+# SAE and model folders
+# ---------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
+              st.sampled_from([0, 1, 16, 40, -1, 2**63, 1e300, 0.5, "16", "nan"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def small_sae(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("sae")
+    folder = root / "Llama3_1-8B-Base-L3R-8x"
+    (folder / "checkpoints").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"encoder.weight": torch.randn(40, 16, generator=g), "encoder.bias": torch.randn(40, generator=g),
+               "decoder.weight": torch.randn(16, 40, generator=g), "decoder.bias": torch.randn(16, generator=g)},
+              str(folder / "checkpoints" / "final.safetensors"))
+    hp = {"d_model": 16, "d_sae": 40, "jump_relu_threshold": 0.4,
+          "dataset_average_activation_norm": {"in": 2.5, "out": 2.5}}
+    (folder / "hyperparams.json").write_text(json.dumps(hp))
+    return root, folder, hp, (folder / "checkpoints" / "final.safetensors").read_bytes()
+
+
+def _sae_cfg(root):
+    from engine.config import SAEConfig
+
+    return SAEConfig(source=str(root), convention="jumprelu", dtype="float32")
+
+
+def _load_sae_or_user_error(root, named: Path) -> bool:
+    from engine.sae import load_sae, sae_width
+
+    ok = True
+    for call in (lambda: load_sae(_sae_cfg(root), 3), lambda: sae_width(_sae_cfg(root), 3)):
+        try:
+            call()
+        except UserError as exc:
+            assert one_line(str(exc)) and str(named) in str(exc), str(exc)
+            ok = False
+    return ok
+
+
+@fuzz(50)
+@given(changes=st.dictionaries(st.sampled_from(["d_model", "d_sae", "jump_relu_threshold",
+                                                "dataset_average_activation_norm"]), JSON_VALUES, min_size=1),
+       norm_in=st.one_of(st.none(), JSON_VALUES))
+def test_sae_hyperparams_any_values(small_sae, tmp_path_factory, changes, norm_in):
+    import shutil
+
+    root0, folder0, hp, _ = small_sae
+    root = tmp_path_factory.mktemp("s")
+    shutil.copytree(folder0, root / folder0.name)
+    hp = {**hp, **changes}
+    if norm_in is not None:
+        hp["dataset_average_activation_norm"] = {"in": norm_in}
+    path = root / folder0.name / "hyperparams.json"
+    path.write_text(json.dumps(hp))
+    _load_sae_or_user_error(root, path)
+
+
+@fuzz(50)
+@given(data=st.data())
+def test_sae_weights_damaged_bytes(small_sae, tmp_path_factory, data):
+    import shutil
+
+    root0, folder0, _, raw = small_sae
+    root = tmp_path_factory.mktemp("s")
+    shutil.copytree(folder0, root / folder0.name)
+    kind = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete", "replace"]))
+    at = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    blob = data.draw(st.binary(min_size=1, max_size=16))
+    damaged = {"truncate": raw[:at], "flip": raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:],
+               "insert": raw[:at] + blob + raw[at:], "delete": raw[:at] + raw[at + len(blob):],
+               "replace": blob}[kind]
+    w = root / folder0.name / "checkpoints" / "final.safetensors"
+    w.write_bytes(damaged)
+    hp = root / folder0.name / "hyperparams.json"
+    if data.draw(st.booleans()):  # widths then come from the weights' header
+        hp.write_text(json.dumps({"jump_relu_threshold": 0.4, "dataset_average_activation_norm": {"in": 2.5}}))
+    loaded = _load_sae_or_user_error(root, w)
+    if kind == "truncate":  # the header gives the data's size, so a shortened file never loads
+        assert not loaded
+
+
+@fuzz(30)
+@given(changes=st.dictionaries(st.sampled_from(["hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                "num_key_value_heads", "intermediate_size", "vocab_size",
+                                                "rms_norm_eps", "rope_theta", "head_dim", "model_type"]),
+                               JSON_VALUES, min_size=1, max_size=3))
+def test_model_config_any_values(fixture_dir, tmp_path_factory, changes):
+    from engine.config import ModelConfig
+    from engine.model import load_config_only
+
+    folder = tmp_path_factory.mktemp("m")
+    for f in (fixture_dir / "model").iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    conf = json.loads((fixture_dir / "model" / "config.json").read_text())
+    conf.update(changes)
+    (folder / "config.json").write_text(json.dumps(conf))
+    try:
+        load_config_only(ModelConfig(name_or_path=str(folder), device="cpu", dtype="float32"))
+    except UserError as exc:
+        assert one_line(str(exc)) and str(folder) in str(exc), str(exc)
