@@ -23,6 +23,7 @@ import copy
 import gc
 import importlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -92,13 +93,22 @@ def strongest_feature(cfg: Config) -> str | None:
     sel = read_artifact(cfg.cache / CAUSAL_FEATURES, "causal feature selection",
                         rebuild="python -m engine select --config FILE")
     best, best_d = None, -1.0
-    for rec in sel.get("features") or []:
+    feats = sel.get("features")
+    for i, rec in enumerate(feats if isinstance(feats, list) else []):
         if not isinstance(rec, dict) or "feature" not in rec:
             continue
         d = rec.get("cohen_d")
-        d = abs(float(d)) if isinstance(d, (int, float)) and d == d else 0.0
+        try:
+            d = abs(float(d)) if isinstance(d, (int, float)) and not isinstance(d, bool) and d == d else 0.0
+        except OverflowError:  # an integer beyond float range
+            d = math.inf
         if d > best_d:
-            best, best_d = str(FeatureId.parse(rec["feature"])), d
+            try:
+                fid = FeatureId.parse(rec["feature"])
+            except UserError as exc:
+                raise UserError(f"causal feature selection {cfg.cache / CAUSAL_FEATURES}: record {i}: {exc}; "
+                                f"rebuild it with `python -m engine select --config FILE`") from None
+            best, best_d = str(fid), d
     return best
 
 

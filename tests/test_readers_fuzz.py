@@ -245,3 +245,33 @@ def test_model_config_any_values(fixture_dir, tmp_path_factory, changes):
         load_config_only(ModelConfig(name_or_path=str(folder), device="cpu", dtype="float32"))
     except UserError as exc:
         assert one_line(str(exc)) and str(folder) in str(exc), str(exc)
+
+
+# ---------------------------------------------------------------------------
+# The manifest (engine status / run) and the explorer's cache readers
+# ---------------------------------------------------------------------------
+
+ENTRY_FIELDS = ["status", "error", "started", "seconds", "peak_memory_gb", "memory_kind", "device", "inputs",
+                "config_hash", "command", "outputs", "summary", "pipeline"]
+
+
+@fuzz(60)
+@given(steps=st.dictionaries(st.sampled_from(["audit", "select", "prototype", "pathways", "tokens", "integrate", "x"]),
+                             st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(ENTRY_FIELDS), JSON_VALUES)),
+                             max_size=4),
+       top=st.sampled_from(["steps", "list", "bytes"]), raw=st.binary(max_size=60))
+def test_manifest_any_content_status_still_prints(tmp_path_factory, steps, top, raw):
+    from engine import status as st_
+    from engine.manifest import read_manifest
+
+    cache = tmp_path_factory.mktemp("c")
+    doc = {"schema_version": 1, "steps": steps} if top == "steps" else list(steps.items())
+    (cache / "manifest.json").write_bytes(raw if top == "bytes" else json.dumps(doc).encode())
+    m = read_manifest(cache)
+    assert isinstance(m["steps"], dict) and all(isinstance(e, dict) for e in m["steps"].values())
+    for p in [m.get("problem")] + list(m.get("problems") or []):
+        assert p is None or (one_line(p) and str(cache / "manifest.json") in p)
+    cfg = load_config(None, {"cache_dir": str(cache)})
+    rows = st_.pipeline_status(cfg, m)
+    text = st_.format_status(cfg, rows, bool(m.get("corrupt")), m.get("problem"), m.get("problems"))
+    assert text.count("\n") >= 7 and {r["status"] for r in rows} <= {"done", "stale", "missing", "failed"}
