@@ -67,12 +67,17 @@ def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, 
            compact)
 
     def build() -> PathwayBundle:
-        full = G.prompt_view(pathway, mode)
-        shown = G.prune(full, node_share, edge_share, max_edges)
-        label = "attribution, risky − safe" if mode == "difference" else "attribution"
-        fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
-        return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
-                             G.agreement(full.nodes), G.validated_fraction(full.nodes))
+        try:
+            full = G.prompt_view(pathway, mode)
+            shown = G.prune(full, node_share, edge_share, max_edges)
+            label = "attribution, risky − safe" if mode == "difference" else "attribution"
+            fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
+            return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
+                                 G.agreement(full.nodes), G.validated_fraction(full.nodes))
+        except Exception as exc:  # noqa: BLE001  (values the shape check let through: the file is the problem)
+            rel = f"{schema.PATHWAYS_DIR}/{schema.safe_feature_filename(feature)}"
+            raise data.CacheProblem(f"The pathway file `{rel}` cannot be drawn ({type(exc).__name__}: "
+                                    f"{data._short_exc(exc)}).", data.pathway_command(ctx, feature), "schema") from None
 
     return _PATHWAYS.get(key, build)
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import BOUNDS, Config, load_config
 from engine.errors import UserError
+from explorer_fixtures import small_cache  # noqa: F401  (the explorer's small schema-valid cache)
 
 N = int(os.environ.get("ENGINE_FUZZ_EXAMPLES", "0"))
 
@@ -275,3 +276,101 @@ def test_manifest_any_content_status_still_prints(tmp_path_factory, steps, top, 
     rows = st_.pipeline_status(cfg, m)
     text = st_.format_status(cfg, rows, bool(m.get("corrupt")), m.get("problem"), m.get("problems"))
     assert text.count("\n") >= 7 and {r["status"] for r in rows} <= {"done", "stale", "missing", "failed"}
+
+
+def _mutate(obj, data, depth=0):
+    """Replace one value somewhere inside a JSON object with a drawn value (or break its container)."""
+    if depth < 6 and isinstance(obj, dict) and obj and data.draw(st.integers(0, 4)) > 0:
+        key = data.draw(st.sampled_from(sorted(obj, key=str)))
+        return {**obj, key: _mutate(obj[key], data, depth + 1)}
+    if depth < 6 and isinstance(obj, list) and obj and data.draw(st.integers(0, 4)) > 0:
+        i = data.draw(st.integers(0, len(obj) - 1))
+        return obj[:i] + [_mutate(obj[i], data, depth + 1)] + obj[i + 1:]
+    return data.draw(JSON_VALUES)
+
+
+def _damage_bytes(raw: bytes, data) -> bytes:
+    kind = data.draw(st.sampled_from(["truncate", "flip", "insert", "bom", "latin1", "deep"]))
+    at = data.draw(st.integers(0, max(0, len(raw) - 1)))
+    return {"truncate": lambda: raw[:at], "flip": lambda: raw[:at] + b"\xff" + raw[at + 1:],
+            "insert": lambda: raw[:at] + data.draw(st.binary(min_size=1, max_size=8)) + raw[at:],
+            "bom": lambda: b"\xef\xbb\xbf" + raw, "latin1": lambda: raw[:at] + b"\xe9" + raw[at:],
+            "deep": lambda: b'{"schema_version": 1, "prompts": ' + b"[" * 5000 + b"]" * 5000 + b"}"}[kind]()
+
+
+@fuzz(20)
+@given(data=st.data())
+def test_explorer_pathway_file_any_damage(small_cache, tmp_path_factory, data):
+    """A damaged pathway file gives a CacheProblem naming it (or draws, if the damage is harmless);
+    the other features' pathways still load."""
+    import shutil
+
+    from explorer import data as xdata
+    from explorer import views
+    from explorer.context import build_context
+
+    feats = small_cache.info["pathway_features"]
+    bad, good = feats[0], feats[1]
+    cache = tmp_path_factory.mktemp("x") / "cache"
+    (cache / "pathways").mkdir(parents=True)
+    for f in (bad, good):
+        shutil.copy(small_cache.cache / "pathways" / f"{f}.json", cache / "pathways" / f"{f}.json")
+    path = cache / "pathways" / f"{bad}.json"
+    if data.draw(st.booleans()):
+        path.write_text(json.dumps(_mutate(json.loads(path.read_text()), data)))
+    else:
+        path.write_bytes(_damage_bytes(path.read_bytes(), data))
+    ctx = build_context(str(small_cache.config), str(cache))
+    for mode in ("safe", "difference"):
+        try:
+            views.pathway_bundle(ctx, bad, mode, 0.9, 0.9, 200)
+            event("drawn")
+        except xdata.CacheProblem as exc:
+            event(f"CacheProblem {exc.kind}")
+            assert f"pathways/{bad}.json" in exc.message and exc.command and one_line(exc.message), exc.message
+    assert len(views.pathway_bundle(ctx, good, "safe", 0.9, 0.9, 200).full.nodes) > 0
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_explorer_token_file_any_damage(small_cache, tmp_path_factory, data):
+    """A damaged token file gives a CacheProblem naming it, or values the page's helpers can render."""
+    import shutil
+
+    from explorer import data as xdata
+    from explorer import figures, views
+    from explorer.context import build_context
+    from explorer.widgets import fmt
+
+    feats = small_cache.info["token_features"] if "token_features" in small_cache.info else \
+        [p.stem for p in sorted((small_cache.cache / "tokens").glob("L*-*.json"))]
+    bad, good = feats[0], feats[1]
+    cache = tmp_path_factory.mktemp("x") / "cache"
+    (cache / "tokens").mkdir(parents=True)
+    for f in (bad, good):
+        shutil.copy(small_cache.cache / "tokens" / f"{f}.json", cache / "tokens" / f"{f}.json")
+    path = cache / "tokens" / f"{bad}.json"
+    if data.draw(st.booleans()):
+        path.write_text(json.dumps(_mutate(json.loads(path.read_text()), data)))
+    else:
+        path.write_bytes(_damage_bytes(path.read_bytes(), data))
+    ctx = build_context(str(small_cache.config), str(cache))
+    try:
+        tok = xdata.tokens(ctx, bad)
+    except xdata.CacheProblem as exc:
+        event(f"CacheProblem {exc.kind}")
+        assert f"tokens/{bad}.json" in exc.message and one_line(exc.message), exc.message
+    else:
+        event("rendered")
+        # what pages/4_Tokens.py does with the file
+        stats, pa = tok.get("activation_stats") or {}, tok.get("prompt_activations") or {}
+        fmt(stats.get("density"), pct=True), fmt((pa.get("safe") or {}).get("last_token_activation"))
+        sum(1 for w in tok.get("behavioural_words") or [] if w.get("significant"))
+        lens = tok.get("logit_lens") or {}
+        figures.logit_lens_figure(lens.get("promoted"), lens.get("suppressed"))
+        views.decision_tables(lens.get("decision_summary") or [])
+        for rec in pa.values():
+            figures.token_highlight_html(rec.get("tokens") or [], rec.get("activations") or [])
+        for r in tok.get("top_activating") or []:
+            figures.token_highlight_html(r.get("context_tokens") or [], r.get("context_activations") or [])
+    assert xdata.tokens(ctx, good)["schema_version"] == 1
