@@ -374,3 +374,34 @@ def test_explorer_token_file_any_damage(small_cache, tmp_path_factory, data):
         for r in tok.get("top_activating") or []:
             figures.token_highlight_html(r.get("context_tokens") or [], r.get("context_activations") or [])
     assert xdata.tokens(ctx, good)["schema_version"] == 1
+
+
+JOB_FIELDS = ["job_id", "feature", "state", "created", "finished", "steps", "step_index", "pid", "error", "request"]
+PROGRESS_FIELDS = ["stage", "done", "total", "rate", "eta_s", "message"]
+
+
+@fuzz(60)
+@given(job=st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(JOB_FIELDS), JSON_VALUES)),
+       progress=st.one_of(st.none(), JSON_VALUES, st.dictionaries(st.sampled_from(PROGRESS_FIELDS), JSON_VALUES)),
+       raw=st.one_of(st.none(), st.binary(max_size=40)))
+def test_job_files_any_content(tmp_path_factory, job, progress, raw):
+    """read_job never raises; the damaged job is listed next to an intact one, which keeps its state."""
+    from explorer import jobs
+
+    cache = tmp_path_factory.mktemp("c")
+    ok = cache / "jobs" / "L1-2-ok"
+    ok.mkdir(parents=True)
+    (ok / "job.json").write_text(json.dumps({"job_id": "L1-2-ok", "feature": "L1-2", "state": "done", "created": 1.0,
+                                             "steps": [{"name": "prototype"}]}))
+    bad = cache / "jobs" / "L1-2-bad"
+    bad.mkdir()
+    (bad / "job.json").write_bytes(raw if raw is not None else json.dumps(job).encode())
+    if progress is not None:
+        (bad / "progress.json").write_text(json.dumps(progress))
+    listed = {j.folder.name: j for j in jobs.list_jobs(cache)}
+    assert set(listed) == {"L1-2-ok", "L1-2-bad"} and listed["L1-2-ok"].state == "done"
+    j = listed["L1-2-bad"]
+    assert j.state in ("starting", "running", "done", "failed", "cancelled") and 0.0 <= j.fraction <= 1.0
+    assert j.error is None or one_line(j.error)
+    if j.elapsed is not None:
+        float(j.elapsed)
