@@ -405,3 +405,33 @@ def test_job_files_any_content(tmp_path_factory, job, progress, raw):
     assert j.error is None or one_line(j.error)
     if j.elapsed is not None:
         float(j.elapsed)
+
+
+@fuzz(60)
+@given(doc=st.one_of(
+    JSON_VALUES,
+    st.dictionaries(st.sampled_from(["L3-17", "L\u0663-1", "L4_2", "x"]),
+                    st.dictionaries(st.sampled_from(["safe", "risky"]), JSON_VALUES), max_size=3),
+    st.fixed_dictionaries({"layer_results": st.dictionaries(
+        st.sampled_from(["3", "\u0663", "x"]), st.one_of(JSON_VALUES, st.fixed_dictionaries({
+            "significant_features": st.lists(st.dictionaries(
+                st.sampled_from(["feature_idx", "safe_mean", "bankrupt_mean", "risky_mean"]), JSON_VALUES),
+                max_size=3)})), max_size=2)})))
+def test_patch_values_file_any_content(tmp_path_factory, doc):
+    """tokens.patch_values_file (a user file): finite values for valid ids, or one line naming the file."""
+    import math
+
+    from engine.tokens.run import read_patch_values
+
+    p = tmp_path_factory.mktemp("pv") / "values.json"
+    p.write_text(json.dumps(doc))
+    try:
+        out = read_patch_values(str(p))
+    except UserError as exc:
+        assert one_line(str(exc)) and str(p) in str(exc), str(exc)
+    else:
+        from engine.schema import FeatureId
+
+        for name, vals in out.items():
+            assert str(FeatureId.parse(name)) == name and name.isascii()
+            assert set(vals) <= {"safe", "risky"} and all(math.isfinite(v) for v in vals.values())
