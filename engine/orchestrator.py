@@ -306,7 +306,7 @@ def run_pipeline(cfg: Config, steps: list[str] | None = None, force: bool = Fals
                                  progress_file=progress_file, modules=modules, out=out)
     except LockHeld as exc:
         raise UserError(f"another `engine run` is already running on cache {cache} ({exc.holder or 'pid unknown'}); "
-                        f"wait for it to finish (`python -m engine status` shows its progress), "
+                        f"wait for it to finish, "
                         f"or give this run another --cache") from None
 
 
