@@ -518,9 +518,16 @@ _OVERVIEW: dict[tuple, pd.DataFrame] = {}
 
 
 def feature_overview(ctx: AppContext) -> pd.DataFrame:
-    """Causal features joined with their pathway summary (nodes, validated share, agreement)."""
+    """Causal features joined with their pathway summary (nodes, validated share, agreement).
+
+    A damaged pathways/index.json leaves the summary columns empty; its CacheProblem's fields
+    (message, command, kind) are in `.attrs["problem"]`."""
     _, feats = causal_features(ctx)
-    index = pathway_index(ctx)
+    problem = None
+    try:
+        index = pathway_index(ctx)
+    except CacheProblem as exc:  # a damaged index must not hide the features: list them without its numbers
+        index, problem = pd.DataFrame(columns=["feature", "prompt", *INDEX_FIELDS]), exc
     files = pathway_features(ctx)
     key = (str(ctx.cache), stamp(ctx.cache / schema.CAUSAL_FEATURES), stamp(ctx.cache / schema.PATHWAYS_INDEX),
            stamp(ctx.cache / schema.PATHWAYS_DIR), len(files))
@@ -529,6 +536,9 @@ def feature_overview(ctx: AppContext) -> pd.DataFrame:
         if len(_OVERVIEW) >= 8:
             _OVERVIEW.clear()
         hit = _OVERVIEW[key] = _join_overview(feats, index, set(files))
+        # plain values: Streamlit serialises a frame's attrs as JSON when it shows the frame
+        hit.attrs["problem"] = (None if problem is None else
+                                {"message": problem.message, "command": problem.command, "kind": problem.kind})
     return hit
 
 

@@ -188,3 +188,16 @@ def test_streamlit_binds_to_localhost_by_default():
     assert conf["server"]["address"] == "127.0.0.1"
     cmd = streamlit_command(None, ROOT / "cache", Config().app.host, 8501)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+
+
+def test_a_damaged_pathway_index_does_not_hide_the_features(cache_copy):
+    """Every feature stays listed (with its pathway flag from the files); the index's problem is attached."""
+    ctx = build_context(str(cache_copy.config), None)
+    (cache_copy.cache / "pathways" / "index.json").write_bytes(b'{"schema_version": 1, "targets": [5, 6]}')
+    ov = data.feature_overview(ctx)
+    assert len(ov) == len(cache_copy.info["features"])
+    assert set(ov[ov["has_pathway"]]["feature"]) == set(cache_copy.info["pathway_features"])
+    assert ov["nodes"].isna().all()
+    problem = data.CacheProblem(**ov.attrs["problem"])
+    assert "pathways/index.json" in problem.message and problem.kind == "schema"
+    assert problem.command == f"python -m engine pathways --config {cache_copy.config}"
