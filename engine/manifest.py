@@ -31,12 +31,20 @@ def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[st
         if p.is_file():
             files = [p]
         elif p.is_dir():
-            files = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
+            try:
+                files = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
+            except OSError as exc:  # a folder that cannot be listed: status says "changed", never crashes
+                h.update(f"<unlistable {p}: {exc.strerror}>".encode())
+                continue
         else:
             h.update(f"<missing {p}>".encode())
             continue
         for f in files:
-            st = f.stat()
+            try:
+                st = f.stat()
+            except OSError:  # removed or unreadable since it was listed: part of the fingerprint too
+                h.update(f"<unreadable {f}>\n".encode())
+                continue
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
