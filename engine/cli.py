@@ -11,12 +11,11 @@ import argparse
 import importlib
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable
 
-from engine.errors import UserError
+from engine.errors import UserError, write_traceback
 
 # name, module, one-line help
 COMMANDS: list[tuple[str, str, str]] = [
@@ -85,7 +84,12 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+#: The running command and its cache folder, for the internal-error traceback file.
+_RUN = {"command": "engine", "cache": None}
+
+
 def main(argv: list[str] | None = None) -> int:
+    _RUN.update(command="engine", cache=None)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -94,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine import progress
 
     progress.set_progress_file(args.progress_file)
+    _RUN["command"] = args.command
     cfg = config_from_args(args)
+    _RUN["cache"] = cfg.cache
     try:
         rc = int(args._module.main(args, cfg) or 0)
     except BaseException:
@@ -128,12 +134,8 @@ def run_main(fn: Callable[..., int], *fn_args) -> int:
     except Exception as exc:  # a bug: keep the traceback in a file, show one line
         if os.environ.get("ENGINE_DEBUG") == "1":
             raise
-        log = Path(tempfile.gettempdir()) / "engine-last-error.txt"
-        try:
-            log.write_text(traceback.format_exc())
-            where = f"; traceback in {log}"
-        except OSError:
-            where = ""
+        log = write_traceback(traceback.format_exc(), _RUN["cache"], str(_RUN["command"]))
+        where = f"; traceback in {log}" if log else ""
         print(f"internal error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
         return 1
 

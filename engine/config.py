@@ -9,8 +9,11 @@ folder that holds the file, so a config can be moved with its data.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,6 +106,14 @@ class SAEConfig:
         _choice("sae.dtype", self.dtype, DTYPES)
         if "{layer}" not in self.folder_template:
             raise UserError("config sae.folder_template must contain {layer}")
+        try:
+            folder = self.folder_template.format(layer=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(f"config sae.folder_template {_show(self.folder_template)} is not a valid template "
+                            f"({type(exc).__name__}: {exc}); only {{layer}} may appear in braces") from None
+        if Path(folder).is_absolute() or ".." in Path(folder).parts:
+            raise UserError(f"config sae.folder_template {_show(self.folder_template)} must be a folder name "
+                            f"inside sae.source")
 
 
 @dataclass
@@ -241,6 +252,7 @@ class Config:
             v = getattr(self, f.name)
             if hasattr(v, "validate"):
                 v.validate()
+        _check_bounds(self)
         if not self.prompts:
             raise UserError("config prompts is empty: give at least one named prompt")
         for name, text in self.prompts.items():
@@ -267,9 +279,60 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: Numeric keys with a lower (and optional upper) bound: counts cannot be negative, sizes
+#: of batches and chunks must be at least 1. None values (where allowed) skip the check.
+BOUNDS: dict[str, tuple[float, float | None]] = {
+    "data.n_trials_per_condition": (1, None),
+    "audit.max_examples_per_kind": (0, None),
+    "audit.min_bet": (0, None),
+    "audit.max_bet": (0, None),
+    "audit.run_gap_days": (0, None),
+    "audit.workers": (1, 1024),
+    "audit.min_effect": (0, None),
+    "select.top_n": (1, None),
+    "prototype.top_k": (1, None),
+    "prototype.first_layer": (0, None),
+    "pathways.first_layer": (0, None),
+    "pathways.top_k_per_layer": (1, None),
+    "pathways.max_graph_layers": (1, None),
+    "pathways.n_replay": (0, None),
+    "pathways.validate_min_abs_delta": (0, None),
+    "pathways.validate_min_rel_delta": (0, None),
+    "pathways.target_batch_size": (1, None),
+    "pathways.replay_batch_size": (1, None),
+    "pathways.chunk_size": (1, None),
+    "pathways.limit": (0, None),
+    "tokens.seed": (0, 2**32 - 1),
+    "tokens.amplify_factor": (0, None),
+    "integrate.top_upstream": (0, None),
+    "integrate.top_hubs": (0, None),
+    "app.port": (1, 65535),
+    "app.max_custom_prompt_chars": (1, None),
+    "app.max_plot_edges": (1, None),
+}
+
+
+def _check_bounds(cfg: "Config") -> None:
+    for dotted, (lo, hi) in BOUNDS.items():
+        section, key = dotted.split(".")
+        v = getattr(getattr(cfg, section), key)
+        if v is None:
+            continue
+        if v < lo or (hi is not None and v > hi):
+            want = f"between {lo} and {hi}" if hi is not None else ("at least 1" if lo == 1 else "0 or more")
+            raise UserError(f"config {dotted} must be {want}, got {v}")
+    for i, amount in enumerate(cfg.tokens.bet_amounts):
+        if amount < 0:
+            raise UserError(f"config tokens.bet_amounts[{i}] must be 0 or more, got {amount}")
+    if cfg.audit.min_bet > cfg.audit.max_bet:
+        raise UserError(f"config audit.min_bet ({cfg.audit.min_bet}) is above audit.max_bet ({cfg.audit.max_bet})")
+    if not 0 < cfg.audit.alpha < 1:
+        raise UserError(f"config audit.alpha must be in (0, 1), got {cfg.audit.alpha}")
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise UserError(f"config {key} must be one of {', '.join(allowed)}; got {value!r}")
+        raise UserError(f"config {key} must be one of {', '.join(allowed)}; got {_show(value)}")
 
 
 # ---------------------------------------------------------------------------
@@ -287,6 +350,31 @@ PATH_KEYS = {
 MAYBE_PATH_KEYS = {("model", "name_or_path"), ("sae", "source")}
 
 
+INT64_MAX = 2**63 - 1
+_ASCII_INT_RE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_ASCII_FLOAT_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a config value for a one-line message (long or nested values cut short)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<deeply nested {type(value).__name__}>"
+    except ValueError:  # an int of more than 4300 digits
+        text = f"<{value.bit_length()}-bit integer>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_text(value: str, key: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as "\udcff" from a YAML escape
+        raise UserError(f"config {key} holds an invalid character {value[exc.start]!r} at position {exc.start} "
+                        f"(a lone surrogate, not text)") from None
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -297,48 +385,67 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, non_none[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"config {key} must be a mapping, got {type(value).__name__}")
+            raise UserError(f"config {key} must be a mapping, got {type(value).__name__} {_show(value)}")
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise UserError(f"config {key} must be a list, got {value!r}")
+            raise UserError(f"config {key} must be a list, got {_show(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"config {key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+            raise UserError(f"config {key} must be a mapping, got {_show(value)}")
+        out = {}
+        for k, v in value.items():
+            name = _check_text(str(k), f"{key} key {_show(k)}")
+            out[name] = _coerce(v, args[1], f"{key}.{name}")
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise UserError(f"config {key} must be true or false, got {value!r}")
+        raise UserError(f"config {key} must be true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise UserError(f"config {key} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise UserError(f"config {key} must be an integer, got {value!r}")
+            raise UserError(f"config {key} must be an integer, got {_show(value)}")
+        if isinstance(value, str) and _ASCII_INT_RE.fullmatch(value.strip()):
+            value = int(value.strip())  # ASCII digits only: int() also reads other scripts' digits
+        if not isinstance(value, int):
+            raise UserError(f"config {key} must be an integer (ASCII digits), got {_show(value)}")
+        if abs(value) > INT64_MAX:
+            raise UserError(f"config {key} is too large: a {value.bit_length()}-bit integer, the limit is 64-bit")
+        return value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, bool):
+            raise UserError(f"config {key} must be a number, got {_show(value)}")
+        if isinstance(value, str) and _ASCII_FLOAT_RE.fullmatch(value.strip()):
+            value = float(value.strip())  # YAML 1.1 reads 1e5 (no dot) as a string
+        if not isinstance(value, (int, float)):
+            raise UserError(f"config {key} must be a number, got {_show(value)}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"config {key} must be a number, got {value!r}") from None
+            out = float(value)
+        except OverflowError:
+            out = math.inf
+        if not math.isfinite(out):
+            raise UserError(f"config {key} must be a finite number, got {_show(value, 30)}")
+        return out
     if tp is str:
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()  # YAML reads `since: 2024-01-01` as a date
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise UserError(f"config {key} must be a string, got {value!r}")
+            return _check_text(str(value), key)
+        raise UserError(f"config {key} must be a string, got {_show(value)}")
     return value
+
+
+def _key_name(k: Any) -> str:
+    return k if isinstance(k, str) and k.isprintable() and len(k) <= 40 else _show(k, 40)
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(_key_name(k) for k in data if k not in names)
     if unknown:
         where = f"section {prefix!r}" if prefix else "top level"
         raise UserError(f"config: unknown key(s) {', '.join(unknown)} in {where}; allowed: {', '.join(sorted(names))}")
@@ -378,26 +485,86 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply dotted overrides."""
-    import yaml
-
     data: dict = {}
     base = Path.cwd()
+    where = ""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise UserError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {p} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p} must hold a mapping at the top level")
+            raise UserError(f"config file not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+        data = _read_yaml_mapping(p)
         base = p.resolve().parent
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
-    cfg = config_from_dict(data, base)
+        where = f" (in {p}{' or --set' if overrides else ''})"
+    elif overrides:
+        where = " (from --set)"
+    data = dict(data)
+    try:
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value)
+        cfg = config_from_dict(data, base)
+    except UserError as exc:
+        raise UserError(f"{exc}{where}") from None
+    except RecursionError:  # a value nested too deep for the type checks
+        raise UserError(f"config values are nested too deeply{where}") from None
     cfg.source_path = str(Path(path).resolve()) if path is not None else None
     return cfg
+
+
+MAX_FLOW_DEPTH = 100
+
+
+def _flow_depth(text: str) -> tuple[int, int]:
+    """(deepest run of open [ or { brackets, its line): a cheap bound on YAML flow nesting."""
+    depth = best = 0
+    line = best_line = 1
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > best:
+                best, best_line = depth, line
+                if best > MAX_FLOW_DEPTH:
+                    break
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "\n":
+            line += 1
+    return best, best_line
+
+
+def _read_yaml_mapping(p: Path) -> dict:
+    """The file's top-level mapping, or one line naming the file and what is wrong."""
+    import yaml
+
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"config file {p} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} "
+                        f"(offset {exc.start}); save it as UTF-8") from None
+    depth, line = _flow_depth(text)
+    if depth > MAX_FLOW_DEPTH:  # PyYAML recurses per level: refuse before it spends seconds on it
+        raise UserError(f"config file {p} is nested more than {MAX_FLOW_DEPTH} brackets deep (line {line})")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"config file {p} is not valid YAML: {exc.problem or exc.context}{at}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise UserError(f"config file {p} is nested too deeply to be a config") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"config file {p} is not valid YAML: {' '.join(str(exc).split())[:200]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping at the top level, not a {type(data).__name__}")
+    return data
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -423,7 +590,7 @@ def parse_set_arguments(items: list[str] | None) -> dict[str, Any]:
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = yaml.safe_load(v) if v != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             out[k.strip()] = v
     return out
 

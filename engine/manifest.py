@@ -31,14 +31,18 @@ def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[st
         if p.is_file():
             files = [p]
         elif p.is_dir():
-            files = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
+            try:
+                files = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
+            except OSError as exc:  # a folder that cannot be listed: status says "changed", never crashes
+                h.update(f"<unlistable {p}: {exc.strerror}>".encode())
+                continue
         else:
             h.update(f"<missing {p}>".encode())
             continue
         for f in files:
             try:
                 st = f.stat()
-            except OSError:  # removed since the listing
+            except OSError:  # removed or unreadable since it was listed: part of the fingerprint too
                 h.update(os.fsencode(f) + b"|<gone>\n")
                 continue
             # fsencode: a name that is not UTF-8 (surrogate-escaped) hashes as its bytes
@@ -47,16 +51,98 @@ def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[st
 
 
 def read_manifest(cache: str | os.PathLike) -> dict:
+    """The manifest with every entry checked (`clean_manifest`); never raises.
+
+    An unreadable file gives no steps and `corrupt: True` with `problem` saying why; a readable
+    one with damaged fields gives the usable rest and `problems`, one line per damaged field."""
+    from engine.errors import UserError
+
     path = Path(cache) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {"schema_version": SCHEMA_VERSION, "steps": {}}
     try:
         data = read_json(path, "manifest")
-    except Exception:
-        return {"schema_version": SCHEMA_VERSION, "steps": {}, "corrupt": True}
+    except UserError as exc:
+        return {"schema_version": SCHEMA_VERSION, "steps": {}, "corrupt": True, "problem": str(exc)}
+    return clean_manifest(data, str(path))
+
+
+#: Manifest entry fields and what they must be; a field of another type is dropped (and reported).
+_TEXT_FIELDS = ("status", "error", "started", "memory_kind", "device", "command", "config_hash")
+_NUMBER_FIELDS = ("seconds", "peak_memory_gb")
+
+
+def _shown(value) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def clean_manifest(data, where: str = MANIFEST) -> dict:
+    """Check a parsed manifest: keep the entries and fields of the right types, report the rest.
+
+    Readers (status, run, the explorer) may then use every field without type checks."""
+    import math
+
     if not isinstance(data, dict) or not isinstance(data.get("steps"), dict):
-        return {"schema_version": SCHEMA_VERSION, "steps": {}, "corrupt": True}
-    return data
+        what = "not a JSON object" if not isinstance(data, dict) else "without a `steps` mapping"
+        return {"schema_version": SCHEMA_VERSION, "steps": {}, "corrupt": True,
+                "problem": f"manifest {where} is {what}"}
+    problems: list[str] = []
+    steps: dict[str, dict] = {}
+    for step, entry in data["steps"].items():
+        if not isinstance(entry, dict):
+            problems.append(f"steps.{step} is {_shown(entry)}, not an object")
+            continue
+        clean = dict(entry)
+        for key in _TEXT_FIELDS:
+            if clean.get(key) is not None and not isinstance(clean[key], str):
+                problems.append(f"steps.{step}.{key} is {_shown(clean[key])}, not text")
+                clean[key] = None
+        for key in _NUMBER_FIELDS:
+            v = clean.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v < 0):
+                problems.append(f"steps.{step}.{key} is {_shown(v)}, not a number of 0 or more")
+                clean[key] = None
+        for key, ok, default in (("summary", lambda v: isinstance(v, dict), {}),
+                                 ("inputs", _text_map, {}),
+                                 ("outputs", lambda v: isinstance(v, list), [])):
+            if key in clean and not ok(clean[key]):
+                problems.append(f"steps.{step}.{key} is {_shown(clean[key])}, not the expected "
+                                f"{'list' if key == 'outputs' else 'object'}")
+                clean[key] = default
+        rec = clean.get("pipeline")
+        if rec is not None:
+            bad = None
+            if not isinstance(rec, dict):
+                bad = "not an object"
+            elif not _text_map(rec.get("inputs")):
+                bad = "inputs are not a map of fingerprints"
+            elif not isinstance(rec.get("config_hash"), str):
+                bad = "config_hash is not text"
+            elif "config_sections" in rec and not _text_map(rec["config_sections"]):
+                bad = "config_sections are not a map of hashes"
+            if bad:
+                # without usable fingerprints the step shows as stale, which reruns it: safe
+                problems.append(f"steps.{step}.pipeline: {bad}")
+                clean.pop("pipeline")
+        steps[step] = clean
+    out = {**data, "steps": steps}
+    out.pop("corrupt", None)
+    out.pop("problem", None)
+    out.pop("problems", None)
+    if problems:
+        out["problems"] = [f"manifest {where}: {p}" for p in problems]
+    return out
 
 
 def update_step(cache: str | os.PathLike, step: str, entry: dict) -> None:
@@ -64,10 +150,28 @@ def update_step(cache: str | os.PathLike, step: str, entry: dict) -> None:
     cache = Path(cache)
     with file_lock(cache / ".manifest.lock"):
         data = read_manifest(cache)
-        data.pop("corrupt", None)
+        _keep_corrupt_copy(cache, data)
+        _drop_read_notes(data)
         data["schema_version"] = SCHEMA_VERSION
         data["steps"][step] = entry
         atomic_write_json(cache / MANIFEST, data)
+
+
+def _drop_read_notes(data: dict) -> None:
+    for key in ("corrupt", "problem", "problems"):
+        data.pop(key, None)
+
+
+def _keep_corrupt_copy(cache: Path, data: dict) -> None:
+    """Before an unreadable manifest is replaced, keep it as manifest.json.corrupt-<time> for a look."""
+    if not data.get("corrupt"):
+        return
+    src = cache / MANIFEST
+    try:
+        if src.is_file() and not src.is_symlink():
+            os.replace(src, cache / f"{MANIFEST}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -220,7 +324,7 @@ def record_pipeline(cache: str | os.PathLike, step: str, record: dict, started_a
             if started < int(started_after) - 1:
                 return False
         entry["pipeline"] = record
-        data.pop("corrupt", None)
+        _drop_read_notes(data)
         atomic_write_json(cache / MANIFEST, data)
     return True
 

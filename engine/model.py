@@ -55,10 +55,112 @@ def _hub_error(cfg: ModelConfig, exc: Exception) -> UserError:
     )
 
 
+#: config.json keys a LLaMA-style model needs, with their upper bounds (transformers would
+#: silently fill a missing one with LLaMA-7B's default and then fail on the weights' shapes).
+REQUIRED_INT_KEYS = {"hidden_size": 2**20, "num_hidden_layers": 10_000, "num_attention_heads": 2**16,
+                     "intermediate_size": 2**24, "vocab_size": 2**24}
+OPTIONAL_INT_KEYS = {"num_key_value_heads": 2**16, "head_dim": 2**16, "max_position_embeddings": 2**31 - 1}
+OPTIONAL_NUMBER_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def _shown(value) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_model_config(folder: Path) -> dict:
+    """Read and check a local model folder's config.json: one line naming the file and key, or the dict."""
+    import json
+    import math
+
+    path = Path(folder) / "config.json"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"model folder {folder} has no config.json") from None
+    except OSError as exc:
+        raise UserError(f"model config {path} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    try:
+        conf = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"model config {path} is not UTF-8 JSON: byte 0x{raw[exc.start]:02x} at offset {exc.start}") from None
+    except RecursionError:
+        raise UserError(f"model config {path} is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise UserError(f"model config {path} is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"model config {path} must be a JSON object, not {type(conf).__name__}")
+    for key, hi in {**REQUIRED_INT_KEYS, **OPTIONAL_INT_KEYS}.items():
+        if key not in conf or (key in OPTIONAL_INT_KEYS and conf[key] is None):
+            if key in REQUIRED_INT_KEYS:
+                raise UserError(f"model config {path} lacks {key} (a LLaMA-style config.json gives it)")
+            continue
+        v = conf[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
+            raise UserError(f"model config {path}: {key} is {_shown(v)}, not an integer in 1..{hi}")
+    for key in OPTIONAL_NUMBER_KEYS:
+        if key in conf:
+            v = conf[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise UserError(f"model config {path}: {key} is {_shown(v)}, not a positive finite number")
+    if "head_dim" not in conf and conf["hidden_size"] % conf["num_attention_heads"]:
+        raise UserError(f"model config {path}: hidden_size {conf['hidden_size']} is not a multiple of "
+                        f"num_attention_heads {conf['num_attention_heads']}")
+    kv = conf.get("num_key_value_heads")
+    if kv and conf["num_attention_heads"] % kv:
+        raise UserError(f"model config {path}: num_attention_heads {conf['num_attention_heads']} is not a multiple "
+                        f"of num_key_value_heads {kv}")
+    return conf
+
+
+def check_model_weights(folder: Path, conf: dict) -> None:
+    """Open every safetensors shard's header: a truncated or damaged shard, or an embedding or
+    layer count that disagrees with config.json, is named here rather than deep in transformers."""
+    import re
+
+    from safetensors import safe_open
+
+    shards = sorted(Path(folder).glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"model folder {folder} holds no *.safetensors weights (only safetensors are loaded)")
+    layers: set[int] = set()
+    embed = None
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as fh:
+                for key in fh.keys():
+                    m = re.match(r"model\.layers\.([0-9]+)\.", key)
+                    if m:
+                        layers.add(int(m.group(1)))
+                    elif key == "model.embed_tokens.weight":
+                        embed = tuple(fh.get_slice(key).get_shape())
+        except Exception as exc:  # noqa: BLE001  (SafetensorError for a truncated or damaged file)
+            raise UserError(f"model weights {shard} cannot be read as safetensors: {_one_line(exc)}") from None
+    want = (conf["vocab_size"], conf["hidden_size"])
+    if embed is not None and embed != want:
+        raise UserError(f"model folder {folder}: model.embed_tokens.weight has shape {embed}, but config.json says "
+                        f"(vocab_size, hidden_size) = {want}")
+    if layers and len(layers) != conf["num_hidden_layers"]:
+        raise UserError(f"model folder {folder}: the weights hold {len(layers)} decoder layers, but config.json says "
+                        f"num_hidden_layers = {conf['num_hidden_layers']}")
+
+
 def _source(cfg: ModelConfig) -> tuple[str, dict]:
     name = cfg.name_or_path
     if is_local_model(name):
-        return str(Path(name).expanduser()), {"local_files_only": True}
+        folder = Path(name).expanduser()
+        check_model_config(folder)
+        return str(folder), {"local_files_only": True}
     if name.startswith((".", "/", "~")):
         raise UserError(f"model folder not found: {name}")
     from engine.hub import local_only
@@ -73,10 +175,12 @@ def load_config_only(cfg: ModelConfig):
     src, kw = _source(cfg)
     try:
         return AutoConfig.from_pretrained(src, trust_remote_code=False, **kw)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (transformers raises many types for a bad folder)
         if is_local_model(cfg.name_or_path):
-            raise UserError(f"model folder {src} has no readable config.json ({exc})") from None
-        raise _hub_error(cfg, exc) from None
+            raise UserError(f"model folder {src} has no usable config.json ({type(exc).__name__}: {_one_line(exc)})") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise _hub_error(cfg, exc) from None
+        raise
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -85,10 +189,12 @@ def load_tokenizer(cfg: ModelConfig):
     src, kw = _source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False, clean_up_tokenization_spaces=False, **kw)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (tokenizers raises a bare Exception for a bad tokenizer.json)
         if is_local_model(cfg.name_or_path):
-            raise UserError(f"model folder {src} has no readable tokenizer ({exc})") from None
-        raise _hub_error(cfg, exc) from None
+            raise UserError(f"model folder {src} has no readable tokenizer ({type(exc).__name__}: {_one_line(exc)})") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise _hub_error(cfg, exc) from None
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # as the study did
     return tok
@@ -100,6 +206,8 @@ def load_model(cfg: ModelConfig, device: str, dtype: str | None = None):
     from transformers import AutoModelForCausalLM
 
     src, kw = _source(cfg)
+    if is_local_model(cfg.name_or_path):
+        check_model_weights(Path(src), check_model_config(Path(src)))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             src,
@@ -109,10 +217,12 @@ def load_model(cfg: ModelConfig, device: str, dtype: str | None = None):
             attn_implementation=cfg.attn_implementation,
             **kw,
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (a truncated safetensors, shapes that disagree with config.json)
         if is_local_model(cfg.name_or_path):
-            raise UserError(f"model folder {src} cannot be loaded: {exc}") from None
-        raise _hub_error(cfg, exc) from None
+            raise UserError(f"model folder {src} cannot be loaded: {type(exc).__name__}: {_one_line(exc)}") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise _hub_error(cfg, exc) from None
+        raise
     model.to(device)
     model.eval()
     model.requires_grad_(False)  # activation gradients only; weights never need them

@@ -23,6 +23,7 @@ import copy
 import gc
 import importlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import Config
-from engine.errors import UserError
+from engine.errors import UserError, write_traceback
 
 STEP_MODULES: dict[str, str] = {
     "audit": "engine.audit",
@@ -92,13 +93,22 @@ def strongest_feature(cfg: Config) -> str | None:
     sel = read_artifact(cfg.cache / CAUSAL_FEATURES, "causal feature selection",
                         rebuild="python -m engine select --config FILE")
     best, best_d = None, -1.0
-    for rec in sel.get("features") or []:
+    feats = sel.get("features")
+    for i, rec in enumerate(feats if isinstance(feats, list) else []):
         if not isinstance(rec, dict) or "feature" not in rec:
             continue
         d = rec.get("cohen_d")
-        d = abs(float(d)) if isinstance(d, (int, float)) and d == d else 0.0
+        try:
+            d = abs(float(d)) if isinstance(d, (int, float)) and not isinstance(d, bool) and d == d else 0.0
+        except OverflowError:  # an integer beyond float range
+            d = math.inf
         if d > best_d:
-            best, best_d = str(FeatureId.parse(rec["feature"])), d
+            try:
+                fid = FeatureId.parse(rec["feature"])
+            except UserError as exc:
+                raise UserError(f"causal feature selection {cfg.cache / CAUSAL_FEATURES}: record {i}: {exc}; "
+                                f"rebuild it with `python -m engine select --config FILE`") from None
+            best, best_d = str(fid), d
     return best
 
 
@@ -180,13 +190,8 @@ def _run_in_process(step: str, mod, cfg: Config, argv: list[str]) -> tuple[int, 
     except Exception as exc:
         if os.environ.get("ENGINE_DEBUG") == "1":
             raise
-        log = Path(cfg.cache) / "logs" / f"{step}-error.txt"
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
-            where = f"; traceback in {log}"
-        except OSError:
-            where = ""
+        log = write_traceback(traceback.format_exc(), cfg.cache, step)
+        where = f"; traceback in {log}" if log else ""
         return 1, f"internal error: {type(exc).__name__}: {exc}{where}"
 
 
@@ -284,7 +289,29 @@ def run_pipeline(cfg: Config, steps: list[str] | None = None, force: bool = Fals
                  modules: dict | None = None, out=print) -> tuple[int, list[StepResult]]:
     """Run the chosen steps in order; returns (exit code, one StepResult per chosen step).
 
-    `modules` maps step names to objects with add_arguments/main (tests inject their own)."""
+    `modules` maps step names to objects with add_arguments/main (tests inject their own).
+    Only one run at a time works on a cache: a second one (another process) is refused with a
+    UserError naming the pid that holds the cache's run lock; --dry-run takes no lock."""
+    from engine.schema import RUN_LOCK, LockHeld, exclusive_lock
+
+    cache = Path(cfg.cache)
+    if dry_run:  # reads only
+        return _run_pipeline(cfg, steps, force, subprocess_mode=subprocess_mode, nproc=nproc, dry_run=True,
+                             progress_file=progress_file, modules=modules, out=out)
+    cache.mkdir(parents=True, exist_ok=True)
+    holder = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    try:
+        with exclusive_lock(cache / RUN_LOCK, holder):
+            return _run_pipeline(cfg, steps, force, subprocess_mode=subprocess_mode, nproc=nproc, dry_run=False,
+                                 progress_file=progress_file, modules=modules, out=out)
+    except LockHeld as exc:
+        raise UserError(f"another `engine run` is already running on cache {cache} ({exc.holder or 'pid unknown'}); "
+                        f"wait for it to finish, "
+                        f"or give this run another --cache") from None
+
+
+def _run_pipeline(cfg: Config, steps: list[str] | None, force: bool, *, subprocess_mode: bool, nproc: int,
+                  dry_run: bool, progress_file: str | None, modules: dict | None, out) -> tuple[int, list[StepResult]]:
     from engine import progress
     from engine.config import dump_config_yaml
     from engine.manifest import pipeline_record, read_manifest, step_state

@@ -175,40 +175,107 @@ def _hub_file(cfg: SAEConfig, filename: str) -> Path:
 
 
 def read_hyperparams(path: Path) -> dict:
+    """The layer's hyperparams.json as a dict, or one line naming the file and what is wrong."""
     try:
-        hp = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"SAE hyperparameters {path} cannot be read: {exc}") from None
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"SAE hyperparameters {path} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    try:
+        hp = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"SAE hyperparameters {path} are not UTF-8 JSON: byte 0x{raw[exc.start]:02x} "
+                        f"at offset {exc.start}") from None
+    except RecursionError:
+        raise UserError(f"SAE hyperparameters {path} are not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise UserError(f"SAE hyperparameters {path} are not valid JSON: {_one_line(exc)}") from None
     if not isinstance(hp, dict):
-        raise UserError(f"SAE hyperparameters {path} must be a JSON object")
+        raise UserError(f"SAE hyperparameters {path} must be a JSON object, not {type(hp).__name__}")
     return hp
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(type(value).__name__)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+#: Widths beyond this are not an SAE of a language model (and would not fit in memory).
+MAX_DIM = 2**31 - 1
+
+
+def _hp_dim(hp: dict, key: str, path: Path) -> int | None:
+    """A positive integer width from the hyperparameters, None when absent."""
+    if key not in hp or hp[key] is None:
+        return None
+    v = hp[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_DIM:
+        raise UserError(f"SAE hyperparameters {path}: {key} is {_shown(hp[key])}, not a positive integer")
+    return v
+
+
+def _hp_number(value: Any, key: str, path: Path, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"SAE hyperparameters {path}: {key} is {_shown(value)}, not a number")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out) or (positive and not out > 0):
+        raise UserError(f"SAE hyperparameters {path}: {key} is {_shown(value)}, not a "
+                        f"{'positive ' if positive else ''}finite number")
+    return out
+
+
+def hp_dims(hp: dict, path: Path) -> tuple[int, int] | None:
+    """(d_model, d_sae) when the hyperparameters give both (checked), else None."""
+    d_model, d_sae = _hp_dim(hp, "d_model", path), _hp_dim(hp, "d_sae", path)
+    return (d_model, d_sae) if d_model is not None and d_sae is not None else None
 
 
 def _norms(hp: dict, path: Path) -> tuple[float, float]:
     norm = hp.get("dataset_average_activation_norm")
+    key = "dataset_average_activation_norm"
     if isinstance(norm, dict) and "in" in norm:
-        n_in = float(norm["in"])
-        n_out = float(norm.get("out", n_in))
-    elif isinstance(norm, (int, float)):
-        n_in = n_out = float(norm)
+        n_in = _hp_number(norm["in"], f"{key}.in", path, positive=True)
+        n_out = _hp_number(norm["out"], f"{key}.out", path, positive=True) if "out" in norm else n_in
+    elif isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        n_in = n_out = _hp_number(norm, key, path, positive=True)
     else:
-        raise UserError(f"SAE hyperparameters {path} lack dataset_average_activation_norm.in")
-    if not (n_in > 0 and n_out > 0 and math.isfinite(n_in) and math.isfinite(n_out)):
-        raise UserError(f"SAE hyperparameters {path}: dataset_average_activation_norm must be positive")
+        raise UserError(f"SAE hyperparameters {path} lack dataset_average_activation_norm.in"
+                        + (f" (it is {_shown(norm)})" if norm is not None else ""))
     return n_in, n_out
 
 
 def sae_width(cfg: SAEConfig, layer: int) -> tuple[int, int]:
     """(d_model, d_sae) of a layer's SAE without loading the weights."""
     files = locate(cfg, layer, need_weights=False)
-    hp = read_hyperparams(files.hyperparams)
-    if "d_sae" in hp and "d_model" in hp:
-        return int(hp["d_model"]), int(hp["d_sae"])
+    dims = hp_dims(read_hyperparams(files.hyperparams), files.hyperparams)
+    if dims is not None:
+        return dims
     files = locate(cfg, layer)
     from safetensors import safe_open
 
-    with safe_open(str(files.weights), framework="pt") as fh:
-        shape = fh.get_slice("encoder.weight").get_shape()
+    try:
+        with safe_open(str(files.weights), framework="pt") as fh:
+            if "encoder.weight" not in fh.keys():
+                raise UserError(f"SAE weights {files.weights} lack encoder.weight")
+            shape = fh.get_slice("encoder.weight").get_shape()
+    except UserError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError: the file is this layer's problem
+        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {_one_line(exc)}") from None
+    if len(shape) != 2:
+        raise UserError(f"SAE weights {files.weights}: encoder.weight has shape {tuple(shape)}, expected (d_sae, d_model)")
     return int(shape[1]), int(shape[0])
 
 
@@ -229,18 +296,25 @@ def load_sae(cfg: SAEConfig, layer: int, device: str = "cpu", dtype: str | None 
     files = locate(cfg, layer)
     hp = read_hyperparams(files.hyperparams)
     tdt = torch_dtype(dtype or cfg.dtype)
+    dims = hp_dims(hp, files.hyperparams)
     try:
         # straight onto the target device (memory-mapped read), no host copy of a GPU SAE
         tensors = load_file(str(files.weights), device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {exc}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {_one_line(exc)}") from None
     missing = [k for k in WEIGHT_KEYS if k not in tensors]
     if missing:
-        raise UserError(
-            f"SAE weights {files.weights} lack {', '.join(missing)} (found: {', '.join(sorted(tensors)) or 'nothing'})"
-        )
+        found = ", ".join(sorted(tensors)[:8]) + (" ..." if len(tensors) > 8 else "")
+        raise UserError(f"SAE weights {files.weights} lack {', '.join(missing)} (found: {found or 'nothing'})")
+    for k in WEIGHT_KEYS:
+        if not tensors[k].is_floating_point():
+            raise UserError(f"SAE weights {files.weights}: {k} holds {str(tensors[k].dtype).replace('torch.', '')}, "
+                            f"not floating-point numbers")
     W_E, b_E, W_D, b_D = (tensors[k] for k in WEIGHT_KEYS)
-    d_sae, d_model = (int(hp["d_sae"]), int(hp["d_model"])) if "d_sae" in hp and "d_model" in hp else tuple(W_E.shape)
+    if W_E.ndim != 2:
+        raise UserError(f"SAE weights {files.weights}: encoder.weight has shape {tuple(W_E.shape)}, "
+                        f"expected 2 dimensions (d_sae, d_model)")
+    d_model, d_sae = dims if dims is not None else (int(W_E.shape[1]), int(W_E.shape[0]))
     expected = {
         "encoder.weight": (d_sae, d_model),
         "encoder.bias": (d_sae,),
@@ -283,13 +357,13 @@ def build_sae(W_E, b_E, W_D, b_D, hp: dict, *, layer: int, convention: str, devi
         n = torch.where(n > 0, n, torch.ones_like(n))
         enc_gain, enc_bias = n, n * b_E64 / s_in
         dec_gain, dec_bias = (s_in / s_out) / n, b_D64 / s_out
-        threshold = float(hp["jump_relu_threshold"])
+        threshold = _hp_number(hp["jump_relu_threshold"], "jump_relu_threshold", hp_path or Path(source))
     elif convention == "saelens":
         if "jump_relu_threshold" not in hp:
             raise UserError(f"SAE hyperparameters {hp_path or source} lack jump_relu_threshold (needed by convention saelens)")
         enc_gain, enc_bias = ones * s_in, b_E64
         dec_gain, dec_bias = ones / s_in, b_D64 / s_in
-        threshold = float(hp["jump_relu_threshold"]) * s_in
+        threshold = _hp_number(hp["jump_relu_threshold"], "jump_relu_threshold", hp_path or Path(source)) * s_in
     else:
         raise UserError(f"unknown SAE encode convention {convention!r}: use study, jumprelu or saelens")
     del b_E64, b_D64

@@ -30,7 +30,8 @@ SCHEMA_VERSION = 1
 # Feature ids: "L12-3456" (layer 12, SAE feature 3456), no zero padding.
 # ---------------------------------------------------------------------------
 
-FEATURE_ID_RE = re.compile(r"^L(\d{1,3})-(\d{1,7})$")
+# re.ASCII: without it \d (and int()) accept other scripts' digits, so "L١-٣" would name L1-3.
+FEATURE_ID_RE = re.compile(r"^L(\d{1,3})-(\d{1,7})$", re.ASCII)
 
 
 @dataclass(frozen=True, order=True)
@@ -48,7 +49,8 @@ class FeatureId:
             raise UserError(f"feature id must be a string like L12-3456, got {text!r}")
         m = FEATURE_ID_RE.match(text.strip())
         if not m:
-            raise UserError(f"malformed feature id {text!r}: expected L<layer>-<index>, e.g. L12-3456")
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise UserError(f"malformed feature id {shown!r}: expected L<layer>-<index> in ASCII digits, e.g. L12-3456")
         return cls(int(m.group(1)), int(m.group(2)))
 
 
@@ -113,6 +115,7 @@ CHECKPOINT_SCHEMA_NESTED = "run_b_nested"  # causality{is_causal_safe, ...}
 # ---------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
+RUN_LOCK = ".run.lock"  # held by `engine run` while it runs steps on this cache
 CONFIG_SNAPSHOT = "config.snapshot.yaml"
 
 AUDIT_DIR = "audit"
@@ -292,6 +295,41 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class LockHeld(Exception):
+    """`exclusive_lock` found the lock taken; `holder` is what its holder wrote in the file."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path = path
+        self.holder = holder
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Take an exclusive advisory lock on `path` without waiting, or raise LockHeld.
+
+    While held, the file says who holds it (`holder`, e.g. pid and command), so the one
+    refused can tell the user; the OS drops the lock if the holder dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            raise LockHeld(path, " ".join(info.split())) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8", "replace") + b"\n", 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, fsync: bool = True) -> Path:
     return atomic_write_bytes(path, dumps_json_bytes(obj, indent=indent), fsync=fsync)
 
@@ -337,8 +375,15 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
             return json.loads(fh.read().decode("utf-8-sig"))
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{what} {path} is not valid JSON ({exc})") from None
+    except OSError as exc:  # a folder, a FIFO's open error, no permission
+        raise UserError(f"{what} {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not valid JSON (not UTF-8: byte 0x{exc.object[exc.start]:02x} "
+                        f"at offset {exc.start})") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise UserError(f"{what} {path} is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
 
 
 def read_artifact(path: str | os.PathLike, what: str, rebuild: str | None = None) -> dict:

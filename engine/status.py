@@ -56,7 +56,9 @@ def pipeline_status(cfg: Config, manifest: dict | None = None) -> list[dict]:
     """One dict per step: step, status, reason, will_run, and the manifest's timing fields."""
     from engine.manifest import PIPELINE_STEPS, read_manifest, step_state
 
-    manifest = manifest if manifest is not None else read_manifest(cfg.cache)
+    from engine.manifest import clean_manifest
+
+    manifest = clean_manifest(manifest) if manifest is not None else read_manifest(cfg.cache)
     c = config_arg(cfg)
     rows, cascade = [], None
     for step in PIPELINE_STEPS:
@@ -102,10 +104,14 @@ def _fmt_mem(gb, kind) -> str:
     return f"{gb:.2f} GB {'GPU' if kind and 'cuda' in kind else 'RSS'}"
 
 
-def format_status(cfg: Config, rows: list[dict], corrupt: bool = False) -> str:
+def format_status(cfg: Config, rows: list[dict], corrupt: bool = False, problem: str | None = None,
+                  problems: list[str] | None = None) -> str:
     lines = [f"cache {cfg.cache}" + (f" (config {cfg.source_path})" if cfg.source_path else "")]
     if corrupt:
-        lines.append("warning: the manifest could not be read; every step shows as missing")
+        lines.append("warning: the manifest could not be read" + (f" ({problem})" if problem else "")
+                     + "; every step shows as missing")
+    for p in problems or []:
+        lines.append(f"warning: {p} (ignored)")
     header = ("step", "status", "last run", "time", "peak memory", "device", "next run")
     table = [header]
     for r in rows:
@@ -134,8 +140,11 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
     rows = pipeline_status(cfg, manifest)
     if getattr(args, "json", False):
         print(json.dumps({"cache": str(cfg.cache), "config": cfg.source_path, "steps": rows,
-                          "next_command": next_command(cfg, rows), "manifest_corrupt": bool(manifest.get("corrupt"))},
+                          "next_command": next_command(cfg, rows), "manifest_corrupt": bool(manifest.get("corrupt")),
+                          "manifest_problems": ([manifest["problem"]] if manifest.get("problem") else [])
+                          + list(manifest.get("problems") or [])},
                          indent=1))
     else:
-        print(format_status(cfg, rows, corrupt=bool(manifest.get("corrupt"))))
+        print(format_status(cfg, rows, corrupt=bool(manifest.get("corrupt")), problem=manifest.get("problem"),
+                            problems=manifest.get("problems")))
     return 0

@@ -65,6 +65,93 @@ def relpath(ctx: AppContext, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Shapes of the JSON artifacts, as far as the pages read them
+# ---------------------------------------------------------------------------
+
+NUM, TEXT, INT, BOOL, ANY = "number", "text", "integer", "true/false", "any"
+NUMBER = "number (not null)"
+
+
+_LEAF = {
+    NUM: lambda v: v is None or (isinstance(v, (int, float))),
+    NUMBER: lambda v: isinstance(v, (int, float)),
+    TEXT: lambda v: v is None or isinstance(v, str),
+    INT: lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    BOOL: lambda v: v is None or isinstance(v, (bool, int)),
+    ANY: lambda v: True,
+}
+
+
+def shape_problem(obj: Any, spec: Any, where: str = "") -> str | None:
+    """Where `obj` departs from `spec` (a dict of key specs, ("list", spec), ("map", spec) or a
+    leaf kind); None when it fits. Absent keys and None values are allowed (pages show "–")."""
+    if isinstance(spec, str):
+        if not _LEAF[spec](obj):
+            return f"`{where}` is {_shown(obj)}, not {'an' if spec == INT else 'a'} {spec}"
+        return None
+    if obj is None:
+        return None
+    if isinstance(spec, dict):
+        if not isinstance(obj, dict):
+            return f"`{where or 'the file'}` is {_shown(obj)}, not an object"
+        for key, sub in spec.items():
+            if key in obj:
+                bad = shape_problem(obj[key], sub, f"{where}.{key}" if where else key)
+                if bad:
+                    return bad
+        return None
+    kind, sub = spec
+    if kind == "list":
+        if not isinstance(obj, list):
+            return f"`{where}` is {_shown(obj)}, not a list"
+        for i, item in enumerate(obj):
+            bad = shape_problem(item, sub, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    if not isinstance(obj, dict):  # "map"
+        return f"`{where}` is {_shown(obj)}, not an object"
+    for key, item in obj.items():
+        bad = shape_problem(item, sub, f"{where}.{key}")
+        if bad:
+            return bad
+    return None
+
+
+def _shown(v: Any) -> str:
+    try:
+        text = repr(v)
+    except (RecursionError, ValueError):
+        text = f"<{type(v).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_NODE = {"id": ANY, "layer": INT, "feature_id": INT, "is_target": BOOL, "activation": NUM, "attribution": NUM,
+         "replay_delta": NUM, "patch_delta": NUM, "validated": BOOL, "positions": ("list", INT),
+         "position_activations": ("list", NUM), "position_attributions": ("list", NUM)}
+_EDGE = {"source": ANY, "target": ANY, "weight": NUM, "raw": NUM, "validated": BOOL}
+PATHWAY_SHAPE = {"feature": TEXT, "prompts": ("map", {
+    "nodes": ("list", _NODE), "edges": ("list", _EDGE), "tokens": ("list", TEXT), "target_position": INT,
+    "target_activation": NUM, "target_pre_activation": NUM, "agreement": ("map", ANY), "coverage": ("map", ANY)})}
+_TOKEN_ROW = {"tokens": ("list", TEXT), "activations": ("list", NUM), "max": NUM, "argmax_position": INT,
+              "n_active": INT, "last_token_activation": NUM}
+_LENS_ROW = {"token": ANY, "value": NUMBER}
+TOKENS_SHAPE = {
+    "activation_stats": ("map", ANY),
+    "prompt_activations": ("map", _TOKEN_ROW),
+    "behavioural_words": ("list", {"significant": BOOL}),
+    "logit_lens": {"promoted": ("list", _LENS_ROW), "suppressed": ("list", _LENS_ROW),
+                   "decision_summary": ("list", ("map", ANY))},
+    "top_activating": ("list", {"context_tokens": ("list", TEXT), "context_activations": ("list", NUM),
+                                "activation": NUM, "prompt": TEXT, "condition": ANY, "trial": ANY}),
+}
+PROTOTYPE_SHAPE = {"prompts": ("map", {"target_activation": NUM, "target_pre_activation": NUM, "target_rank": ANY,
+                                       "n_tokens": ANY, "sae_stats": ("map", ("map", ANY))}),
+                   "upstream_candidates": ("list", ("map", ANY))}
+
+
+# ---------------------------------------------------------------------------
 # Raw readers (cached)
 # ---------------------------------------------------------------------------
 
@@ -86,6 +173,8 @@ def read_artifact(ctx: AppContext, rel: str | Path, what: str, command: str | No
     st = stamp(path)
     if st is None:
         raise CacheProblem(f"{what} not found: `{relpath(ctx, path)}` is missing from the cache.", command, "missing")
+    if not _regular(path):  # a folder or FIFO under an artifact's name (a FIFO would block the read)
+        raise CacheProblem(f"{what} `{relpath(ctx, path)}` is not a regular file.", command, "corrupt")
     try:
         obj = _json_file(str(path), st)
     except ValueError as exc:
@@ -94,6 +183,9 @@ def read_artifact(ctx: AppContext, rel: str | Path, what: str, command: str | No
                            f"({_short_exc(exc)}).", command, kind) from None
     except OSError as exc:
         raise CacheProblem(f"{what} `{relpath(ctx, path)}` cannot be read ({exc.strerror}).", command, "corrupt") from None
+    except RecursionError:
+        raise CacheProblem(f"{what} `{relpath(ctx, path)}` is not valid JSON (nested too deeply).", command,
+                           "corrupt") from None
     if not isinstance(obj, dict):
         raise CacheProblem(f"{what} `{relpath(ctx, path)}` is not a JSON object.", command, "schema")
     version = obj.get("schema_version")
@@ -102,6 +194,15 @@ def read_artifact(ctx: AppContext, rel: str | Path, what: str, command: str | No
             f"{what} `{relpath(ctx, path)}` has schema_version {version!r}; this explorer reads "
             f"{schema.SCHEMA_VERSION}.", command, "schema")
     return obj
+
+
+def _regular(path: Path) -> bool:
+    import stat as stat_
+
+    try:
+        return stat_.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _short_exc(exc: Exception) -> str:
@@ -127,6 +228,8 @@ def read_table(ctx: AppContext, rel: str, what: str, command: str | None,
         raise CacheProblem(f"{what} not found: `{rel}` is missing from the cache.", command, "missing")
     if st[1] == 0:
         raise CacheProblem(f"{what} `{rel}` is empty.", command, "empty")
+    if not _regular(path):
+        raise CacheProblem(f"{what} `{rel}` is not a regular file.", command, "corrupt")
     try:
         return _parquet(str(path), st, columns)
     except Exception as exc:  # pyarrow raises several types for damaged files
@@ -179,13 +282,29 @@ def manifest(ctx: AppContext) -> dict:
     st = stamp(path)
     if st is None:
         return {"steps": {}}
+    from engine.manifest import clean_manifest
+
+    if not _regular(path):
+        return {"steps": {}, "problem": f"`{schema.MANIFEST}` is not a regular file"}
     try:
         data = _json_file(str(path), st)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RecursionError) as exc:
         return {"steps": {}, "problem": f"`{schema.MANIFEST}` is not valid JSON ({_short_exc(exc)})"}
-    if not isinstance(data, dict) or not isinstance(data.get("steps"), dict):
-        return {"steps": {}, "problem": f"`{schema.MANIFEST}` has no `steps` mapping"}
-    return data
+    hit = _MANIFEST_MEMO.get((str(path), st))
+    if hit is None:
+        hit = clean_manifest(data, schema.MANIFEST)  # wrong-typed entries and fields named, the rest kept
+        if hit.get("corrupt"):
+            hit = {"steps": {}, "problem": f"`{schema.MANIFEST}` has no `steps` mapping"}
+        elif hit.get("problems"):
+            more = len(hit["problems"]) - 1
+            hit["problem"] = (f"has damaged fields, ignored: {hit['problems'][0].split(': ', 1)[1]}"
+                              + (f" (and {more} more)" if more else ""))
+        _MANIFEST_MEMO.clear()
+        _MANIFEST_MEMO[(str(path), st)] = hit
+    return hit
+
+
+_MANIFEST_MEMO: dict = {}
 
 
 def _artifact_present(ctx: AppContext, step: str) -> bool:
@@ -337,7 +456,7 @@ def causal_features(ctx: AppContext) -> tuple[dict, pd.DataFrame]:
     path = ctx.cache / schema.CAUSAL_FEATURES
     try:
         return _feature_frame(str(path), stamp(path))
-    except (ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001  (whatever the records hold, the file is the problem)
         raise CacheProblem(f"The causal feature list `{schema.CAUSAL_FEATURES}` is malformed: {_short_exc(exc)}.",
                            cmd, "schema") from None
 
@@ -369,7 +488,7 @@ def pathway_index(ctx: AppContext) -> pd.DataFrame:
     read_artifact(ctx, schema.PATHWAYS_INDEX, "The pathway index", cmd)
     try:
         return _index_frame(str(path), stamp(path))
-    except (ValueError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001
         raise CacheProblem(f"The pathway index `{schema.PATHWAYS_INDEX}` is malformed: {_short_exc(exc)}.",
                            cmd, "schema") from None
 
@@ -399,9 +518,16 @@ _OVERVIEW: dict[tuple, pd.DataFrame] = {}
 
 
 def feature_overview(ctx: AppContext) -> pd.DataFrame:
-    """Causal features joined with their pathway summary (nodes, validated share, agreement)."""
+    """Causal features joined with their pathway summary (nodes, validated share, agreement).
+
+    A damaged pathways/index.json leaves the summary columns empty; its CacheProblem's fields
+    (message, command, kind) are in `.attrs["problem"]`."""
     _, feats = causal_features(ctx)
-    index = pathway_index(ctx)
+    problem = None
+    try:
+        index = pathway_index(ctx)
+    except CacheProblem as exc:  # a damaged index must not hide the features: list them without its numbers
+        index, problem = pd.DataFrame(columns=["feature", "prompt", *INDEX_FIELDS]), exc
     files = pathway_features(ctx)
     key = (str(ctx.cache), stamp(ctx.cache / schema.CAUSAL_FEATURES), stamp(ctx.cache / schema.PATHWAYS_INDEX),
            stamp(ctx.cache / schema.PATHWAYS_DIR), len(files))
@@ -410,6 +536,9 @@ def feature_overview(ctx: AppContext) -> pd.DataFrame:
         if len(_OVERVIEW) >= 8:
             _OVERVIEW.clear()
         hit = _OVERVIEW[key] = _join_overview(feats, index, set(files))
+        # plain values: Streamlit serialises a frame's attrs as JSON when it shows the frame
+        hit.attrs["problem"] = (None if problem is None else
+                                {"message": problem.message, "command": problem.command, "kind": problem.kind})
     return hit
 
 
@@ -451,6 +580,9 @@ def pathway(ctx: AppContext, feature: str) -> dict:
 
 
 def check_pathway(obj: dict, feature: str) -> str | None:
+    bad = shape_problem(obj, PATHWAY_SHAPE)
+    if bad:
+        return bad
     if obj.get("feature") not in (None, feature):
         return f"it describes {obj.get('feature')!r}, not {feature}"
     prompts = obj.get("prompts")
@@ -493,6 +625,10 @@ def prototype(ctx: AppContext, feature: str) -> dict | None:
     if not isinstance(obj.get("prompts"), dict):
         raise CacheProblem(f"The prototype file `{rel}` has no `prompts`.",
                            engine_command(ctx, "prototype", "--feature", feature), "schema")
+    bad = shape_problem(obj, PROTOTYPE_SHAPE)
+    if bad:
+        raise CacheProblem(f"The prototype file `{rel}` is malformed: {bad}.",
+                           engine_command(ctx, "prototype", "--feature", feature), "schema")
     return obj
 
 
@@ -514,7 +650,11 @@ def tokens(ctx: AppContext, feature: str) -> dict | None:
     rel = Path(schema.TOKENS_DIR) / schema.safe_feature_filename(feature)
     if stamp(ctx.cache / rel) is None:
         return None
-    return read_artifact(ctx, rel, f"The token views of {feature}", tokens_command(ctx, feature))
+    obj = read_artifact(ctx, rel, f"The token views of {feature}", tokens_command(ctx, feature))
+    bad = shape_problem(obj, TOKENS_SHAPE)
+    if bad:
+        raise CacheProblem(f"The token file `{rel}` is malformed: {bad}.", tokens_command(ctx, feature), "schema")
+    return obj
 
 
 # ---------------------------------------------------------------------------

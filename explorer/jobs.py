@@ -95,13 +95,15 @@ KNOWN_DEPTH = {"meta-llama/Llama-3.1-8B": 32, "meta-llama/Meta-Llama-3.1-8B": 32
 KNOWN_WIDTH = {"fnlp/Llama3_1-8B-Base-LXR-8x": 32768, "fnlp/Llama3_1-8B-Base-LXR-32x": 131072}
 
 
+def _positive_int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def model_depth(cfg: Config) -> int | None:
     src = Path(cfg.model.name_or_path).expanduser()
     if (src / "config.json").is_file():
-        try:
-            return int(json.loads((src / "config.json").read_text())["num_hidden_layers"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        conf, _ = _read_object(src / "config.json")
+        return _positive_int((conf or {}).get("num_hidden_layers"))  # the engine names a bad config itself
     return KNOWN_DEPTH.get(cfg.model.name_or_path)
 
 
@@ -112,11 +114,25 @@ def sae_width(cfg: Config, layer: int) -> int | None:
         hp = Path(cfg.sae.source).expanduser() / layer_folder(cfg.sae, layer) / cfg.sae.hyperparams_file
         if not hp.is_file():
             raise UserError(f"no SAE for layer {layer}: {hp} not found")
-        try:
-            return int(json.loads(hp.read_text())["d_sae"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        obj, _ = _read_object(hp)
+        return _positive_int((obj or {}).get("d_sae"))
     return KNOWN_WIDTH.get(cfg.sae.source)
+
+
+def _read_object(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None) or (None, why it is unusable); never raises."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except FileNotFoundError:
+        return None, f"{path} is missing"
+    except OSError as exc:
+        return None, f"{path} cannot be read ({exc.strerror or type(exc).__name__})"
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, nesting
+        text = " ".join(str(exc).split())[:120] or type(exc).__name__
+        return None, f"{path} is not valid JSON ({text})"
+    if not isinstance(obj, dict):
+        return None, f"{path} is not a JSON object"
+    return obj, None
 
 
 def cuda_visible() -> bool:
@@ -211,17 +227,14 @@ def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest
 
 def _update(folder: Path, **changes) -> dict:
     path = folder / JOB_FILE
-    try:
-        job = json.loads(path.read_text())
-    except (OSError, ValueError):
-        job = {}
+    job = _read_object(path)[0] or {}
     job.update(changes)
     schema.atomic_write_json(path, job)
     return job
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     for key, proc in list(_PROCS.items()):
         if proc.pid == pid and proc.poll() is not None:
@@ -238,6 +251,16 @@ def _alive(pid: int | None) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _is_runner(pid: int, folder: Path) -> bool:
+    """Whether `pid` is this job's runner (`python -m explorer.jobs run FOLDER`): a pid read from a
+    damaged or planted job.json must never get a signal meant for the runner's process group."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"explorer.jobs" in args and os.fsencode(str(folder)) in args
 
 
 def log_tail(folder: Path, n_lines: int = 20, max_bytes: int = 16384) -> str:
@@ -265,32 +288,59 @@ def error_line(folder: Path) -> str | None:
     return None
 
 
+def _typed(d: dict, key: str, kinds, problems: list[str], where: str):
+    """d[key] when it has one of `kinds` (bool never counts as a number), else None and a problem."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, kinds) and not isinstance(v, bool):
+        return v
+    problems.append(f"{where}: {key} is {repr(v)[:40]}")
+    return None
+
+
 def read_job(folder: Path) -> JobStatus:
+    """The job's state from its files; a damaged job.json or progress.json makes this job
+    failed (or its progress unknown) with the file and key named, and never raises."""
     folder = Path(folder)
-    try:
-        job = json.loads((folder / JOB_FILE).read_text())
-    except (OSError, ValueError):
-        job = {"state": "failed", "error": f"{folder / JOB_FILE} is missing or unreadable"}
-    try:
-        prog = json.loads((folder / schema.JOB_PROGRESS).read_text())
-    except (OSError, ValueError):
-        prog = {}
-    state = job.get("state", "failed")
-    steps = job.get("steps") or [{}]
-    idx = int(job.get("step_index") or 0)
+    problems: list[str] = []
+    job, why = _read_object(folder / JOB_FILE)
+    if job is None:
+        job = {"state": "failed", "error": f"{why}; the job cannot be followed"}
+    prog, _ = _read_object(folder / schema.JOB_PROGRESS)  # absent until the engine reports
+    prog = prog or {}
+    jf, pf = f"{folder.name}/{JOB_FILE}", f"{folder.name}/{schema.JOB_PROGRESS}"
+    state = _typed(job, "state", str, problems, jf) or "failed"
+    if state not in (*ACTIVE, "done", "failed", "cancelled"):
+        problems.append(f"{jf}: state is {state[:40]!r}")
+        state = "failed"
+    steps = job.get("steps") if isinstance(job.get("steps"), list) and job.get("steps") else [{}]
+    steps = [s if isinstance(s, dict) else {} for s in steps]
+    idx = _typed(job, "step_index", int, problems, jf) or 0
+    idx = max(0, min(idx, len(steps) - 1))
+    name = steps[idx].get("name")
     st = JobStatus(
-        job_id=job.get("job_id", folder.name), folder=folder, feature=job.get("feature", "?"), state=state,
-        request=job.get("request") or {}, started=job.get("created"), finished=job.get("finished"),
-        step=(steps[min(idx, len(steps) - 1)] or {}).get("name"), step_index=idx, n_steps=len(steps),
-        stage=prog.get("stage"), done=prog.get("done"), total=prog.get("total"), rate=prog.get("rate"),
-        eta_s=prog.get("eta_s"), error=job.get("error"),
+        job_id=_typed(job, "job_id", str, problems, jf) or folder.name, folder=folder,
+        feature=_typed(job, "feature", str, problems, jf) or "?", state=state,
+        request=job.get("request") if isinstance(job.get("request"), dict) else {},
+        started=_typed(job, "created", (int, float), problems, jf),
+        finished=_typed(job, "finished", (int, float), problems, jf),
+        step=name if isinstance(name, str) else None, step_index=idx, n_steps=len(steps),
+        stage=_typed(prog, "stage", str, problems, pf), done=_typed(prog, "done", int, problems, pf),
+        total=_typed(prog, "total", int, problems, pf), rate=_typed(prog, "rate", (int, float), problems, pf),
+        eta_s=_typed(prog, "eta_s", (int, float), problems, pf), error=_typed(job, "error", str, problems, jf),
     )
     if st.active and not _alive(job.get("pid")):
         # The runner is gone without recording an end (killed, machine restarted).
         st.state = "failed"
         st.error = error_line(folder) or "the job stopped unexpectedly; see its log"
+    if problems and not st.error:
+        st.error = "damaged job record: " + "; ".join(problems[:3])
+        if st.state in ("done",) and any(p.startswith(jf) for p in problems):
+            st.state = "failed"
     if st.state == "failed" and not st.error:
-        st.error = error_line(folder) or prog.get("message") or "failed"
+        message = prog.get("message")
+        st.error = error_line(folder) or (message if isinstance(message, str) else None) or "failed"
     result = folder / schema.JOB_RESULT
     st.result_path = result if result.is_file() else None
     return st
@@ -304,8 +354,8 @@ def list_jobs(cache: Path, feature: str | None = None) -> list[JobStatus]:
     out = []
     for d in folder.iterdir():
         if d.is_dir() and (d / JOB_FILE).is_file() and (feature is None or d.name.startswith(f"{feature}-")):
-            out.append(read_job(d))
-    out.sort(key=lambda j: j.started or 0, reverse=True)
+            out.append(read_job(d))  # never raises: one damaged job does not hide the others
+    out.sort(key=lambda j: j.started if isinstance(j.started, (int, float)) else 0, reverse=True)
     return out
 
 
@@ -318,12 +368,11 @@ def active_job(cache: Path, feature: str) -> JobStatus | None:
 
 def cancel_job(folder: Path) -> None:
     folder = Path(folder)
-    try:
-        job = json.loads((folder / JOB_FILE).read_text())
-    except (OSError, ValueError):
+    job = _read_object(folder / JOB_FILE)[0]
+    if job is None:
         return
     pid = job.get("pid")
-    if job.get("state") in ACTIVE and pid and _alive(pid):
+    if job.get("state") in ACTIVE and _alive(pid) and _is_runner(pid, folder):
         try:
             os.killpg(pid, signal.SIGTERM)  # the runner leads its own session: this reaches the engine too
         except ProcessLookupError:

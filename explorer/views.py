@@ -67,12 +67,17 @@ def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, 
            compact)
 
     def build() -> PathwayBundle:
-        full = G.prompt_view(pathway, mode)
-        shown = G.prune(full, node_share, edge_share, max_edges)
-        label = "attribution, risky − safe" if mode == "difference" else "attribution"
-        fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
-        return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
-                             G.agreement(full.nodes), G.validated_fraction(full.nodes))
+        try:
+            full = G.prompt_view(pathway, mode)
+            shown = G.prune(full, node_share, edge_share, max_edges)
+            label = "attribution, risky − safe" if mode == "difference" else "attribution"
+            fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
+            return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
+                                 G.agreement(full.nodes), G.validated_fraction(full.nodes))
+        except Exception as exc:  # noqa: BLE001  (values the shape check let through: the file is the problem)
+            rel = f"{schema.PATHWAYS_DIR}/{schema.safe_feature_filename(feature)}"
+            raise data.CacheProblem(f"The pathway file `{rel}` cannot be drawn ({type(exc).__name__}: "
+                                    f"{data._short_exc(exc)}).", data.pathway_command(ctx, feature), "schema") from None
 
     return _PATHWAYS.get(key, build)
 
@@ -206,7 +211,7 @@ def coverage_matrix(fc: pd.DataFrame, expected: int | None, conditions: list[str
         return pd.DataFrame()
     fc = fc.copy()
     if "layer" not in fc.columns:
-        fc["layer"] = fc["feature"].astype(str).str.extract(r"^L(\d+)-")[0].astype(int)
+        fc["layer"] = fc["feature"].astype(str).str.extract(r"^L([0-9]+)-")[0].astype(int)
     need = expected if expected else max(1, int(fc["n_trials"].mode().iloc[0]))
     fc["full"] = fc["n_trials"] >= need
     wide = fc.pivot_table(index="layer", columns="condition", values="full", aggfunc="mean", fill_value=0.0,

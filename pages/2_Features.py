@@ -11,6 +11,8 @@ st.title("Causal features")
 
 meta, feats = load(data.causal_features, ctx)
 overview = load(data.feature_overview, ctx)
+if overview.attrs.get("problem") is not None:  # the features are listed; only the pathway numbers are missing
+    show_problem(data.CacheProblem(**overview.attrs["problem"]))
 stale_banner(ctx, "select", "The selection")
 if not len(overview):
     empty_state("The selection holds no causal features (no checkpoint record passed the verdict). "

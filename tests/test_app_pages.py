@@ -404,3 +404,37 @@ def test_every_page_runs_without_exception(monkeypatch, small_cache):
         at = app_test(monkeypatch, small_cache.config, small_cache.cache, page, feature=feature).run()
         no_exception(at)
         assert not math.isnan(len(at.main.children))
+
+
+def test_damaged_files_of_one_feature_show_a_problem_and_hide_nothing_else(monkeypatch, cache_copy):
+    """One feature's pathway and token files, and the pathway index, damaged: each page that reads them
+    shows a warning naming the file (no exception), the other features still render."""
+    bad, good = cache_copy.info["pathway_features"][:2]
+    pw = cache_copy.cache / "pathways" / f"{bad}.json"
+    obj = json.loads(pw.read_text())
+    next(iter(obj["prompts"].values()))["nodes"][0]["layer"] = "three"
+    pw.write_text(json.dumps(obj))
+    tok_files = sorted((cache_copy.cache / "tokens").glob("L*-*.json"))
+    tok_bad = tok_files[0]
+    tok_bad.write_bytes(tok_bad.read_bytes()[:-40])  # truncated
+    (cache_copy.cache / "pathways" / "index.json").write_bytes(b"\xff\xfe")
+
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/3_Pathway.py", feature=bad).run()
+    no_exception(at)
+    assert any(f"pathways/{bad}.json" in w.value and "`prompts." in w.value and "not an integer" in w.value
+               for w in at.warning), [w.value for w in at.warning]
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/3_Pathway.py", feature=good).run()
+    no_exception(at)
+    assert f"### {good}" in " ".join(texts(at, "markdown")) and len(at.get("plotly_chart")) >= 1
+
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/4_Tokens.py", feature=tok_bad.stem).run()
+    no_exception(at)
+    assert any(f"tokens/{tok_bad.name}" in w.value and "not valid JSON" in w.value for w in at.warning)
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/4_Tokens.py", feature=tok_files[1].stem).run()
+    no_exception(at)
+    assert f"### {tok_files[1].stem}" in " ".join(texts(at, "markdown"))
+
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/2_Features.py").run()
+    no_exception(at)
+    assert metrics(at)["Causal features"] == f"{len(cache_copy.info['features']):,}"
+    assert any("pathways/index.json" in w.value and "not valid JSON" in w.value for w in at.warning)

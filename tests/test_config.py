@@ -87,3 +87,59 @@ def test_config_hash_changes_with_section():
     b.pathways.n_replay = 3
     assert a.hash("model", "sae") == b.hash("model", "sae")
     assert a.hash("pathways") != b.hash("pathways")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pathways: {n_replay: -1}\n", "config pathways.n_replay must be 0 or more, got -1"),
+        ("audit: {run_gap_days: -0.5}\n", "config audit.run_gap_days must be 0 or more, got -0.5"),
+        ("audit: {max_examples_per_kind: -3}\n", "config audit.max_examples_per_kind must be 0 or more, got -3"),
+        ("pathways: {chunk_size: 0}\n", "config pathways.chunk_size must be at least 1, got 0"),
+        ("app: {port: 70000}\n", "config app.port must be between 1 and 65535, got 70000"),
+        ("audit: {min_bet: 50, max_bet: 10}\n", "audit.min_bet (50) is above audit.max_bet (10)"),
+        # digits of other scripts: int() reads them, the config does not
+        ("pathways: {n_replay: '\u0661\u0662'}\n", "pathways.n_replay must be an integer (ASCII digits), got '\u0661\u0662'"),
+        ("pathways: {n_replay: '\uff11'}\n", "must be an integer (ASCII digits)"),
+        ("pathways: {n_replay: 1000000000000000000000000000000}\n", "pathways.n_replay is too large: a 100-bit integer, the limit is 64-bit"),
+        ("pathways: {coverage: .nan}\n", "pathways.coverage must be a finite number, got nan"),
+        ("audit: {run_gap_days: 1e999}\n", "audit.run_gap_days must be a finite number"),
+        ("prompts: {safe: \"a\\udcffb\"}\n", "config prompts.safe holds an invalid character '\\udcff' at position 1"),
+        ("model: 3\n", "config model must be a mapping, got int 3"),
+        ("sae: {folder_template: 'L{layer}-{width}'}\n", "sae.folder_template 'L{layer}-{width}' is not a valid template"),
+        ("sae: {folder_template: '../{layer}'}\n", "must be a folder name inside sae.source"),
+        ("'[' : 1\n1: 2\n", "unknown key(s) 1, [ in top level"),
+        pytest.param("pathways: {n_replay: " + "9" * 5000 + "}\n", "is not valid YAML: Exceeds the limit (4300 digits)",
+                     id="5000-digit-int"),
+        pytest.param("a: " + "[" * 10000 + "\n", "is nested more than 100 brackets deep (line 1)", id="10000-deep"),
+        ("42\n", "must hold a mapping at the top level, not a int"),
+        ("model: {dtype: bfloat16\n", "is not valid YAML: expected ',' or '}', but got '<stream end>' at line 2, column 1"),
+    ],
+)
+def test_bad_values_one_line_naming_file_and_key(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        load_config(p)
+    assert message in str(err.value)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_bytes_name_the_offset(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("cache_dir: out\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        load_config(p)
+    assert str(err.value) == f"config file {p} is not UTF-8 text: byte 0xe9 at line 2 (offset 20); save it as UTF-8"
+    p.write_bytes(b"\xef\xbb\xbfcache_dir: out\n")  # a BOM is fine
+    assert load_config(p).cache == tmp_path / "out"
+
+
+def test_yaml_dates_and_set_values(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {since: 2024-01-31}\n")
+    assert load_config(p).data.since == "2024-01-31"
+    with pytest.raises(UserError, match=r"config pathways.n_replay must be 0 or more, got -2 \(in .*c.yaml or --set\)"):
+        load_config(p, parse_set_arguments(["pathways.n_replay=-2"]))
+    with pytest.raises(UserError, match=r"\(from --set\)$"):
+        load_config(None, parse_set_arguments(["audit.workers=0"]))

@@ -173,3 +173,31 @@ def test_decision_tables_split_by_context_with_no_empty_cells():
                                                "activation": 2.0, "delta_mean_amount": 3.25}]
     assert not any(df.isna().any().any() for df in t.values())
     assert decision_tables([]) == {} and decision_tables([{"prompt": "safe"}]) == {}
+
+
+def test_streamlit_binds_to_localhost_by_default():
+    """`streamlit run app.py` reads .streamlit/config.toml: it must not listen on every interface,
+    and `engine explore` passes the same default address explicitly."""
+    import tomllib
+
+    from engine.config import Config
+    from engine.explore import streamlit_command
+    from helpers import ROOT
+
+    conf = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert conf["server"]["address"] == "127.0.0.1"
+    cmd = streamlit_command(None, ROOT / "cache", Config().app.host, 8501)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+
+
+def test_a_damaged_pathway_index_does_not_hide_the_features(cache_copy):
+    """Every feature stays listed (with its pathway flag from the files); the index's problem is attached."""
+    ctx = build_context(str(cache_copy.config), None)
+    (cache_copy.cache / "pathways" / "index.json").write_bytes(b'{"schema_version": 1, "targets": [5, 6]}')
+    ov = data.feature_overview(ctx)
+    assert len(ov) == len(cache_copy.info["features"])
+    assert set(ov[ov["has_pathway"]]["feature"]) == set(cache_copy.info["pathway_features"])
+    assert ov["nodes"].isna().all()
+    problem = data.CacheProblem(**ov.attrs["problem"])
+    assert "pathways/index.json" in problem.message and problem.kind == "schema"
+    assert problem.command == f"python -m engine pathways --config {cache_copy.config}"

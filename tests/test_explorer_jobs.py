@@ -147,3 +147,68 @@ def test_save_result(tmp_path):
     (folder / "result.json").unlink()
     with pytest.raises(UserError, match="has no result"):
         jobs.save_result(tmp_path, jobs.read_job(folder))
+
+
+def _job_folder(root: Path, name: str, job: bytes, progress: bytes | None = None) -> Path:
+    folder = root / "jobs" / name
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_bytes(job)
+    if progress is not None:
+        (folder / "progress.json").write_bytes(progress)
+    return folder
+
+
+def test_damaged_job_files_fail_that_job_only(tmp_path):
+    good = {"job_id": "L1-2-a", "feature": "L1-2", "state": "done", "created": 100.0, "finished": 110.0,
+            "steps": [{"name": "prototype"}], "step_index": 0}
+    _job_folder(tmp_path, "L1-2-a", json.dumps(good).encode(), b'{"stage": "done", "done": 2, "total": 2}')
+    _job_folder(tmp_path, "L1-2-b", b'{"state": "done", "feature": "L1-2", "created": 5\xff}')
+    _job_folder(tmp_path, "L1-2-c", json.dumps({**good, "job_id": "L1-2-c", "created": "yesterday",
+                                                "step_index": "first", "steps": "prototype"}).encode(),
+                b'{"done": "half", "total": [2], "stage": 7}')
+    _job_folder(tmp_path, "L1-2-d", b"[" * 20000)
+    _job_folder(tmp_path, "L1-2-e", json.dumps({**good, "job_id": "L1-2-e", "state": "exploded"}).encode())
+    by = {j.folder.name: j for j in jobs.list_jobs(tmp_path, "L1-2")}
+    assert set(by) == {"L1-2-a", "L1-2-b", "L1-2-c", "L1-2-d", "L1-2-e"}  # none hides the others
+    assert by["L1-2-a"].state == "done" and by["L1-2-a"].fraction == 1.0 and by["L1-2-a"].error is None
+    b = by["L1-2-b"]
+    assert b.state == "failed" and b.error.startswith(f"{tmp_path / 'jobs' / 'L1-2-b' / 'job.json'} is not valid JSON (")
+    c = by["L1-2-c"]
+    assert c.state == "failed" and c.started is None and c.step_index == 0 and c.done is None and c.stage is None
+    assert c.error == ("damaged job record: L1-2-c/job.json: step_index is 'first'; "
+                       "L1-2-c/job.json: created is 'yesterday'; L1-2-c/progress.json: stage is 7")
+    assert 0.0 <= c.fraction <= 1.0
+    assert by["L1-2-d"].state == "failed" and "job.json is not valid JSON (maximum recursion depth" in by["L1-2-d"].error
+    assert by["L1-2-e"].state == "failed" and by["L1-2-e"].error == "damaged job record: L1-2-e/job.json: state is 'exploded'"
+    jobs.cancel_job(tmp_path / "jobs" / "L1-2-b")  # nothing to cancel, and no exception
+    assert jobs.active_job(tmp_path, "L1-2") is None
+
+
+def test_depth_and_width_from_damaged_files_are_unknown(tmp_path):
+    from engine.config import Config
+
+    cfg = Config()
+    (tmp_path / "m").mkdir()
+    cfg.model.name_or_path = str(tmp_path / "m")
+    for content in (b'{"num_hidden_layers": "32"}', b'{"num_hidden_layers": 1e400}', b"[" * 5000, b"\xff"):
+        (tmp_path / "m" / "config.json").write_bytes(content)
+        assert jobs.model_depth(cfg) is None
+    (tmp_path / "m" / "config.json").write_text('{"num_hidden_layers": 6}')
+    assert jobs.model_depth(cfg) == 6
+
+
+def test_cancel_never_signals_a_pid_that_is_not_the_jobs_runner(tmp_path):
+    """A damaged or planted job.json naming another process: cancelling marks the job cancelled
+    but sends no signal to that process group."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        folder = _job_folder(tmp_path, "L1-2-x", json.dumps({"state": "running", "pid": other.pid,
+                                                             "feature": "L1-2"}).encode())
+        assert jobs.read_job(folder).state == "running"
+        jobs.cancel_job(folder)
+        time.sleep(0.3)
+        assert other.poll() is None  # still running
+        assert jobs.read_job(folder).state == "cancelled"
+    finally:
+        other.kill()
+        other.wait()

@@ -120,3 +120,81 @@ def test_resid_capture_on_cuda_matches_cpu(fixture_dir):
     cpu = forward_resid_post(load_model(cfg.model, "cpu"), ids, [3])[3]
     gpu = forward_resid_post(load_model(cfg.model, "cuda"), ids.cuda(), [3])[3].cpu()
     assert torch.allclose(cpu, gpu, atol=1e-4)
+
+
+def _model_copy(fixture_dir, dest, replace: dict[str, bytes] | None = None):
+    """The fixture model folder as symlinks, with some files replaced by the given bytes."""
+
+    dest.mkdir()
+    for f in (fixture_dir / "model").iterdir():
+        if replace and f.name in replace:
+            (dest / f.name).write_bytes(replace[f.name])
+        else:
+            (dest / f.name).symlink_to(f)
+    return ModelConfig(name_or_path=str(dest), dtype="float32", device="cpu")
+
+
+def _config_with(fixture_dir, **changes) -> bytes:
+    import json
+
+    conf = json.loads((fixture_dir / "model" / "config.json").read_text())
+    for k, v in changes.items():
+        if v is ...:
+            conf.pop(k)
+        else:
+            conf[k] = v
+    return json.dumps(conf).encode()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_hidden_layers": "six"}, 'config.json: num_hidden_layers is "six", not an integer in 1..10000'),
+    ({"hidden_size": ...}, "config.json lacks hidden_size (a LLaMA-style config.json gives it)"),
+    ({"vocab_size": -1}, "config.json: vocab_size is -1, not an integer in 1..16777216"),
+    ({"intermediate_size": 22.5}, "config.json: intermediate_size is 22.5, not an integer"),
+    ({"num_attention_heads": True}, "config.json: num_attention_heads is true, not an integer"),
+    ({"rms_norm_eps": "small"}, 'config.json: rms_norm_eps is "small", not a positive finite number'),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+])
+def test_model_config_with_wrong_types_names_file_and_key(fixture_dir, tmp_path, changes, message):
+    cfg = _model_copy(fixture_dir, tmp_path / "m", {"config.json": _config_with(fixture_dir, **changes)})
+    for call in (load_config_only, lambda c: load_model(c, "cpu")):
+        with pytest.raises(UserError) as err:
+            call(cfg)
+        assert message in str(err.value) and str(tmp_path / "m") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "config.json is not valid JSON: Expecting property name"),
+    (b"[]", "config.json must be a JSON object, not list"),
+    (b'{"model_type": "llam\xe1"}', "config.json is not UTF-8 JSON: byte 0xe1 at offset 20"),
+    pytest.param(b"[" * 40000, "config.json is not valid JSON: nested too deeply", id="deep"),
+])
+def test_unreadable_model_config_is_one_line(fixture_dir, tmp_path, content, message):
+    cfg = _model_copy(fixture_dir, tmp_path / "m", {"config.json": content})
+    with pytest.raises(UserError) as err:
+        load_config_only(cfg)
+    assert str(err.value).startswith(f"model config {tmp_path / 'm'}/{message}")
+
+
+def test_truncated_weights_and_shapes_that_disagree_name_the_file(fixture_dir, tmp_path):
+    raw = (fixture_dir / "model" / "model.safetensors").read_bytes()
+    cfg = _model_copy(fixture_dir, tmp_path / "t", {"model.safetensors": raw[: len(raw) // 3]})
+    with pytest.raises(UserError) as err:
+        load_model(cfg, "cpu")
+    assert str(err.value).startswith(f"model weights {tmp_path / 't' / 'model.safetensors'} cannot be read as safetensors")
+    cfg = _model_copy(fixture_dir, tmp_path / "h", {"config.json": _config_with(fixture_dir, hidden_size=32)})
+    with pytest.raises(UserError, match=r"model\.embed_tokens\.weight has shape \(128256, 64\), but config\.json says "
+                                        r"\(vocab_size, hidden_size\) = \(128256, 32\)"):
+        load_model(cfg, "cpu")
+    cfg = _model_copy(fixture_dir, tmp_path / "l", {"config.json": _config_with(fixture_dir, num_hidden_layers=5)})
+    with pytest.raises(UserError, match="the weights hold 6 decoder layers, but config.json says num_hidden_layers = 5"):
+        load_model(cfg, "cpu")
+
+
+def test_damaged_tokenizer_is_one_line(fixture_dir, tmp_path):
+    from engine.model import load_tokenizer
+
+    cfg = _model_copy(fixture_dir, tmp_path / "k", {"tokenizer.json": b'{"version": "1.0", "model": {"type": 5}}'})
+    with pytest.raises(UserError) as err:
+        load_tokenizer(cfg)
+    assert str(err.value).startswith(f"model folder {tmp_path / 'k'} has no readable tokenizer (") and "\n" not in str(err.value)

@@ -320,3 +320,84 @@ def test_end_to_end_small_experiment_on_the_fixture_model(fixture_dir, tmp_path)
     bump(cache / "tokens" / f"{names[0]}.json")
     rc, results = orch.run_pipeline(load_config(cfg_path), out=lines.append)
     assert [r.step for r in results if r.ran] == ["integrate"]
+
+
+HOLDER = """
+import sys, time, types
+from pathlib import Path
+from engine.config import load_config
+from engine import orchestrator as orch
+cache, flag = sys.argv[1], Path(sys.argv[2])
+def main(args, cfg):
+    flag.write_text("started")
+    while flag.read_text() != "release":
+        time.sleep(0.05)
+    return 0
+step = types.SimpleNamespace(add_arguments=lambda p: None, main=main)
+rc, _ = orch.run_pipeline(load_config(None, {"cache_dir": cache}), ["integrate"], force=True,
+                          modules={"integrate": step}, out=lambda *a: None)
+sys.exit(rc)
+"""
+
+
+def test_a_second_run_on_the_same_cache_is_refused_while_the_first_runs(tmp_path):
+    """Two real processes: `engine run` while another run holds the cache exits 2 with one line
+    naming the holder's pid; once the first run ends the lock is free again."""
+    from engine.schema import RUN_LOCK, exclusive_lock
+
+    cache, flag = tmp_path / "cache", tmp_path / "flag"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([os.sys.executable, "-c", HOLDER, str(cache), str(flag)], cwd=str(ROOT), env=env)
+    try:
+        deadline = time.time() + 60
+        while not (flag.exists() and flag.read_text() == "started"):
+            assert first.poll() is None and time.time() < deadline, "the first run never started its step"
+            time.sleep(0.05)
+        second = run_cli("run", "--config", str(ROOT / "config.yaml"), "--cache", str(cache), "--only", "integrate",
+                         "--force", timeout=120)
+        assert second.returncode == 2
+        err = second.stderr.strip()
+        assert err.startswith(f"error: another `engine run` is already running on cache {cache} (pid {first.pid}, "
+                              f"started "), err
+        assert len(err.splitlines()) == 1 and "[1/1] integrate" not in second.stdout
+        dry = run_cli("run", "--config", str(ROOT / "config.yaml"), "--cache", str(cache), "--only", "integrate",
+                      "--dry-run", timeout=120)
+        assert dry.returncode == 0 and "would run" in dry.stdout  # a dry run only reads, so it is let through
+    finally:
+        flag.write_text("release")
+        assert first.wait(timeout=60) == 0
+    with exclusive_lock(cache / RUN_LOCK, "test"):  # released by the first run
+        pass
+
+
+def test_internal_error_traceback_goes_to_a_new_file_under_the_cache(tmp_path, capsys, monkeypatch):
+    from engine import cli
+
+    monkeypatch.delenv("ENGINE_DEBUG", raising=False)
+    cache = tmp_path / "cache"
+
+    def boom():
+        cli._RUN.update(command="select", cache=cache)
+        raise RuntimeError("bug in a step")
+
+    assert cli.run_main(boom) == 1 and cli.run_main(boom) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    logs = sorted((cache / "logs").iterdir())
+    assert len(lines) == 2 and len(logs) == 2  # one file per run, none shared
+    for line, log in zip(lines, logs):
+        assert log.name.startswith("error-select-") and log.stat().st_mode & 0o777 == 0o600
+        assert line.startswith("internal error: RuntimeError: bug in a step; traceback in ") and str(log) in " ".join(lines)
+        assert "Traceback (most recent call last)" in log.read_text() and "bug in a step" in log.read_text()
+    # a symlink planted at logs/ is not written through: the traceback goes to a private temp file
+    for log in logs:
+        log.unlink()
+    (cache / "logs").rmdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (cache / "logs").symlink_to(target)
+    assert cli.run_main(boom) == 1
+    line = capsys.readouterr().err.strip()
+    assert list(target.iterdir()) == []
+    path = Path(line.rsplit("traceback in ", 1)[1])
+    assert path.name.startswith("engine-error-select-") and "bug in a step" in path.read_text()
+    path.unlink()

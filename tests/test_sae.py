@@ -159,3 +159,70 @@ def test_build_sae_rejects_unknown_convention():
     with pytest.raises(UserError, match="unknown SAE encode convention"):
         build_sae(z, torch.zeros(4), z.T, torch.zeros(2), {"dataset_average_activation_norm": {"in": 1.0}},
                   layer=0, convention="topk")
+
+
+def _hp_path(root, layer=3):
+    return root / f"Llama3_1-8B-Base-L{layer}R-8x" / "hyperparams.json"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"d_sae": "forty"}, 'hyperparams.json: d_sae is "forty", not a positive integer'),
+    ({"d_model": -16}, "hyperparams.json: d_model is -16, not a positive integer"),
+    ({"d_model": True}, "hyperparams.json: d_model is true, not a positive integer"),
+    ({"d_sae": 1e400}, "hyperparams.json: d_sae is Infinity, not a positive integer"),
+    ({"dataset_average_activation_norm": {"in": "x"}}, 'dataset_average_activation_norm.in is "x", not a number'),
+    ({"dataset_average_activation_norm": {"in": 2.5, "out": 0}}, "dataset_average_activation_norm.out is 0, not a positive"),
+    ({"dataset_average_activation_norm": [1]}, "lack dataset_average_activation_norm.in (it is [1])"),
+    ({"jump_relu_threshold": None}, "jump_relu_threshold is null, not a number"),
+])
+def test_hyperparams_with_wrong_types_name_the_key(tmp_path, change, message):
+    write_sae(tmp_path)
+    hp = json.loads(_hp_path(tmp_path).read_text())
+    hp.update(change)
+    _hp_path(tmp_path).write_text(json.dumps(hp))
+    with pytest.raises(UserError) as err:
+        load_sae(cfg_for(tmp_path, "jumprelu"), 3)
+    assert message in str(err.value) and str(_hp_path(tmp_path)) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{", "are not valid JSON: Expecting property name"),
+    (b"[1, 2]", "must be a JSON object, not list"),
+    (b'{"d_sae": "caf\xe9"}', "are not UTF-8 JSON: byte 0xe9 at offset 14"),
+    pytest.param(b"[" * 50000, "are not valid JSON: nested too deeply", id="deep"),
+])
+def test_unreadable_hyperparams_are_one_line(tmp_path, content, message):
+    write_sae(tmp_path)
+    _hp_path(tmp_path).write_bytes(content)
+    for call in (lambda: load_sae(cfg_for(tmp_path, "study"), 3), lambda: sae_width(cfg_for(tmp_path, "study"), 3)):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value).startswith(f"SAE hyperparameters {_hp_path(tmp_path)} {message}")
+        assert "\n" not in str(err.value)
+
+
+def test_truncated_or_odd_safetensors_name_the_file(tmp_path):
+    write_sae(tmp_path)
+    w = tmp_path / "Llama3_1-8B-Base-L3R-8x" / "checkpoints" / "final.safetensors"
+    raw = w.read_bytes()
+    w.write_bytes(raw[:-7])  # truncated by a few bytes
+    with pytest.raises(UserError) as err:
+        load_sae(cfg_for(tmp_path, "study"), 3)
+    assert str(err.value).startswith(f"SAE weights {w} cannot be read as safetensors: ") and "\n" not in str(err.value)
+    # widths from the weights when hyperparams lack them: a truncated file is named there too
+    hp = json.loads(_hp_path(tmp_path).read_text())
+    del hp["d_sae"]
+    _hp_path(tmp_path).write_text(json.dumps(hp))
+    with pytest.raises(UserError, match="cannot be read as safetensors"):
+        sae_width(cfg_for(tmp_path, "study"), 3)
+    # integer tensors and a 3-d encoder are refused with the key named
+    save_file({"encoder.weight": torch.zeros(D_SAE, D_MODEL, dtype=torch.int8), "encoder.bias": torch.zeros(D_SAE),
+               "decoder.weight": torch.zeros(D_MODEL, D_SAE), "decoder.bias": torch.zeros(D_MODEL)}, str(w))
+    with pytest.raises(UserError, match=r"final\.safetensors: encoder\.weight holds int8, not floating-point numbers"):
+        load_sae(cfg_for(tmp_path, "study"), 3)
+    save_file({"encoder.weight": torch.zeros(2, D_SAE, D_MODEL), "encoder.bias": torch.zeros(D_SAE),
+               "decoder.weight": torch.zeros(D_MODEL, D_SAE), "decoder.bias": torch.zeros(D_MODEL)}, str(w))
+    with pytest.raises(UserError, match=r"encoder\.weight has shape \(2, 40, 16\), expected 2 dimensions"):
+        load_sae(cfg_for(tmp_path, "study"), 3)
+    with pytest.raises(UserError, match=r"encoder\.weight has shape \(2, 40, 16\), expected \(d_sae, d_model\)"):
+        sae_width(cfg_for(tmp_path, "study"), 3)

@@ -18,6 +18,10 @@ def test_feature_ids_round_trip_and_reject_bad_input():
     for bad in ["L12_3456", "12-3456", "L-1-2", "L12-", "L1-2/../../x", "l3-4", "L1-2.json", ""]:
         with pytest.raises(UserError, match="malformed feature id"):
             FeatureId.parse(bad)
+    # int() and a plain \\d accept other scripts' digits; feature ids are ASCII only
+    for bad in ["L\uff11-3", "L1-\u0663", "L\u0661\u0662-3", "L\u09e7-2", "L1-2\n"[:-1] + "\u0967"]:
+        with pytest.raises(UserError, match="in ASCII digits"):
+            FeatureId.parse(bad)
     assert [str(f) for f in parse_feature_list("L3-17, L5-2,L3-17")] == ["L3-17", "L5-2"]
     assert sorted([FeatureId(3, 2), FeatureId(1, 9)])[0] == FeatureId(1, 9)
 
@@ -62,3 +66,29 @@ def test_iter_feature_files_ignores_other_names(tmp_path):
     for n in ["L3-7.json", "L10-2.json", "index.json", "L3-x.json", ".L1-1.json.tmp"]:
         (tmp_path / n).write_text("{}")
     assert [str(f) for f, _ in iter_feature_files(tmp_path)] == ["L10-2", "L3-7"]
+
+
+@pytest.mark.parametrize("content, detail", [
+    (b"", "is not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    (b'{"a": "caf\xe9"}', "is not valid JSON (not UTF-8: byte 0xe9 at offset 10)"),
+    pytest.param(b"[" * 100000, "is not valid JSON (nested too deeply)", id="deep"),
+    pytest.param(b"1" * 5000, "is not valid JSON (Exceeds the limit (4300 digits)", id="5000-digits"),
+    (None, "cannot be read (Is a directory)"),
+])
+def test_read_json_bad_files_one_line(tmp_path, content, detail):
+    from engine.schema import read_json
+
+    p = tmp_path / "x.json"
+    if content is None:
+        p.mkdir()
+    else:
+        p.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        read_json(p, "thing")
+    assert str(err.value).startswith(f"thing {p} ") and detail in str(err.value) and "\n" not in str(err.value)
+
+
+def test_iter_feature_files_ignores_non_ascii_digit_names(tmp_path):
+    for name in ("L1-2.json", "L\u0661-2.json", "L1-\uff12.json"):
+        (tmp_path / name).write_text("{}")
+    assert [str(f) for f, _ in iter_feature_files(tmp_path)] == ["L1-2"]

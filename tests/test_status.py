@@ -77,3 +77,47 @@ def test_status_of_entries_without_fingerprints_and_corrupt_manifests(pipe, caps
     st.main(argparse.Namespace(json=False), cfg)
     out = capsys.readouterr().out
     assert "the manifest could not be read" in out and "0 audit      missing" in out
+
+
+def test_damaged_manifest_fields_are_named_and_the_rest_is_kept(pipe, capsys):
+    """A field of the wrong type in one entry is named (file, step, key) and ignored; every other
+    entry keeps its state, and `engine status` still prints the table."""
+    pipe["run"]()
+    cfg = load_config(pipe["cfg_path"])
+    path = pipe["cache"] / "manifest.json"
+    m = json.loads(path.read_text())
+    m["steps"]["audit"]["seconds"] = "slow"
+    m["steps"]["audit"]["started"] = 17
+    m["steps"]["select"]["pipeline"]["inputs"] = ["not", "a", "map"]
+    m["steps"]["tokens"]["summary"] = "text"
+    m["steps"]["demo"] = 5
+    path.write_text(json.dumps(m))
+    rows = rows_by_step(cfg)
+    assert rows["audit"]["status"] == "done" and rows["audit"]["seconds"] is None and rows["audit"]["started"] is None
+    assert rows["select"]["status"] == "stale" and "without pipeline fingerprints" in rows["select"]["reason"]
+    assert [rows[s]["status"] for s in ("prototype", "pathways", "tokens", "integrate")] == ["done"] * 4
+    st.main(argparse.Namespace(json=False), cfg)
+    out = capsys.readouterr().out
+    for warning in ('steps.audit.seconds is "slow", not a number of 0 or more', "steps.audit.started is 17, not text",
+                    "steps.select.pipeline: inputs are not a map of fingerprints",
+                    'steps.tokens.summary is "text", not the expected object', "steps.demo is 5, not an object"):
+        assert f"warning: manifest {path}: {warning} (ignored)" in out
+    assert "0 audit      done" in out and "to bring everything up to date: " in out
+    st.main(argparse.Namespace(json=True), cfg)
+    assert len(json.loads(capsys.readouterr().out)["manifest_problems"]) == 5
+
+
+def test_a_corrupt_manifest_is_kept_aside_when_a_step_records_itself(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_bytes(b'{"steps": {"audit": {"status": "done"}}, "x": "caf\xe9"}')
+    m = read_manifest(cache)
+    assert m["corrupt"] and m["steps"] == {}
+    assert m["problem"] == f"manifest {cache / 'manifest.json'} is not valid JSON (not UTF-8: byte 0xe9 at offset 50)"
+    cfg = load_config(None, {"cache_dir": str(cache)})
+    st.main(argparse.Namespace(json=False), cfg)
+    assert f"warning: the manifest could not be read ({m['problem']}); every step shows as missing" in capsys.readouterr().out
+    update_step(cache, "audit", {"status": "done", "seconds": 1.0})
+    kept = [p.name for p in cache.iterdir() if p.name.startswith("manifest.json.corrupt-")]
+    assert len(kept) == 1 and b"caf\xe9" in (cache / kept[0]).read_bytes()
+    assert read_manifest(cache) == {"schema_version": 1, "steps": {"audit": {"status": "done", "seconds": 1.0}}}

@@ -90,28 +90,52 @@ def validate_targets(cfg: Config, targets: list[Target]) -> int:
 def read_patch_values(path: str | None) -> dict[str, dict[str, float]]:
     """Patch values per feature: the study's Experiment-1 feature file (layer_results ->
     significant_features with feature_idx, safe_mean, bankrupt_mean/risky_mean), or a plain
-    {"L12-3456": {"safe": x, "risky": y}} mapping."""
+    {"L12-3456": {"safe": x, "risky": y}} mapping. A bad record is named with the file."""
     if not path:
         return {}
     data = read_json(path, "patch values file")
+
+    def number(v, where: str) -> float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                f = float(v)
+            except OverflowError:
+                f = math.inf
+            if math.isfinite(f):
+                return f
+        raise UserError(f"patch values file {path}: {where} is {str(v)[:40]!r}, not a finite number")
+
+    def feature(text: str, where: str) -> str:
+        try:
+            return str(FeatureId.parse(text))
+        except UserError as exc:
+            raise UserError(f"patch values file {path}: {where}: {exc}") from None
+
     out: dict[str, dict[str, float]] = {}
     if isinstance(data, dict) and isinstance(data.get("layer_results"), dict):
         for layer, lr in data["layer_results"].items():
-            for rec in (lr or {}).get("significant_features", []) or []:
-                try:
-                    name = f"L{int(layer)}-{int(rec['feature_idx'])}"
-                    risky = rec.get("risky_mean", rec.get("bankrupt_mean"))
-                    out[name] = {"safe": float(rec["safe_mean"]), "risky": float(risky)}
-                except (KeyError, TypeError, ValueError):
-                    raise UserError(f"patch values file {path}: layer {layer} has a record without "
-                                    f"feature_idx, safe_mean and bankrupt_mean: {rec!r}"[:300]) from None
+            recs = lr.get("significant_features", []) if isinstance(lr, dict) else None
+            if not isinstance(recs, list):
+                raise UserError(f"patch values file {path}: layer_results.{layer} has no significant_features list")
+            for i, rec in enumerate(recs):
+                where = f"layer_results.{layer}.significant_features[{i}]"
+                idx = rec.get("feature_idx") if isinstance(rec, dict) else None
+                if not isinstance(rec, dict) or "safe_mean" not in rec or not (
+                        (isinstance(idx, int) and not isinstance(idx, bool))
+                        or (isinstance(idx, str) and idx.isascii() and idx.isdigit())):
+                    raise UserError(f"patch values file {path}: {where} lacks feature_idx, safe_mean and "
+                                    f"bankrupt_mean: {rec!r}"[:300])
+                name = feature(f"L{layer}-{idx}", where)
+                risky = rec.get("risky_mean", rec.get("bankrupt_mean"))
+                out[name] = {"safe": number(rec["safe_mean"], f"{where}.safe_mean"),
+                             "risky": number(risky, f"{where}.risky_mean")}
         return out
     if isinstance(data, dict):
         for name, rec in data.items():
-            FeatureId.parse(name)
+            fid = feature(name, repr(name))
             if not isinstance(rec, dict):
                 raise UserError(f"patch values file {path}: {name} must map to {{safe: x, risky: y}}")
-            out[name] = {k: float(v) for k, v in rec.items() if k in ("safe", "risky") and v is not None}
+            out[fid] = {k: number(v, f"{name}.{k}") for k, v in rec.items() if k in ("safe", "risky") and v is not None}
         return out
     raise UserError(f"patch values file {path} must be a JSON object")
 
