@@ -22,10 +22,20 @@ NODE_MODULES = CT_DIR / "node_modules"
 SETUP_HINT = "run scripts/make_ct_venv.sh and scripts/make_ct_viewer_assets.sh (scripts/test.sh does)"
 
 
+#: Where scripts/test.sh builds the venv unless CT_VENV says otherwise (outside the checkout, so
+#: fresh clones reuse it); scripts/make_ct_venv.sh alone builds .venv-ct/.
+SHARED_VENV = Path.home() / ".cache" / "sae-pathway-explorer" / "venv-ct"
+
+
 def ct_python() -> Path:
-    venv = Path(os.environ.get("CT_VENV") or ROOT / ".venv-ct")
-    if not venv.is_absolute():
-        venv = ROOT / venv
+    """$CT_VENV, else .venv-ct/ in the checkout, else the shared one scripts/test.sh builds."""
+    if os.environ.get("CT_VENV"):
+        venv = Path(os.environ["CT_VENV"]).expanduser()
+        venv = venv if venv.is_absolute() else ROOT / venv
+    else:
+        venv = ROOT / ".venv-ct"
+        if not (venv / "bin" / "python").exists():
+            venv = SHARED_VENV
     return venv / "bin" / "python"
 
 

@@ -281,13 +281,12 @@ def circuit_tracer_json(result: dict, prompt: str, scan: str = "llama3.1-8b",
             act_here = float(acts[i]) if i is not None and i < len(acts) and acts[i] is not None else None
             act_sum = sum(a for a in acts if a is not None) if acts else n.get("activation")
             npos = len(n.get("positions") or [])
-            clerp = (f"{n['id']}: attribution {_fmt(A)} over {npos} position(s); "
-                     f"activation {_fmt(act_sum)} summed, Act shown at position {ctx}")
+            clerp = f"{n['id']} (A {_fmt(A)}; act {_fmt(act_sum)} summed over {npos} position(s))"
             feature = cantor_pair(layer, int(n["feature_id"]))
         else:
             act_here, act_sum = None, None
             what = "SAE reconstruction error" if k == "error" else "bias terms"
-            clerp = f"{what.capitalize()} at layer {layer} ({n['id']}): attribution {_fmt(A)}"
+            clerp = f"{n['id']} ({what} at layer {layer}; A {_fmt(A)})"
             feature = CT_SPECIAL_FEATURE[k]
         if n["id"] in labels:
             clerp = f"{labels[n['id']]} ({n['id']})"
