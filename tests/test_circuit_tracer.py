@@ -309,7 +309,19 @@ def test_circuit_tracer_viewer_renders_the_export(engine_export):
         page.goto(f"{url}/index.html?slug=L3-427.safe&supernodes={quote(sn)}")
         page.locator(".subgraph", has_text="bet words").wait_for()
         assert not errors, errors
+        # the sink: clicked, the viewer lists its inputs (one row per link into it) under our clerp
+        page.goto(f"{url}/index.html?slug=L5-10.safe")
+        page.wait_for_selector(".link-graph text.node")
+        doc = json.loads((engine_export / "L5-10.safe.json").read_text())
+        sink = next(n for n in doc["nodes"] if n["is_target_logit"])
+        k = [d[0] for d in page.evaluate(js_nodes)].index(sink["node_id"])
+        page.locator(".link-graph text.node").nth(k).click(force=True)
+        page.locator(".feature-title", has_text='Target "L5-10"').first.wait_for()
+        n_in = sum(1 for e in doc["links"] if e["target"] == sink["node_id"])
+        assert page.locator(".features.input .feature-row").count() == n_in > 0
+        assert not errors, errors
         if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+            page.mouse.move(1490, 990)
             page.wait_for_timeout(500)
             page.screenshot(path=str(ROOT / "docs" / "screenshots" / "circuit_tracer_viewer.png"))
         # a feature node: the viewer decodes the Cantor pairing into L<layer>/<index>
