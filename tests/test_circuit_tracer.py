@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
@@ -259,8 +260,6 @@ def test_exports_validate_against_circuit_tracer_graph_models(engine_export):
 def test_validation_catches_a_broken_export(engine_export, tmp_path):
     """The check can fail: the old export's shape (no transcoder_list) is rejected."""
     from ct_support import require_ct
-
-    import subprocess
 
     bad = tmp_path / "bad"
     shutil.copytree(engine_export, bad)

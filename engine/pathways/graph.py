@@ -295,8 +295,9 @@ def circuit_tracer_json(result: dict, prompt: str, scan: str = "llama3.1-8b",
             "feature_type": CT_FEATURE_TYPE[k], "jsNodeId": ids[n["id"]], "clerp": clerp,
             "influence": influence[n["id"]], "activation": act_here, "is_target_logit": False,
             "token_prob": 0.0,
-            # ours, ignored by the viewer: what the node is and its position-summed figures
+            # ours, ignored by the viewer: what the node is, its position-summed figures, its replay
             "kind": k, "our_id": n["id"], "attribution": A, "activation_sum": act_sum,
+            "replay_delta": n.get("replay_delta"), "validated": n.get("validated"),
         })
     links = [{"source": ids[e["source"]], "target": ids[e["target"]], "weight": e["weight"]}
              for e in rec["edges"] if e["source"] in ids and e["target"] in ids]
