@@ -138,7 +138,7 @@ def test_annotations_fill_pinned_ids_supernodes_and_labels():
             G.circuit_tracer_json(hand_result(), "safe", annotations=bad)
 
 
-def test_export_config_from_yaml_and_the_demo_writes_its_own():
+def test_export_config_from_yaml_and_the_demo_writes_its_own(tmp_path):
     assert ExportConfig() == ExportConfig(scan="llama3.1-8b", neuronpedia_source_set="llamascope-res-32k")
     cfg = config_from_dict({"export": {"scan": "my-model", "neuronpedia_source_set": "my-saes"}})
     assert (cfg.export.scan, cfg.export.neuronpedia_source_set) == ("my-model", "my-saes")
@@ -148,10 +148,16 @@ def test_export_config_from_yaml_and_the_demo_writes_its_own():
         config_from_dict({"export": {"scan": "../x y"}})
     from engine.demo import DemoPlan, _config_yaml
 
+    from engine.config import load_config
+
     plan = DemoPlan(minutes=1.0)
     demo = yaml.safe_load(_config_yaml(plan))["export"]
     assert demo == {"scan": f"slot-demo-llama-{plan.n_layers}l-{plan.d_model}d",
                     "neuronpedia_source_set": f"slot-demo-res-{plan.d_sae}"}
+    (tmp_path / "config.yaml").write_text(_config_yaml(plan))  # the whole demo config loads
+    cfg = load_config(tmp_path / "config.yaml")
+    assert (cfg.export.scan, cfg.export.neuronpedia_source_set) == (demo["scan"], demo["neuronpedia_source_set"])
+    assert cfg.export != ExportConfig()
 
 
 # ---------------------------------------------------------------------------
