@@ -218,6 +218,20 @@ class IntegrateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The circuit-tracer / Neuronpedia graph JSON the pathways step writes (docs/cache_format.md)."""
+
+    scan: str = "llama3.1-8b"
+    neuronpedia_source_set: str = "llamascope-res-32k"
+
+    def validate(self) -> None:
+        for key in ("scan", "neuronpedia_source_set"):
+            v = getattr(self, key)
+            if not v or not all(c.isalnum() or c in "-_." for c in v):
+                raise UserError(f"config export.{key} must be letters, digits, '-', '_' or '.', got {v!r}")
+
+
+@dataclass
 class AppConfig:
     host: str = "127.0.0.1"
     port: int = 8501
@@ -238,6 +252,7 @@ class Config:
     pathways: PathwaysConfig = field(default_factory=PathwaysConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     integrate: IntegrateConfig = field(default_factory=IntegrateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     app: AppConfig = field(default_factory=AppConfig)
     # Where the file came from (not a config key): used to resolve relative paths.
     source_path: str | None = field(default=None, metadata={"internal": True})

