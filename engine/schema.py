@@ -156,6 +156,13 @@ JOB_PROGRESS = "progress.json"
 JOB_LOG = "log.txt"
 JOB_RESULT = "result.json"
 
+#: Researchers' notes on one feature's graph (pins, supernodes, labels, notes), written by the
+#: explorer: annotations/L12-3456.json, {"schema_version": ANNOTATIONS_SCHEMA_VERSION, "feature",
+#: "pinned": [node id], "supernodes": [{"name", "members": [node id]}], "labels": {node id: text},
+#: "notes": {node id: text}, "updated"}. Its own version, so it can change without the engine's.
+ANNOTATIONS_DIR = "annotations"
+ANNOTATIONS_SCHEMA_VERSION = 1
+
 DEMO_DIR = "demo"  # the embedded demo's model, SAEs and experiment data
 DEMO_MARKER = "demo/DEMO.json"
 
@@ -187,6 +194,11 @@ def pathway_export_path(cache: Path, feature: str | FeatureId, prompt: str) -> P
     if not PROMPT_NAME_RE.match(prompt):
         raise UserError(f"prompt name {prompt!r} must be letters, digits or _")
     return Path(cache) / PATHWAYS_EXPORT_DIR / safe_feature_filename(feature, f".{prompt}.json")
+
+
+def annotations_path(cache: Path, feature: str | FeatureId) -> Path:
+    """annotations/L12-3456.json; the id is validated before it touches a path."""
+    return Path(cache) / ANNOTATIONS_DIR / safe_feature_filename(feature)
 
 
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:

@@ -5,7 +5,7 @@ stamp plus the page's settings, so a rerun with the same settings costs a dict l
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -52,27 +52,57 @@ class PathwayBundle:
     node_traces: set[int]
     agreement: dict
     validated_fraction: float | None
+    auto_labels: dict = field(default_factory=dict)
+    pruning: dict = field(default_factory=dict)  # what was applied, for the "as shown" JSON
 
 
 _PATHWAYS = Memo(48)
+_LABELS = Memo(64)
+
+
+def auto_labels(ctx: AppContext, feature: str, mode: str, ids: list[str]) -> dict[str, str]:
+    """Auto-labels of a graph's nodes, cached on the tokens folder's stamp."""
+    key = (str(ctx.cache), feature, mode, data.stamp(ctx.cache / schema.TOKENS_DIR))
+    return _LABELS.get(key, lambda: data.node_auto_labels(ctx, ids))
 
 
 def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, edge_share: float,
                    max_edges: int, x_mode: str = "attribution", title: str | None = None,
-                   compact: bool = False) -> PathwayBundle:
-    """The pathway of `feature` on `mode`, pruned, with its figure. Raises CacheProblem."""
+                   compact: bool = False, *, selected: str | None = None, pinned: tuple[str, ...] = (),
+                   annotations: dict | None = None, pinned_subgraph: bool = False) -> PathwayBundle:
+    """The pathway of `feature` on `mode`, pruned (pinned and selected nodes always kept), or
+    only the pinned nodes with the target, with its labelled figure. Raises CacheProblem."""
     pathway = data.pathway(ctx, feature)
     path = schema.pathway_path(ctx.cache, feature)
-    key = (str(path), data.stamp(path), mode, round(node_share, 4), round(edge_share, 4), max_edges, x_mode, title,
-           compact)
+    ann = annotations or {}
+    ann_key = (tuple((k, v) for k, v in sorted((ann.get("labels") or {}).items())),
+               tuple((sn["name"], tuple(sn["members"])) for sn in ann.get("supernodes") or []))
+    pinned = tuple(pinned)
+    key = (str(path), data.stamp(path), data.stamp(ctx.cache / schema.TOKENS_DIR), mode, round(node_share, 4),
+           round(edge_share, 4), max_edges, x_mode, title, compact, selected, pinned, ann_key, pinned_subgraph)
 
     def build() -> PathwayBundle:
         full = G.prompt_view(pathway, mode)
-        shown = G.prune(full, node_share, edge_share, max_edges)
+        keep = set(pinned) | ({selected} if selected else set())
+        if pinned_subgraph and pinned:
+            shown = G.subgraph(full, keep)
+            pruning = {"method": "pinned subgraph", "pinned": list(pinned)}
+        else:
+            shown = G.prune(full, node_share, edge_share, max_edges, always=keep)
+            inside = full.edges["source"].isin(set(shown.nodes["id"])) & full.edges["target"].isin(set(shown.nodes["id"]))
+            by_share = int(G.keep_by_share(full.edges.loc[inside, "weight"].to_numpy(), edge_share).sum())
+            pruning = {"method": "attribution share", "node_share": node_share, "edge_share": edge_share,
+                       "max_edges": max_edges, "edge_cap_applied": by_share > max_edges,
+                       "always_kept": sorted(keep)}
+        pruning.update({"nodes_shown": len(shown.nodes), "nodes_total": len(full.nodes),
+                        "edges_shown": len(shown.edges), "edges_total": len(full.edges), "layout": x_mode})
+        labels = auto_labels(ctx, feature, mode, full.nodes["id"].tolist())
         label = "attribution, risky − safe" if mode == "difference" else "attribution"
-        fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
+        fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact,
+                                     auto_labels=labels, user_labels=ann.get("labels"), selected=selected,
+                                     pinned=pinned, supernodes=ann.get("supernodes"))
         return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
-                             G.agreement(full.nodes), G.validated_fraction(full.nodes))
+                             G.agreement(full.nodes), G.validated_fraction(full.nodes), labels, pruning)
 
     return _PATHWAYS.get(key, build)
 
