@@ -295,7 +295,10 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
     rank = sorted(up.to_dict("records"), key=lambda r: -abs(_num(r.get("attribution"))))
     order = list(dict.fromkeys(list(tgt["id"]) + ([selected] if selected else []) + pinned + [r["id"] for r in rank]))
     reserved, shapes, annotations = _supernode_boxes(supernodes, pos, size_of, xrange, yrange, geo)
-    placed = place_labels(pos, {n: s / 2 for n, s in size_of.items()}, texts, order, xrange, yrange,
+    # Marker radii in px: half the size plus the ring; plotly's star reaches ~1.3x its size.
+    radii = {n: (s / 2 + 2) for n, s in size_of.items()}
+    radii.update({t: 21.0 for t in tgt["id"]})
+    placed = place_labels(pos, radii, texts, order, xrange, yrange,
                           geo.width, geo.plot_height, reserved)
     for lb in placed:
         annotations.append(dict(
@@ -307,7 +310,8 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
     fig = go.Figure(data=traces)
     xaxis = dict(visible=False, range=list(xrange), fixedrange=False, automargin=False)
     if x_mode == "position" and view.tokens:
-        used = sorted({int(round(p[0])) for p in pos.values()})
+        used = _thin_ticks(sorted({G.position_of(d, view.target_position) for _, d in g.nodes(data=True)}),
+                           xrange, geo.width)
         xaxis = dict(visible=True, range=list(xrange), tickvals=used, automargin=False,
                      ticktext=[f"{clean_token(G.token_at(view.tokens, p))}·{p}" for p in used],
                      tickangle=-50, tickfont=dict(size=10), title=None, showgrid=True, gridcolor="#f0f0f0")
@@ -327,6 +331,16 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         meta={"plot_width": geo.width, "plot_height": geo.plot_height, "labels": [lb.node for lb in placed]},
     )
     return fig
+
+
+def _thin_ticks(ticks: list[int], xrange: tuple[float, float], width: float, min_px: float = 15.0) -> list[int]:
+    """Drop ticks closer than `min_px` to the previous kept one (their labels would overlap)."""
+    scale = width / ((xrange[1] - xrange[0]) or 1.0)
+    out: list[int] = []
+    for t in ticks:
+        if not out or (t - out[-1]) * scale >= min_px:
+            out.append(t)
+    return out
 
 
 def _num(x) -> float:

@@ -245,6 +245,12 @@ def strongest_position(rec: dict, default: int | None) -> int | None:
     return int(pos[0])
 
 
+def position_of(d: dict, target_position: int | None) -> int:
+    """The prompt position a node is drawn at in the position layout."""
+    p = strongest_position(d, target_position) if not d.get("is_target") else target_position
+    return 0 if p is None else int(p)
+
+
 def layout(g: nx.DiGraph, x_mode: str = "attribution", target_position: int | None = None) -> dict[str, tuple[float, float]]:
     """Node -> (x, y) with y = layer. x: order by attribution within the layer (negative
     left), or the token position of the node's strongest attribution."""
@@ -253,13 +259,16 @@ def layout(g: nx.DiGraph, x_mode: str = "attribution", target_position: int | No
     if x_mode == "position":
         out: dict[str, tuple[float, float]] = {}
         seen: dict[tuple[int, int], int] = {}
+        base = {n: position_of(d, target_position) for n, d in g.nodes(data=True)}
+        span = (max(base.values()) - min(base.values())) or 1
+        # Nodes sharing a (layer, position) cell fan out by about a marker's width (24 px of a
+        # 425 px plot), so that each stays visible and clickable.
+        step = max(0.18, span * 24 / 425)
         for n, d in sorted(g.nodes(data=True), key=lambda kv: -abs(_z(kv[1].get("attribution")))):
-            p = strongest_position(d, target_position) if not d.get("is_target") else target_position
-            p = 0 if p is None else p
+            p = base[n]
             k = seen.get((d["layer"], p), 0)
             seen[(d["layer"], p)] = k + 1
-            # Nodes sharing a (layer, position) cell fan out slightly so each stays clickable.
-            out[n] = (p + 0.18 * ((k + 1) // 2) * (1 if k % 2 else -1), float(d["layer"]))
+            out[n] = (p + step * ((k + 1) // 2) * (1 if k % 2 else -1), float(d["layer"]))
         return out
     layers: dict[int, list[str]] = {}
     for n, d in sorted(g.nodes(data=True), key=lambda kv: (_z(kv[1].get("attribution")), kv[0])):

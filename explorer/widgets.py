@@ -201,34 +201,43 @@ def fmt(x: Any, digits: int = 3, pct: bool = False, signed: bool = False) -> str
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
-def metric_row(items: Iterable[tuple], border: bool = True) -> None:
-    """One row of metric cards: (label, value, tooltip defining the number[, small note under it])."""
+def metric_row(items: Iterable[tuple], border: bool = True, compact: bool = False, key: str | None = None) -> None:
+    """One row of metric cards: (label, value, tooltip defining the number[, small note under it]).
+    Cards wrap onto more rows rather than cut a label or value off; `compact` uses smaller
+    type so that more fit on one row (needs a `key`, which scopes the style)."""
     items = list(items)
-    for row in metric_rows(items):
-        cols = st.columns(len(row))
-        for col, item in zip(cols, row):
-            label, value, tip = item[:3]
-            note = item[3] if len(item) > 3 else None
-            col.metric(label, value, delta=note, delta_color="off", delta_arrow="off", help=tip, border=border)
+    box = st.container(key=key) if key else st.container()
+    if compact and key:
+        box.html(f"<style>.st-key-{key} [data-testid='stMetricValue'] {{font-size: 1.5rem;}}</style>")
+    with box:
+        for row in metric_rows(items, compact=compact and bool(key)):
+            cols = st.columns(len(row))
+            for col, item in zip(cols, row):
+                label, value, tip = item[:3]
+                note = item[3] if len(item) > 3 else None
+                col.metric(label, value, delta=note, delta_color="off", delta_arrow="off", help=tip, border=border)
 
 
-#: Width of the main column at a 1280 px window with the sidebar open, and what one metric
-#: card needs (36 px value font, 14 px label font, padding and the help icon).
+#: Width of the main column at a 1280 px window with the sidebar open.
 CONTENT_WIDTH = 820
 
 
-def metric_card_width(label: str, value: str) -> float:
-    return max(21.0 * len(str(value)), 8.6 * len(str(label)) + 26) + 50
+def metric_card_width(label: str, value: str, compact: bool = False) -> float:
+    """Pixels a card needs: its value (36 px type, 1.5rem compact) or its label (14 px type)
+    with the help icon, plus the bordered card's padding."""
+    per_char = 12.7 if compact else 20.5  # measured in chromium: "100.0%" is 76 px at 1.5rem
+    return max(per_char * len(str(value)), 6.6 * len(str(label)) + 22) + 34
 
 
-def metric_rows(items: list[tuple], width: float = CONTENT_WIDTH) -> list[list[tuple]]:
+def metric_rows(items: list[tuple], width: float = CONTENT_WIDTH, compact: bool = False) -> list[list[tuple]]:
     """Split metric cards into rows of equal columns, each wide enough for its label and
     value (so that neither is cut off with an ellipsis at a 1280 px window)."""
     for n in range(len(items), 0, -1):
-        rows = [items[i:i + n] for i in range(0, len(items), n)]
+        k = -(-len(items) // n)  # rows needed; then spread the cards evenly over them
+        n = -(-len(items) // k)
         gap = 16 * (n - 1)
-        if all((width - gap) / n >= metric_card_width(it[0], it[1]) for it in items):
-            return rows
+        if all((width - gap) / n >= metric_card_width(it[0], it[1], compact) for it in items):
+            return [items[i:i + n] for i in range(0, len(items), n)]
     return [[it] for it in items]
 
 

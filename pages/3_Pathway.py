@@ -107,12 +107,12 @@ cov = views.coverage_share(full.info.get("coverage"))
 n_up = int((~full.nodes["is_target"].astype(bool)).sum())
 n_up_shown = int((~shown.nodes["is_target"].astype(bool)).sum())
 metric_row([
-    ("Target activation", act_text, act_help, act_note),
+    ("Activation", act_text, act_help, act_note),
     ("Nodes", f"{n_up_shown} / {n_up}", "Upstream nodes shown after pruning / in the graph"),
     ("Edges", f"{len(shown.edges)} / {len(full.edges)}", "Edges shown after pruning / in the graph"),
     ("Validated", fmt(bundle.validated_fraction, pct=True), "Share of replayed nodes validated by replay. " + HELP["validated"]),
-    ("Agreement r", fmt(bundle.agreement["pearson_r"]) if prompt != "difference" else "–", HELP["r"]),
+    ("Replay r", fmt(bundle.agreement["pearson_r"]) if prompt != "difference" else "–", HELP["r"]),
     ("Coverage", fmt(cov, pct=True), HELP["coverage"]),
-])
+], compact=True, key="pw_metrics")
 
 pathway_panel(ctx, bundle, key=f"pw_{feature}_{prompt}", causal=causal, files=set(files), state=state)

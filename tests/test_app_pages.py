@@ -186,10 +186,10 @@ def test_pathway_numbers_pruning_and_node_click(monkeypatch, small_cache):
     kept = kept_by_share(safe["nodes"], 0.8)
     m = metrics(at)
     assert m["Nodes"] == f"{len(kept)} / {len(ups)}"
-    assert m["Target activation"] == f"{safe['target_activation']:.3f}"
+    assert m["Activation"] == f"{safe['target_activation']:.3f}"
     rep = [n for n in ups if n["replay_delta"] is not None]
     r = stats.pearsonr([n["attribution"] for n in rep], [-n["replay_delta"] for n in rep]).statistic
-    assert m["Agreement r"] == f"{r:.3f}"
+    assert m["Replay r"] == f"{r:.3f}"
     assert m["Validated"] == f"{100 * sum(n['validated'] for n in rep) / len(rep):.1f}%"
     graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
     node_trace = next(i for i, t in enumerate(graph["data"]) if t.get("name") == "nodes")
@@ -223,7 +223,7 @@ def test_pathway_difference_and_query_params(monkeypatch, small_cache):
                   prompt="difference").run()
     no_exception(at)
     ta = {k: p["prompts"][k]["target_activation"] for k in ("safe", "risky")}
-    assert metrics(at)["Target activation"] == f"{ta['safe']:.3f} → {ta['risky']:.3f}"
+    assert metrics(at)["Activation"] == f"{ta['safe']:.3f} → {ta['risky']:.3f}"
     # Difference attribution = risky - safe per node (0 where absent), in the node trace's colours.
     at.slider(key="node_share").set_value(1.0).run()
     graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
