@@ -232,23 +232,38 @@ def suggest_supernodes(nodes: pd.DataFrame, edges: pd.DataFrame, threshold: floa
     out = []
     for L in sorted({layer[n] for n in ids}):
         members = [n for n in ids if layer[n] == L and n not in target and n not in exclude]
-        clusters = [[n] for n in members]
-        while len(clusters) > 1:
-            best, pair = threshold - 1e-12, None
-            for a in range(len(clusters)):
-                for b in range(a + 1, len(clusters)):
-                    sim = float(np.mean([prof[pos[x], pos[y]] for x in clusters[a] for y in clusters[b]]))
-                    if sim > best:
-                        best, pair = sim, (a, b)
-            if pair is None:
-                break
-            a, b = pair
-            clusters[a] = clusters[a] + clusters[b]
-            del clusters[b]
-        for c in clusters:
+        for c in _average_linkage(prof[np.ix_([pos[n] for n in members], [pos[n] for n in members])], threshold):
             if len(c) >= 2:
-                out.append({"name": f"L{L} co-attribution {len(out) + 1}", "members": sorted(c, key=ids.index)})
+                out.append({"name": f"L{L} co-attribution {len(out) + 1}", "members": [members[i] for i in sorted(c)]})
     return out
+
+
+def _average_linkage(sim: np.ndarray, threshold: float) -> list[list[int]]:
+    """Merge the pair of clusters with the highest mean pairwise similarity while it is >=
+    threshold (ties: the first pair in row order). Cluster sums are updated in place, so a
+    merge costs O(m)."""
+    m = len(sim)
+    groups = [[i] for i in range(m)]
+    if m < 2:
+        return groups
+    total = sim.astype(float).copy()
+    size = np.ones(m)
+    active = np.ones(m, dtype=bool)
+    while active.sum() > 1:
+        avg = total / np.outer(size, size)
+        avg[~active, :] = -np.inf
+        avg[:, ~active] = -np.inf
+        np.fill_diagonal(avg, -np.inf)
+        a, b = divmod(int(np.argmax(avg)), m)
+        if avg[a, b] < threshold - 1e-12:
+            break
+        a, b = min(a, b), max(a, b)
+        total[a, :] += total[b, :]
+        total[:, a] += total[:, b]
+        size[a] += size[b]
+        active[b] = False
+        groups[a] += groups[b]
+    return [groups[i] for i in range(m) if active[i]]
 
 
 # ---------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def clean_token(tok: str | None) -> str:
 #: plot area it gets: the graph column at a 1280x720 window. A wider window only spreads
 #: nodes further apart, so labels that do not overlap there do not overlap anywhere.
 PLOT_WIDTH = 425
+COMPACT_PLOT_WIDTH = 215  # the Features page's preview column
 LABEL_FONT = 11
 LABEL_LINE = 13  # px per label line
 LABEL_BUDGET = 60  # at most this many labels; the rest keep their hover
@@ -193,7 +194,7 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
                    value_label: str = "attribution", compact: bool = False,
                    auto_labels: dict[str, str] | None = None, user_labels: dict[str, str] | None = None,
                    selected: str | None = None, pinned: Iterable[str] = (), supernodes: Iterable[dict] = (),
-                   plot_width: int = PLOT_WIDTH) -> go.Figure:
+                   plot_width: int | None = None) -> go.Figure:
     """The pruned graph with labelled nodes. `selected` highlights a node's edges (the others
     fade); `pinned` nodes get a gold halo; `supernodes` ({name, members}) a named box."""
     g = G.to_networkx(view)
@@ -284,7 +285,7 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.9)),
     ))
     layers = sorted({int(v) for v in nodes["layer"]})
-    geo = graph_geometry(len(layers), x_mode, compact, plot_width)
+    geo = graph_geometry(len(layers), x_mode, compact, plot_width or (COMPACT_PLOT_WIDTH if compact else PLOT_WIDTH))
     xs_all = [p[0] for p in pos.values()] or [0.0]
     span = (max(xs_all) - min(xs_all)) or 2.0
     xrange = (min(xs_all) - 0.1 * span, max(xs_all) + 0.1 * span)
@@ -313,7 +314,7 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         used = _thin_ticks(sorted({G.position_of(d, view.target_position) for _, d in g.nodes(data=True)}),
                            xrange, geo.width)
         xaxis = dict(visible=True, range=list(xrange), tickvals=used, automargin=False,
-                     ticktext=[f"{clean_token(G.token_at(view.tokens, p))}·{p}" for p in used],
+                     ticktext=[f"{_short(clean_token(G.token_at(view.tokens, p)), 8)}·{p}" for p in used],
                      tickangle=-50, tickfont=dict(size=10), title=None, showgrid=True, gridcolor="#f0f0f0")
     fig.update_layout(
         **{k: v for k, v in _BASE_LAYOUT.items() if k != "margin"},
@@ -331,6 +332,10 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         meta={"plot_width": geo.width, "plot_height": geo.plot_height, "labels": [lb.node for lb in placed]},
     )
     return fig
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _thin_ticks(ticks: list[int], xrange: tuple[float, float], width: float, min_px: float = 15.0) -> list[int]:

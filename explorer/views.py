@@ -107,6 +107,18 @@ def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, 
     return _PATHWAYS.get(key, build)
 
 
+_SUGGESTED = Memo(32)
+
+
+def suggested_supernodes(ctx: AppContext, bundle: PathwayBundle, exclude: set[str]) -> list[dict]:
+    """annotations.suggest_supernodes on the full graph, cached on the pathway file's stamp."""
+    from explorer import annotations as A
+
+    path = schema.pathway_path(ctx.cache, bundle.full.feature)
+    key = (str(path), data.stamp(path), bundle.full.mode, frozenset(exclude))
+    return _SUGGESTED.get(key, lambda: A.suggest_supernodes(bundle.full.nodes, bundle.full.edges, exclude=exclude))
+
+
 def pathway_title(feature: str, mode: str) -> str:
     what = "risky − safe difference" if mode == "difference" else f"{mode} prompt"
     return f"Pathway of {feature} · {what}"

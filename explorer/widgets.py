@@ -302,7 +302,8 @@ def open_feature(feature: str, key: str = "feature") -> None:
     st.query_params[key] = feature
 
 
-def download(label: str, data: bytes | str | None, file_name: str, mime: str, help: str, key: str) -> None:
+def download(label: str, data: bytes | str | Callable[[], bytes] | None, file_name: str, mime: str, help: str,
+             key: str) -> None:
     if data is None:
         st.button(label, disabled=True, help=help, key=key, width="stretch")
     else:
@@ -483,7 +484,7 @@ def node_tools(ctx: AppContext, state: GraphState, node: str, key: str) -> None:
                   help="Pinned nodes stay in the graph whatever the pruning, get a gold ring, travel in the "
                        "address and make the subgraph (Pins & groups tab)")
         if state.selected == node:
-            c2.button("Unselect", key=f"{key}_clear", on_click=clear_node, icon=":material/close:",
+            c2.button("Clear", key=f"{key}_clear", on_click=clear_node, icon=":material/close:",
                       width="stretch", help="Show every edge and the full tables again (Back does the same)")
         label_key, note_key = f"{key}_label_{node}", f"{key}_note_{node}"
         with st.form(f"{key}_text_{node}", border=False):
@@ -550,7 +551,7 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
         cols = [c for c in ("source", "target", "weight", "weight_safe", "weight_risky", "raw", "validated")
                 if c in edges.columns]
         if state is not None and node:
-            st.caption(f"Edges of **{node}** only (click another node, or Unselect for all).")
+            st.caption(f"Edges of **{node}** only (click another node, or Clear on its card for all).")
         st.dataframe(edges[cols], hide_index=True, width="stretch", height=min(420, 38 + 35 * max(1, len(edges))),
                      key=f"{key}_edges_{node}",
                      column_config={
@@ -638,7 +639,9 @@ def pins_and_groups(ctx: AppContext, bundle, state: GraphState, key: str) -> Non
         st.form_submit_button("Make supernode", on_click=_add_group_from_form,
                               args=(ctx, state.feature, name_key, members_key), icon=":material/workspaces:")
     in_group = {m for sn in groups for m in sn["members"]}
-    suggested = A.suggest_supernodes(bundle.full.nodes, bundle.full.edges, exclude=in_group)
+    from explorer import views
+
+    suggested = views.suggested_supernodes(ctx, bundle, in_group)
     st.markdown("**Suggested by co-attribution**", help=(
         "Nodes of one layer whose signed edge weights to and from every other node of this graph point the "
         "same way (cosine similarity of the edge profiles, average linkage, at least 0.9): they feed the same "
@@ -653,43 +656,44 @@ def pins_and_groups(ctx: AppContext, bundle, state: GraphState, key: str) -> Non
 
 
 def downloads(ctx: AppContext, bundle, key: str, state: GraphState | None) -> None:
+    """The four downloads; each file is built when its button is clicked (deferred data)."""
     from explorer import annotations as A
     from explorer import data as D
     from explorer import graph as G
+    from engine.schema import pathway_path
 
     view = bundle.shown
     ann = state.effective_annotations() if state else None
     c1, c2, c3, c4 = st.columns(4)
     with c1:
-        download("Graph JSON (as shown)", G.graph_json(view, bundle.pruning, ann, bundle.auto_labels),
+        download("Graph JSON (as shown)", lambda: G.graph_json(view, bundle.pruning, ann, bundle.auto_labels),
                  f"{view.feature}.{view.mode}.graph.json", "application/json",
                  "The nodes and edges drawn above, with the pruning applied and your annotations", f"{key}_dl_graph")
     with c2:
         ct = D.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
-        if ct and ann and A.circuit_tracer_annotations(ann):
+
+        def annotated_ct() -> bytes:
             import json
 
+            if not (ann and A.circuit_tracer_annotations(ann)):
+                return ct
             try:
-                ct = json.dumps(A.apply_to_circuit_tracer(json.loads(ct), ann)).encode()
+                return json.dumps(A.apply_to_circuit_tracer(json.loads(ct), ann)).encode()
             except (ValueError, KeyError, TypeError):
-                pass  # an export we cannot read: offer it as written
-        download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.circuit_tracer.json", "application/json",
+                return ct  # an export we cannot read: offer it as written
+
+        download("circuit-tracer JSON", annotated_ct if ct else None, f"{view.feature}.{view.mode}.circuit_tracer.json",
+                 "application/json",
                  "The graph in the shape circuit-tracer's and Neuronpedia's graph viewers read, with your pins "
                  "(pinnedIds), supernodes and labels (clerp)" + ("" if ct else " (not available for this view)"),
                  f"{key}_dl_ct")
     with c3:
-        download("Edges CSV", G.edges_csv(view, ann), f"{view.feature}.{view.mode}.edges.csv", "text/csv",
+        download("Edges CSV", lambda: G.edges_csv(view, ann), f"{view.feature}.{view.mode}.edges.csv", "text/csv",
                  "The edges drawn above, with each end's label, supernode and pin", f"{key}_dl_csv")
     with c4:
-        raw = None
-        try:
-            from engine.schema import pathway_path
-
-            raw = pathway_path(ctx.cache, view.feature).read_bytes()
-        except OSError:
-            pass
-        download("Full pathway file", raw, f"{view.feature}.json", "application/json",
-                 "The engine's pathway file with every prompt", f"{key}_dl_full")
+        path = pathway_path(ctx.cache, view.feature)
+        download("Full pathway file", path.read_bytes if path.is_file() else None, f"{view.feature}.json",
+                 "application/json", "The engine's pathway file with every prompt", f"{key}_dl_full")
 
 
 def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], files: set[str], key: str,

@@ -36,6 +36,7 @@ def clear_caches() -> None:
     data._STATUS_MEMO.clear()
     views._PATHWAYS.clear()
     views._LABELS.clear()
+    views._SUGGESTED.clear()
     views._AUDIT.clear()
 
 

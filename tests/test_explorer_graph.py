@@ -382,3 +382,30 @@ def test_annotations_reach_the_downloads_and_the_circuit_tracer_export():
     first = next(r for r in rows if r["source"] == "L2-1")
     assert (first["source_label"], first["source_supernode"], first["source_pinned"], first["target_pinned"]) == \
         ("loss words", "drivers", "1", "1")
+
+
+def test_average_linkage_matches_a_plain_loop():
+    from explorer.annotations import _average_linkage
+
+    def plain(sim, threshold):  # the textbook loop: recompute every cluster pair's mean
+        clusters = [[i] for i in range(len(sim))]
+        while len(clusters) > 1:
+            best, pair = threshold - 1e-12, None
+            for a in range(len(clusters)):
+                for b in range(a + 1, len(clusters)):
+                    s = float(np.mean([sim[x, y] for x in clusters[a] for y in clusters[b]]))
+                    if s > best:
+                        best, pair = s, (a, b)
+            if pair is None:
+                break
+            clusters[pair[0]] += clusters[pair[1]]
+            del clusters[pair[1]]
+        return sorted(sorted(c) for c in clusters)
+
+    rng = np.random.default_rng(1)
+    for m in (1, 2, 7, 15):
+        x = rng.normal(size=(m, 4))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        sim = x @ x.T
+        for threshold in (0.2, 0.6, 0.9):
+            assert sorted(sorted(c) for c in _average_linkage(sim, threshold)) == plain(sim, threshold)
