@@ -108,6 +108,21 @@ def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, 
 
 
 _SUGGESTED = Memo(32)
+_DOWNLOADS = Memo(16)
+
+
+def download_bytes(bundle: PathwayBundle, ann: dict | None) -> tuple[bytes, bytes]:
+    """(graph JSON as shown, edges CSV) of a bundle with its annotations, built once per
+    bundle and annotations (the value holds the bundle, so its id is not reused meanwhile)."""
+    import json
+
+    key = (id(bundle), json.dumps(ann, sort_keys=True, default=str))
+
+    def build():
+        return bundle, (G.graph_json(bundle.shown, bundle.pruning, ann, bundle.auto_labels),
+                        G.edges_csv(bundle.shown, ann))
+
+    return _DOWNLOADS.get(key, build)[1]
 
 
 def suggested_supernodes(ctx: AppContext, bundle: PathwayBundle, exclude: set[str]) -> list[dict]:

@@ -656,43 +656,41 @@ def pins_and_groups(ctx: AppContext, bundle, state: GraphState, key: str) -> Non
 
 
 def downloads(ctx: AppContext, bundle, key: str, state: GraphState | None) -> None:
-    """The four downloads; each file is built when its button is clicked (deferred data)."""
+    """The four downloads (built once per view and annotations)."""
     from explorer import annotations as A
     from explorer import data as D
-    from explorer import graph as G
+    from explorer import views
     from engine.schema import pathway_path
 
     view = bundle.shown
     ann = state.effective_annotations() if state else None
+    graph_bytes, edges_bytes = views.download_bytes(bundle, ann)
     c1, c2, c3, c4 = st.columns(4)
     with c1:
-        download("Graph JSON (as shown)", lambda: G.graph_json(view, bundle.pruning, ann, bundle.auto_labels),
+        download("Graph JSON (as shown)", graph_bytes,
                  f"{view.feature}.{view.mode}.graph.json", "application/json",
                  "The nodes and edges drawn above, with the pruning applied and your annotations", f"{key}_dl_graph")
     with c2:
         ct = D.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
 
-        def annotated_ct() -> bytes:
+        if ct and ann and A.circuit_tracer_annotations(ann):
             import json
 
-            if not (ann and A.circuit_tracer_annotations(ann)):
-                return ct
             try:
-                return json.dumps(A.apply_to_circuit_tracer(json.loads(ct), ann)).encode()
+                ct = json.dumps(A.apply_to_circuit_tracer(json.loads(ct), ann)).encode()
             except (ValueError, KeyError, TypeError):
-                return ct  # an export we cannot read: offer it as written
-
-        download("circuit-tracer JSON", annotated_ct if ct else None, f"{view.feature}.{view.mode}.circuit_tracer.json",
+                pass  # an export we cannot read: offer it as written
+        download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.circuit_tracer.json",
                  "application/json",
                  "The graph in the shape circuit-tracer's and Neuronpedia's graph viewers read, with your pins "
                  "(pinnedIds), supernodes and labels (clerp)" + ("" if ct else " (not available for this view)"),
                  f"{key}_dl_ct")
     with c3:
-        download("Edges CSV", lambda: G.edges_csv(view, ann), f"{view.feature}.{view.mode}.edges.csv", "text/csv",
+        download("Edges CSV", edges_bytes, f"{view.feature}.{view.mode}.edges.csv", "text/csv",
                  "The edges drawn above, with each end's label, supernode and pin", f"{key}_dl_csv")
     with c4:
         path = pathway_path(ctx.cache, view.feature)
-        download("Full pathway file", path.read_bytes if path.is_file() else None, f"{view.feature}.json",
+        download("Full pathway file", path.read_bytes() if path.is_file() else None, f"{view.feature}.json",
                  "application/json", "The engine's pathway file with every prompt", f"{key}_dl_full")
 
 

@@ -37,6 +37,7 @@ def clear_caches() -> None:
     views._PATHWAYS.clear()
     views._LABELS.clear()
     views._SUGGESTED.clear()
+    views._DOWNLOADS.clear()
     views._AUDIT.clear()
 
 
