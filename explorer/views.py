@@ -111,16 +111,25 @@ _SUGGESTED = Memo(32)
 _DOWNLOADS = Memo(16)
 
 
-def download_bytes(bundle: PathwayBundle, ann: dict | None) -> tuple[bytes, bytes]:
-    """(graph JSON as shown, edges CSV) of a bundle with its annotations, built once per
-    bundle and annotations (the value holds the bundle, so its id is not reused meanwhile)."""
+def download_bytes(ctx: AppContext, bundle: PathwayBundle, ann: dict | None) -> tuple[bytes, bytes, bytes | None]:
+    """(graph JSON as shown, edges CSV, circuit-tracer JSON with the annotations or None) of
+    a bundle, built once per bundle and annotations (the value holds the bundle, so its id is
+    not reused meanwhile)."""
     import json
 
+    from explorer import annotations as A
+
+    view = bundle.shown
     key = (id(bundle), json.dumps(ann, sort_keys=True, default=str))
 
     def build():
-        return bundle, (G.graph_json(bundle.shown, bundle.pruning, ann, bundle.auto_labels),
-                        G.edges_csv(bundle.shown, ann))
+        ct = data.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
+        if ct and ann and A.circuit_tracer_annotations(ann):
+            try:
+                ct = json.dumps(A.apply_to_circuit_tracer(json.loads(ct), ann)).encode()
+            except (ValueError, KeyError, TypeError):
+                pass  # an export we cannot read: offer it as written
+        return bundle, (G.graph_json(view, bundle.pruning, ann, bundle.auto_labels), G.edges_csv(view, ann), ct)
 
     return _DOWNLOADS.get(key, build)[1]
 

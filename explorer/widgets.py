@@ -657,29 +657,18 @@ def pins_and_groups(ctx: AppContext, bundle, state: GraphState, key: str) -> Non
 
 def downloads(ctx: AppContext, bundle, key: str, state: GraphState | None) -> None:
     """The four downloads (built once per view and annotations)."""
-    from explorer import annotations as A
-    from explorer import data as D
     from explorer import views
     from engine.schema import pathway_path
 
     view = bundle.shown
     ann = state.effective_annotations() if state else None
-    graph_bytes, edges_bytes = views.download_bytes(bundle, ann)
+    graph_bytes, edges_bytes, ct = views.download_bytes(ctx, bundle, ann)
     c1, c2, c3, c4 = st.columns(4)
     with c1:
         download("Graph JSON (as shown)", graph_bytes,
                  f"{view.feature}.{view.mode}.graph.json", "application/json",
                  "The nodes and edges drawn above, with the pruning applied and your annotations", f"{key}_dl_graph")
     with c2:
-        ct = D.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
-
-        if ct and ann and A.circuit_tracer_annotations(ann):
-            import json
-
-            try:
-                ct = json.dumps(A.apply_to_circuit_tracer(json.loads(ct), ann)).encode()
-            except (ValueError, KeyError, TypeError):
-                pass  # an export we cannot read: offer it as written
         download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.circuit_tracer.json",
                  "application/json",
                  "The graph in the shape circuit-tracer's and Neuronpedia's graph viewers read, with your pins "
