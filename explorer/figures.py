@@ -382,6 +382,7 @@ def _supernode_boxes(supernodes, pos, size_of, xrange, yrange, geo):
         reserved.append((bx0, by0, bx0 + w, by0 + h))
         annotations.append(dict(x=x0, y=y1, text=f"<b>{text}</b>", showarrow=False, xanchor="left", yanchor="bottom",
                                 font=dict(size=LABEL_FONT, color=colour), captureevents=False,
+                                bgcolor="rgba(255,255,255,0.85)", borderpad=1,
                                 name=f"supernode:{sn['name']}"))
     return reserved, shapes, annotations
 

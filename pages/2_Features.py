@@ -59,14 +59,14 @@ def _on_row() -> None:
 
 # --- filters ------------------------------------------------------------------
 layers = sorted(overview["layer"].unique().tolist())
-c1, c2, c3, c4, c5 = st.columns([1.6, 1.4, 1.2, 1.1, 1.6])
+c1, c2, c3, c4, c5 = st.columns([1.5, 1.3, 1.2, 1.5, 1.5])
 sel_layers = c1.multiselect("Layers", layers, key="f_layers", on_change=_clear_selection, placeholder="all layers")
 sel_dirs = c2.multiselect("Direction", ["safe", "risky", "mixed"], key="f_dirs", on_change=_clear_selection,
                           placeholder="all directions")
 dmax = float(overview["abs_d"].max() or 0.0)
 min_d = c3.slider("Min |Cohen's d|", 0.0, max(round(dmax, 1), 0.1), 0.0, 0.05, key="f_min_d", on_change=_clear_selection,
                   help="Effect size of the feature's patching on the stop rate (|d|)")
-only_val = c4.toggle("Validated pathway", key="f_validated", on_change=_clear_selection,
+only_val = c4.toggle("Validated", key="f_validated", on_change=_clear_selection,
                      help="Only features with a pathway in which replay validated at least one node")
 search = c5.text_input("Search", key="f_search", on_change=_clear_selection, placeholder="e.g. L12- or risky",
                        help="Substring of the feature id, direction or source file")
@@ -122,9 +122,9 @@ with right:
     st.markdown(f"### {feature}")
     st.caption(f"{rec['direction']} · Cohen's d {fmt(rec['cohen_d'], 2, signed=True)} · layer {rec['layer']}")
     prompt = views.preview_prompt(rec)
-    b1, b2, b3 = st.columns(3)
-    b1.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:",
+    st.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:",
                  query_params={"feature": feature, "prompt": prompt})
+    b2, b3 = st.columns(2)
     b2.page_link(PAGES["tokens"], label="Token views", icon=":material/text_fields:", query_params={"feature": feature})
     b3.page_link(PAGES["live"], label="Run live", icon=":material/play_circle:", query_params={"feature": feature})
     if not rec["has_pathway"]:
