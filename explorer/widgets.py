@@ -631,7 +631,7 @@ def pins_and_groups(ctx: AppContext, bundle, state: GraphState, key: str) -> Non
     else:
         st.caption("No supernodes yet. A supernode is a named group of nodes with one role; it is drawn as a box "
                    "around its members and exported to circuit-tracer's viewer.")
-    with st.form(f"{key}_group_form", border=True):
+    with st.form(f"{key}_group_form", border=True, clear_on_submit=True):
         f1, f2 = st.columns([1, 2])
         name_key, members_key = f"{key}_group_name", f"{key}_group_members"
         f1.text_input("Name", key=name_key, max_chars=A.MAX_NAME, placeholder="e.g. loss words")
