@@ -162,6 +162,13 @@ JOB_PROGRESS = "progress.json"
 JOB_LOG = "log.txt"
 JOB_RESULT = "result.json"
 
+#: Researchers' notes on one feature's graph (pins, supernodes, labels, notes), written by the
+#: explorer: annotations/L12-3456.json, {"schema_version": ANNOTATIONS_SCHEMA_VERSION, "feature",
+#: "pinned": [node id], "supernodes": [{"name", "members": [node id]}], "labels": {node id: text},
+#: "notes": {node id: text}, "updated"}. Its own version, so it can change without the engine's.
+ANNOTATIONS_DIR = "annotations"
+ANNOTATIONS_SCHEMA_VERSION = 1
+
 DEMO_DIR = "demo"  # the embedded demo's model, SAEs and experiment data
 DEMO_MARKER = "demo/DEMO.json"
 
@@ -199,6 +206,11 @@ def pathway_export_slug(feature: str | FeatureId, prompt: str) -> str:
 def pathway_export_path(cache: Path, feature: str | FeatureId, prompt: str) -> Path:
     """circuit-tracer JSON of one prompt's graph: pathways/circuit_tracer/L3-17.safe.json."""
     return Path(cache) / PATHWAYS_EXPORT_DIR / f"{pathway_export_slug(feature, prompt)}.json"
+
+
+def annotations_path(cache: Path, feature: str | FeatureId) -> Path:
+    """annotations/L12-3456.json; the id is validated before it touches a path."""
+    return Path(cache) / ANNOTATIONS_DIR / safe_feature_filename(feature)
 
 
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:

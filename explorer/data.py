@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
@@ -692,3 +692,22 @@ def audit_trials(ctx: AppContext) -> pd.DataFrame | None:
         return None
     return read_table(ctx, schema.AUDIT_TRIALS, "The trial table", engine_command(ctx, "audit"),
                       columns=TRIAL_COLUMNS)
+
+
+def node_auto_labels(ctx: AppContext, ids: Iterable[str]) -> dict[str, str]:
+    """Short auto-labels (figures.auto_label) of the graph nodes the tokens step covered;
+    a node without a readable token file gets none (its label is then its id alone)."""
+    from explorer.figures import auto_label
+
+    have = set(token_features(ctx))
+    out: dict[str, str] = {}
+    for n in ids:
+        if n not in have:
+            continue
+        try:
+            label = auto_label(tokens(ctx, n))
+        except (CacheProblem, UserError):
+            continue
+        if label:
+            out[n] = label
+    return out

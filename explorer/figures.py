@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import math
+import re
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -65,14 +67,145 @@ def clean_token(tok: str | None) -> str:
 # ---------------------------------------------------------------------------
 
 
+#: Pixel geometry of the pathway figure. Labels are placed in pixels, so the figure fixes its
+#: margins (no plotly legend or automargin moves the plot area) and assumes the narrowest
+#: plot area it gets: the graph column at a 1280x720 window. A wider window only spreads
+#: nodes further apart, so labels that do not overlap there do not overlap anywhere.
+PLOT_WIDTH = 425
+COMPACT_PLOT_WIDTH = 215  # the Features page's preview column
+LABEL_FONT = 11
+LABEL_LINE = 13  # px per label line
+LABEL_BUDGET = 60  # at most this many labels; the rest keep their hover
+
+
+@dataclass(frozen=True)
+class Geometry:
+    height: int
+    left: int
+    right: int
+    top: int
+    bottom: int
+    width: int = PLOT_WIDTH  # plot area
+
+    @property
+    def plot_height(self) -> int:
+        return self.height - self.top - self.bottom
+
+
+def graph_geometry(n_layers: int, x_mode: str, compact: bool = False, plot_width: int = PLOT_WIDTH) -> Geometry:
+    height = max(380 if compact else 480, min(1150, 72 * n_layers + 190))
+    bottom = 96 if x_mode == "position" else 12
+    return Geometry(height=height + (bottom - 12), left=46, right=74, top=44, bottom=bottom, width=plot_width)
+
+
+@dataclass(frozen=True)
+class LabelBox:
+    node: str
+    text: str
+    x: float  # the node, data coordinates
+    y: float
+    xanchor: str
+    yanchor: str
+    xshift: float
+    yshift: float
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in plot-area pixels (origin bottom left)
+
+
+def _overlap(a, b, gap: float = 1.0) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def text_size(text: str, font: float = LABEL_FONT) -> tuple[float, float]:
+    lines = text.split("<br>")
+    w = max(len(html.unescape(re.sub(r"<[^>]+>", "", ln))) for ln in lines) * 0.6 * font + 6
+    return w, len(lines) * font * 1.3 + 6
+
+
+def place_labels(points: dict[str, tuple[float, float]], radii: dict[str, float], texts: dict[str, str],
+                 order: list[str], xrange: tuple[float, float], yrange: tuple[float, float],
+                 width: float, height: float, reserved: Iterable[tuple[float, float, float, float]] = (),
+                 budget: int = LABEL_BUDGET) -> list[LabelBox]:
+    """Greedy label placement in pixels: each node (most important first) takes the first of
+    eight spots around its marker that stays inside the plot and clears every node marker,
+    every reserved box and every label already placed; a node with no free spot keeps only
+    its hover. Returns the placed labels; no two of their boxes overlap (tested)."""
+    sx = width / ((xrange[1] - xrange[0]) or 1.0)
+    sy = height / ((yrange[1] - yrange[0]) or 1.0)
+    px = {n: ((x - xrange[0]) * sx, (y - yrange[0]) * sy) for n, (x, y) in points.items()}
+    markers = [(cx - radii.get(n, 6), cy - radii.get(n, 6), cx + radii.get(n, 6), cy + radii.get(n, 6))
+               for n, (cx, cy) in px.items()]
+    taken: list[tuple[float, float, float, float]] = list(reserved)
+    out: list[LabelBox] = []
+    for n in order:
+        if len(out) >= budget:
+            break
+        if n not in px or not texts.get(n):
+            continue
+        cx, cy = px[n]
+        r = radii.get(n, 6) + 2
+        w, h = text_size(texts[n])
+        spots = [  # (x0, y0, xanchor, yanchor, xshift, yshift)
+            (cx - w / 2, cy + r, "center", "bottom", 0, r),
+            (cx - w / 2, cy - r - h, "center", "top", 0, -r),
+            (cx + r, cy - h / 2, "left", "middle", r, 0),
+            (cx - r - w, cy - h / 2, "right", "middle", -r, 0),
+            (cx + r * 0.7, cy + r * 0.7, "left", "bottom", r * 0.7, r * 0.7),
+            (cx - r * 0.7 - w, cy + r * 0.7, "right", "bottom", -r * 0.7, r * 0.7),
+            (cx + r * 0.7, cy - r * 0.7 - h, "left", "top", r * 0.7, -r * 0.7),
+            (cx - r * 0.7 - w, cy - r * 0.7 - h, "right", "top", -r * 0.7, -r * 0.7),
+        ]
+        for x0, y0, xa, ya, xs, ys in spots:
+            box = (x0, y0, x0 + w, y0 + h)
+            if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+                continue
+            if any(_overlap(box, b) for b in taken) or any(_overlap(box, m, 0.0) for m in markers):
+                continue
+            taken.append(box)
+            out.append(LabelBox(n, texts[n], points[n][0], points[n][1], xa, ya, xs, ys, box))
+            break
+    return out
+
+
+def auto_label(tokens_rec: dict | None) -> str | None:
+    """A node's short auto-label from its token views: its top two logit-lens output tokens
+    ("→ win, stop"), else its top activating input token ("“Round”")."""
+    if not isinstance(tokens_rec, dict):
+        return None
+    lens = (tokens_rec.get("logit_lens") or {}).get("promoted") or []
+    out = [clean_token(t.get("token")).strip() or clean_token(t.get("token")) for t in lens[:2]
+           if isinstance(t, dict) and t.get("token") is not None]
+    if out:
+        return "→ " + ", ".join(out)
+    for t in tokens_rec.get("top_activating") or []:
+        if isinstance(t, dict) and t.get("token") is not None:
+            return f"“{clean_token(t['token']).strip() or clean_token(t['token'])}”"
+    return None
+
+
+def label_text(node: str, auto: str | None = None, user: str | None = None) -> str:
+    """Feature id on the first line; the researcher's label, else the auto-label, under it."""
+    sub = (user or "").strip() or (auto or "").strip()
+    if len(sub) > 18:
+        sub = sub[:17] + "…"
+    return html.escape(node) + (f"<br><i>{html.escape(sub)}</i>" if sub else "")
+
+
 def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None = None,
-                   value_label: str = "attribution", compact: bool = False) -> go.Figure:
+                   value_label: str = "attribution", compact: bool = False,
+                   auto_labels: dict[str, str] | None = None, user_labels: dict[str, str] | None = None,
+                   selected: str | None = None, pinned: Iterable[str] = (), supernodes: Iterable[dict] = (),
+                   plot_width: int | None = None) -> go.Figure:
+    """The pruned graph with labelled nodes. `selected` highlights a node's edges (the others
+    fade); `pinned` nodes get a gold halo; `supernodes` ({name, members}) a named box."""
     g = G.to_networkx(view)
     pos = G.layout(g, x_mode, view.target_position)
+    auto_labels, user_labels = auto_labels or {}, user_labels or {}
+    pinned = [p for p in pinned if p in pos]
+    if selected not in pos:
+        selected = None
     traces: list[go.Scatter] = []
     edges = view.edges
     wmax = float(np.nanmax(np.abs(edges["weight"].to_numpy()))) if len(edges) else 0.0
-    shown_legend: set[str] = set()
     if len(edges) and wmax > 0:
         w = edges["weight"].to_numpy(dtype=float)
         rel = np.abs(np.nan_to_num(w)) / wmax
@@ -81,26 +214,28 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         valid = edges["validated"].astype(bool).to_numpy()
         src = edges["source"].to_numpy()
         dst = edges["target"].to_numpy()
-        for s in (1, -1):
-            for v in (True, False):
-                for b in range(len(EDGE_WIDTHS)):
-                    idx = np.nonzero((sign == s) & (valid == v) & (bins == b))[0]
-                    if not len(idx):
-                        continue
-                    xs: list = []
-                    ys: list = []
-                    for i in idx:
-                        (x0, y0), (x1, y1) = pos[src[i]], pos[dst[i]]
-                        xs += [x0, x1, None]
-                        ys += [y0, y1, None]
-                    name = ("positive" if s > 0 else "negative") + (" edge" if v else " edge, unvalidated source")
-                    traces.append(go.Scatter(
-                        x=xs, y=ys, mode="lines", hoverinfo="skip", name=name, legendgroup=name,
-                        showlegend=name not in shown_legend,
-                        line=dict(color=style.signed_rgba(s, EDGE_ALPHAS[b]), width=EDGE_WIDTHS[b],
-                                  dash="solid" if v else "dot"),
-                    ))
-                    shown_legend.add(name)
+        hot = (src == selected) | (dst == selected) if selected else np.zeros(len(w), bool)
+        for h in (False, True):
+            for s in (1, -1):
+                for v in (True, False):
+                    for b in range(len(EDGE_WIDTHS)):
+                        idx = np.nonzero((hot == h) & (sign == s) & (valid == v) & (bins == b))[0]
+                        if not len(idx):
+                            continue
+                        xs: list = []
+                        ys: list = []
+                        for i in idx:
+                            (x0, y0), (x1, y1) = pos[src[i]], pos[dst[i]]
+                            xs += [x0, x1, None]
+                            ys += [y0, y1, None]
+                        name = ("positive" if s > 0 else "negative") + (" edge" if v else " edge, unvalidated source")
+                        alpha = EDGE_ALPHAS[b] if not selected else (0.95 if h else EDGE_ALPHAS[b] * 0.3)
+                        traces.append(go.Scatter(
+                            x=xs, y=ys, mode="lines", hoverinfo="skip", name=("selected " if h else "") + name,
+                            showlegend=False,
+                            line=dict(color=style.signed_rgba(s, alpha), width=EDGE_WIDTHS[b] + (1.0 if h else 0.0),
+                                      dash="solid" if v else "dot"),
+                        ))
         mx = [(pos[a][0] + pos[c][0]) / 2 for a, c in zip(src, dst)]
         my = [(pos[a][1] + pos[c][1]) / 2 for a, c in zip(src, dst)]
         text = [f"{a} → {c}<br>weight {_fmt(x)}" for a, c, x in zip(src, dst, w)]
@@ -116,56 +251,158 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
     act = up["activation"].to_numpy(dtype=float)
     actmax = float(np.nanmax(act)) if len(act) and np.isfinite(act).any() else 1.0
     sizes = 10 + 26 * np.sqrt(np.clip(np.nan_to_num(act) / (actmax or 1.0), 0, 1))
+    size_of = dict(zip(up["id"], sizes.tolist()))
+    size_of.update({t: 30.0 for t in tgt["id"]})
+    # Halos under the nodes: gold for pinned, dark for the selected node (not clickable).
+    for ids, colour, width, name in ((pinned, style.TARGET, 3.5, "pinned"),
+                                     ([selected] if selected else [], "#111111", 3.0, "selected")):
+        if ids:
+            traces.append(go.Scatter(
+                x=[pos[i][0] for i in ids], y=[pos[i][1] for i in ids], mode="markers", name=name,
+                hoverinfo="skip", showlegend=False,
+                marker=dict(symbol="circle-open", size=[size_of.get(i, 12) + 10 for i in ids],
+                            line=dict(width=width, color=colour), color=colour)))
     vals = up["validated"].tolist()
     symbols = ["circle" if v is not False else "circle-x" for v in vals]
     line_w = [3.0 if v is True else (1.0 if v is False else 0.6) for v in vals]
     line_c = ["#111111" if v is True else "#777777" for v in vals]
-    hover = [_node_hover(r, view) for r in up.to_dict("records")]
+    hover = [_node_hover(r, view, auto_labels.get(r["id"]), user_labels.get(r["id"])) for r in up.to_dict("records")]
     traces.append(go.Scatter(
         x=[pos[i][0] for i in up["id"]], y=[pos[i][1] for i in up["id"]], mode="markers", name=NODE_TRACE,
         customdata=up["id"].tolist(), hovertext=hover, hoverinfo="text", showlegend=False,
         marker=dict(color=np.nan_to_num(attr).tolist(), colorscale=style.DIVERGING, cmid=0, cmin=-amax, cmax=amax,
                     size=sizes.tolist(), symbol=symbols, line=dict(width=line_w, color=line_c),
-                    colorbar=dict(title=dict(text=value_label, side="right"), thickness=12, len=0.7)),
-        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.55)),
+                    colorbar=dict(title=dict(text=value_label, side="right"), thickness=10, len=0.6,
+                                  x=1.0, xpad=8, xanchor="left", y=0.5, yanchor="middle")),
+        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.9)),
     ))
     traces.append(go.Scatter(
-        x=[pos[i][0] for i in tgt["id"]], y=[pos[i][1] for i in tgt["id"]], mode="markers+text", name=TARGET_TRACE,
-        customdata=tgt["id"].tolist(), text=tgt["id"].tolist(), textposition="top center",
-        hovertext=[_node_hover(r, view) for r in tgt.to_dict("records")], hoverinfo="text", showlegend=False,
+        x=[pos[i][0] for i in tgt["id"]], y=[pos[i][1] for i in tgt["id"]], mode="markers", name=TARGET_TRACE,
+        customdata=tgt["id"].tolist(),
+        hovertext=[_node_hover(r, view, auto_labels.get(r["id"]), user_labels.get(r["id"])) for r in tgt.to_dict("records")],
+        hoverinfo="text", showlegend=False,
         marker=dict(color=style.TARGET, size=30, symbol="star", line=dict(width=1.5, color="#333333")),
-        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.8)),
+        selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.9)),
     ))
-    # Legend entries for the node rings (markers of the real traces vary per point).
-    for label, symbol, width in (("validated by replay", "circle", 3.0), ("not confirmed by replay", "circle-x", 1.0),
-                                 ("not replayed", "circle", 0.6)):
-        traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=label, hoverinfo="skip",
-                                 marker=dict(color="#dddddd", size=12, symbol=symbol,
-                                             line=dict(width=width, color="#111111" if width == 3.0 else "#777777"))))
     layers = sorted({int(v) for v in nodes["layer"]})
+    geo = graph_geometry(len(layers), x_mode, compact, plot_width or (COMPACT_PLOT_WIDTH if compact else PLOT_WIDTH))
+    xs_all = [p[0] for p in pos.values()] or [0.0]
+    span = (max(xs_all) - min(xs_all)) or 2.0
+    xrange = (min(xs_all) - 0.1 * span, max(xs_all) + 0.1 * span)
+    yrange = (min(layers, default=0) - 0.6, max(layers, default=0) + 0.75)
+
+    # Labels: target, selected, pinned, then by |attribution|.
+    texts = {n: label_text(n, auto_labels.get(n), user_labels.get(n)) for n in pos}
+    rank = sorted(up.to_dict("records"), key=lambda r: -abs(_num(r.get("attribution"))))
+    order = list(dict.fromkeys(list(tgt["id"]) + ([selected] if selected else []) + pinned + [r["id"] for r in rank]))
+    reserved, shapes, annotations = _supernode_boxes(supernodes, pos, size_of, xrange, yrange, geo)
+    # Marker radii in px: half the size plus the ring; plotly's star reaches ~1.3x its size.
+    radii = {n: (s / 2 + 2) for n, s in size_of.items()}
+    radii.update({t: 21.0 for t in tgt["id"]})
+    placed = place_labels(pos, radii, texts, order, xrange, yrange,
+                          geo.width, geo.plot_height, reserved)
+    for lb in placed:
+        annotations.append(dict(
+            x=lb.x, y=lb.y, text=lb.text, showarrow=False, xanchor=lb.xanchor, yanchor=lb.yanchor,
+            xshift=lb.xshift, yshift=lb.yshift, font=dict(size=LABEL_FONT, color="#222222"),
+            bgcolor="rgba(255,255,255,0.78)", borderpad=1, align="center", captureevents=False,
+            name=f"label:{lb.node}"))
+
     fig = go.Figure(data=traces)
-    xaxis = dict(visible=False)
+    xaxis = dict(visible=False, range=list(xrange), fixedrange=False, automargin=False)
     if x_mode == "position" and view.tokens:
-        used = sorted({int(round(p[0])) for p in pos.values()})
-        xaxis = dict(visible=True, tickvals=used, ticktext=[f"{clean_token(G.token_at(view.tokens, p))}·{p}" for p in used],
-                     tickangle=-50, title="token position (strongest attribution)", showgrid=True, gridcolor="#f0f0f0")
+        used = _thin_ticks(sorted({G.position_of(d, view.target_position) for _, d in g.nodes(data=True)}),
+                           xrange, geo.width)
+        xaxis = dict(visible=True, range=list(xrange), tickvals=used, automargin=False,
+                     ticktext=[f"{_short(clean_token(G.token_at(view.tokens, p)), 8)}·{p}" for p in used],
+                     tickangle=-50, tickfont=dict(size=10), title=None, showgrid=True, gridcolor="#f0f0f0")
     fig.update_layout(
-        **_BASE_LAYOUT,
-        title=dict(text=title or f"Pathway of {view.feature} ({view.mode})", x=0.01),
-        height=max(360 if compact else 460, min(1100, 70 * len(layers) + 160)),
-        showlegend=not compact,
+        **{k: v for k, v in _BASE_LAYOUT.items() if k != "margin"},
+        margin=dict(l=geo.left, r=geo.right, t=geo.top, b=geo.bottom, autoexpand=False),
+        title=dict(text=title or f"Pathway of {view.feature} ({view.mode})", x=0.01, y=0.985, yanchor="top"),
+        height=geo.height,
+        showlegend=False,
         xaxis=xaxis,
-        yaxis=dict(title="layer", tickvals=layers, ticktext=[f"L{l}" for l in layers], zeroline=False,
-                   showgrid=True, gridcolor="#f0f0f0", range=[min(layers, default=0) - 0.6, max(layers, default=0) + 0.8]),
-        legend=dict(orientation="h", yanchor="bottom", y=-0.12, x=0, font=dict(size=11)),
+        yaxis=dict(title=None, tickvals=layers, ticktext=[f"L{l}" for l in layers], zeroline=False, automargin=False,
+                   showgrid=True, gridcolor="#f0f0f0", range=list(yrange)),
         hoverlabel=dict(align="left"),
         dragmode="pan",
+        annotations=annotations,
+        shapes=shapes,
+        meta={"plot_width": geo.width, "plot_height": geo.plot_height, "labels": [lb.node for lb in placed]},
     )
     return fig
 
 
-def _node_hover(r: dict, view: G.View) -> str:
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _thin_ticks(ticks: list[int], xrange: tuple[float, float], width: float, min_px: float = 15.0) -> list[int]:
+    """Drop ticks closer than `min_px` to the previous kept one (their labels would overlap)."""
+    scale = width / ((xrange[1] - xrange[0]) or 1.0)
+    out: list[int] = []
+    for t in ticks:
+        if not out or (t - out[-1]) * scale >= min_px:
+            out.append(t)
+    return out
+
+
+def _num(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if math.isnan(v) else v
+
+
+def _supernode_boxes(supernodes, pos, size_of, xrange, yrange, geo):
+    """A dashed box around each supernode's members with its name on top; the name's box is
+    reserved so that node labels avoid it."""
+    sx = geo.width / (xrange[1] - xrange[0])
+    sy = geo.plot_height / (yrange[1] - yrange[0])
+    reserved, shapes, annotations = [], [], []
+    for k, sn in enumerate(supernodes or []):
+        members = [m for m in sn.get("members", []) if m in pos]
+        if not members:
+            continue
+        pad = max(size_of.get(m, 12) for m in members) / 2 + 5
+        x0 = min(pos[m][0] for m in members) - pad / sx
+        x1 = max(pos[m][0] for m in members) + pad / sx
+        y0 = min(pos[m][1] for m in members) - pad / sy
+        y1 = max(pos[m][1] for m in members) + pad / sy
+        colour = SUPERNODE_COLOURS[k % len(SUPERNODE_COLOURS)]
+        shapes.append(dict(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, layer="below", line=dict(color=colour, width=1.5,
+                                                                                            dash="dash"),
+                           fillcolor=colour.replace("rgb", "rgba").replace(")", ",0.07)"), name=f"supernode:{sn['name']}"))
+        text = html.escape(str(sn.get("name", "")))[:24]
+        w, h = text_size(text)
+        bx0 = (x0 - xrange[0]) * sx
+        by0 = (y1 - yrange[0]) * sy
+        reserved.append((bx0, by0, bx0 + w, by0 + h))
+        annotations.append(dict(x=x0, y=y1, text=f"<b>{text}</b>", showarrow=False, xanchor="left", yanchor="bottom",
+                                font=dict(size=LABEL_FONT, color=colour), captureevents=False,
+                                bgcolor="rgba(255,255,255,0.85)", borderpad=1,
+                                name=f"supernode:{sn['name']}"))
+    return reserved, shapes, annotations
+
+
+SUPERNODE_COLOURS = ("rgb(117,112,179)", "rgb(27,158,119)", "rgb(231,41,138)", "rgb(102,166,30)", "rgb(166,118,29)")
+
+
+def legend_markdown() -> str:
+    """The graph's key, drawn under it (a plotly legend would take plot area and cover nodes)."""
+    return ("<span style='color:#b2182b'>━</span> positive edge · <span style='color:#2166ac'>━</span> negative edge · "
+            "┈ dotted: source not validated · ◉ thick ring: validated by replay · ⊗ replay did not confirm · "
+            "<span style='color:#f2b701'>◯</span> pinned · ◯ dark halo: selected")
+
+
+def _node_hover(r: dict, view: G.View, auto: str | None = None, user: str | None = None) -> str:
     lines = [f"<b>{r['id']}</b>" + (" (target)" if r.get("is_target") else "")]
+    if user:
+        lines.append(f"<i>{html.escape(user)}</i>")
+    if auto:
+        lines.append(f"auto-label: {html.escape(auto)}")
     lines.append(f"activation {_fmt(r.get('activation'))}")
     if not r.get("is_target"):
         label = "attribution (risky − safe)" if view.mode == "difference" else "attribution"

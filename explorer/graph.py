@@ -18,6 +18,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 import networkx as nx
 import numpy as np
@@ -52,6 +53,13 @@ def available_modes(pathway: dict) -> list[str]:
     if "safe" in prompts and "risky" in prompts:
         modes.append("difference")
     return modes
+
+
+def node_ids(pathway: dict, mode: str) -> set[str]:
+    """Ids of the nodes of one prompt's graph (both prompts' for the difference)."""
+    prompts = pathway.get("prompts", {})
+    names = ("safe", "risky") if mode == "difference" else (mode,)
+    return {str(n.get("id")) for p in names for n in (prompts.get(p) or {}).get("nodes", [])}
 
 
 def _f(x) -> float:
@@ -189,13 +197,16 @@ def keep_by_share(values: np.ndarray, share: float) -> np.ndarray:
     return keep
 
 
-def prune(view: View, node_share: float = 1.0, edge_share: float = 1.0, max_edges: int | None = None) -> View:
-    """Keep the nodes covering `node_share` of total |attribution| (the target always), then
-    the edges between kept nodes covering `edge_share` of their |weight|, at most `max_edges`."""
+def prune(view: View, node_share: float = 1.0, edge_share: float = 1.0, max_edges: int | None = None,
+          always: Iterable[str] = ()) -> View:
+    """Keep the nodes covering `node_share` of total |attribution| (the target and the
+    `always` nodes, e.g. pinned ones, too), then the edges between kept nodes covering
+    `edge_share` of their |weight|, at most `max_edges`."""
     nodes = view.nodes
     others = ~nodes["is_target"].astype(bool)
     keep = nodes["is_target"].astype(bool).to_numpy().copy()
     keep[others.to_numpy()] = keep_by_share(nodes.loc[others, "attribution"].to_numpy(), node_share)
+    keep |= nodes["id"].isin(set(always)).to_numpy()
     kept_nodes = nodes[keep]
     ids = set(kept_nodes["id"])
     edges = view.edges
@@ -234,6 +245,12 @@ def strongest_position(rec: dict, default: int | None) -> int | None:
     return int(pos[0])
 
 
+def position_of(d: dict, target_position: int | None) -> int:
+    """The prompt position a node is drawn at in the position layout."""
+    p = strongest_position(d, target_position) if not d.get("is_target") else target_position
+    return 0 if p is None else int(p)
+
+
 def layout(g: nx.DiGraph, x_mode: str = "attribution", target_position: int | None = None) -> dict[str, tuple[float, float]]:
     """Node -> (x, y) with y = layer. x: order by attribution within the layer (negative
     left), or the token position of the node's strongest attribution."""
@@ -242,13 +259,16 @@ def layout(g: nx.DiGraph, x_mode: str = "attribution", target_position: int | No
     if x_mode == "position":
         out: dict[str, tuple[float, float]] = {}
         seen: dict[tuple[int, int], int] = {}
+        base = {n: position_of(d, target_position) for n, d in g.nodes(data=True)}
+        span = (max(base.values()) - min(base.values())) or 1
+        # Nodes sharing a (layer, position) cell fan out by about a marker's width (24 px of a
+        # 425 px plot), so that each stays visible and clickable.
+        step = max(0.18, span * 24 / 425)
         for n, d in sorted(g.nodes(data=True), key=lambda kv: -abs(_z(kv[1].get("attribution")))):
-            p = strongest_position(d, target_position) if not d.get("is_target") else target_position
-            p = 0 if p is None else p
+            p = base[n]
             k = seen.get((d["layer"], p), 0)
             seen[(d["layer"], p)] = k + 1
-            # Nodes sharing a (layer, position) cell fan out slightly so each stays clickable.
-            out[n] = (p + 0.18 * ((k + 1) // 2) * (1 if k % 2 else -1), float(d["layer"]))
+            out[n] = (p + step * ((k + 1) // 2) * (1 if k % 2 else -1), float(d["layer"]))
         return out
     layers: dict[int, list[str]] = {}
     for n, d in sorted(g.nodes(data=True), key=lambda kv: (_z(kv[1].get("attribution")), kv[0])):
@@ -331,25 +351,68 @@ def _clean(v):
     return v
 
 
-def graph_json(view: View, pruning: dict) -> bytes:
-    """The graph as shown (after pruning), for download."""
+def subgraph(full: View, keep: list[str] | set[str]) -> View:
+    """The graph restricted to `keep` (pinned nodes) plus the target, with every edge of the
+    full graph between them (circuit-tracer's pinned subgraph)."""
+    ids = set(keep) | set(full.nodes.loc[full.nodes["is_target"].astype(bool), "id"])
+    nodes = full.nodes[full.nodes["id"].isin(ids)]
+    edges = full.edges[full.edges["source"].isin(ids) & full.edges["target"].isin(ids)]
+    return replace(full, nodes=nodes.reset_index(drop=True), edges=edges.reset_index(drop=True),
+                   dropped_nodes=len(full.nodes) - len(nodes), dropped_edges=len(full.edges) - len(edges))
+
+
+def incident(view: View, node: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(edges touching `node`, `node` and its neighbours) for the filtered tables; the whole
+    view when no node is selected."""
+    if not node:
+        return view.edges, view.nodes
+    e = view.edges[(view.edges["source"] == node) | (view.edges["target"] == node)]
+    ids = {node} | set(e["source"]) | set(e["target"])
+    return e.reset_index(drop=True), view.nodes[view.nodes["id"].isin(ids)].reset_index(drop=True)
+
+
+def _node_notes(ann: dict | None) -> tuple[dict, dict, set, dict]:
+    ann = ann or {}
+    groups = {m: sn["name"] for sn in ann.get("supernodes") or [] for m in sn.get("members", [])}
+    return ann.get("labels") or {}, ann.get("notes") or {}, set(ann.get("pinned") or []), groups
+
+
+def graph_json(view: View, pruning: dict, annotations: dict | None = None, auto_labels: dict | None = None) -> bytes:
+    """The graph as shown (after pruning), for download: the pruning actually applied, the
+    annotations, and per node its label, note, pin and supernode."""
+    labels, notes, pinned, groups = _node_notes(annotations)
+    auto_labels = auto_labels or {}
+    nodes = []
+    for r in view.nodes.to_dict("records"):
+        rec = {k: _clean(v) if not isinstance(v, list) else v for k, v in r.items()}
+        nid = rec["id"]
+        rec.update({"auto_label": auto_labels.get(nid), "label": labels.get(nid), "note": notes.get(nid),
+                    "pinned": nid in pinned, "supernode": groups.get(nid)})
+        nodes.append(rec)
     obj = {
         "feature": view.feature,
         "prompt": view.mode,
         "pruning": pruning,
         "dropped": {"nodes": view.dropped_nodes, "edges": view.dropped_edges},
-        "nodes": [{k: _clean(v) if not isinstance(v, list) else v for k, v in r.items()}
-                  for r in view.nodes.to_dict("records")],
+        "annotations": annotations,
+        "nodes": nodes,
         "edges": [{k: _clean(v) for k, v in r.items()} for r in view.edges.to_dict("records")],
     }
     return json.dumps(obj, indent=1, allow_nan=False, default=str).encode()
 
 
-def edges_csv(view: View) -> bytes:
+def edges_csv(view: View, annotations: dict | None = None) -> bytes:
+    """The edges shown, with each end's label, pin and supernode."""
+    labels, _, pinned, groups = _node_notes(annotations)
     buf = io.StringIO()
     cols = [c for c in view.edges.columns]
     w = csv.writer(buf)
-    w.writerow(["prompt", *cols])
+    w.writerow(["prompt", *cols, "source_label", "target_label", "source_supernode", "target_supernode",
+                "source_pinned", "target_pinned"])
     for rec in view.edges.itertuples(index=False):
-        w.writerow([view.mode, *["" if (isinstance(v, float) and math.isnan(v)) else v for v in rec]])
+        d = dict(zip(cols, rec))
+        s, t = d["source"], d["target"]
+        w.writerow([view.mode, *["" if (isinstance(v, float) and math.isnan(v)) else v for v in rec],
+                    labels.get(s, ""), labels.get(t, ""), groups.get(s, ""), groups.get(t, ""),
+                    int(s in pinned), int(t in pinned)])
     return buf.getvalue().encode()

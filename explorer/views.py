@@ -5,7 +5,7 @@ stamp plus the page's settings, so a rerun with the same settings costs a dict l
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -52,34 +52,107 @@ class PathwayBundle:
     node_traces: set[int]
     agreement: dict
     validated_fraction: float | None
+    auto_labels: dict = field(default_factory=dict)
+    pruning: dict = field(default_factory=dict)  # what was applied, for the "as shown" JSON
 
 
 _PATHWAYS = Memo(48)
+_LABELS = Memo(64)
+
+
+def auto_labels(ctx: AppContext, feature: str, mode: str, ids: list[str]) -> dict[str, str]:
+    """Auto-labels of a graph's nodes, cached on the tokens folder's stamp."""
+    key = (str(ctx.cache), feature, mode, data.stamp(ctx.cache / schema.TOKENS_DIR))
+    return _LABELS.get(key, lambda: data.node_auto_labels(ctx, ids))
 
 
 def pathway_bundle(ctx: AppContext, feature: str, mode: str, node_share: float, edge_share: float,
                    max_edges: int, x_mode: str = "attribution", title: str | None = None,
-                   compact: bool = False) -> PathwayBundle:
-    """The pathway of `feature` on `mode`, pruned, with its figure. Raises CacheProblem."""
+                   compact: bool = False, *, selected: str | None = None, pinned: tuple[str, ...] = (),
+                   annotations: dict | None = None, pinned_subgraph: bool = False) -> PathwayBundle:
+    """The pathway of `feature` on `mode`, pruned (pinned and selected nodes always kept), or
+    only the pinned nodes with the target, with its labelled figure. Raises CacheProblem."""
     pathway = data.pathway(ctx, feature)
     path = schema.pathway_path(ctx.cache, feature)
-    key = (str(path), data.stamp(path), mode, round(node_share, 4), round(edge_share, 4), max_edges, x_mode, title,
-           compact)
+    ann = annotations or {}
+    ann_key = (tuple((k, v) for k, v in sorted((ann.get("labels") or {}).items())),
+               tuple((sn["name"], tuple(sn["members"])) for sn in ann.get("supernodes") or []))
+    pinned = tuple(pinned)
+    key = (str(path), data.stamp(path), data.stamp(ctx.cache / schema.TOKENS_DIR), mode, round(node_share, 4),
+           round(edge_share, 4), max_edges, x_mode, title, compact, selected, pinned, ann_key, pinned_subgraph)
 
     def build() -> PathwayBundle:
         try:
             full = G.prompt_view(pathway, mode)
-            shown = G.prune(full, node_share, edge_share, max_edges)
+            keep = set(pinned) | ({selected} if selected else set())
+            if pinned_subgraph and pinned:
+                shown = G.subgraph(full, keep)
+                pruning = {"method": "pinned subgraph", "pinned": list(pinned)}
+            else:
+                shown = G.prune(full, node_share, edge_share, max_edges, always=keep)
+                inside = full.edges["source"].isin(set(shown.nodes["id"])) & full.edges["target"].isin(set(shown.nodes["id"]))
+                by_share = int(G.keep_by_share(full.edges.loc[inside, "weight"].to_numpy(), edge_share).sum())
+                pruning = {"method": "attribution share", "node_share": node_share, "edge_share": edge_share,
+                           "max_edges": max_edges, "edge_cap_applied": by_share > max_edges,
+                           "always_kept": sorted(keep)}
+            pruning.update({"nodes_shown": len(shown.nodes), "nodes_total": len(full.nodes),
+                            "edges_shown": len(shown.edges), "edges_total": len(full.edges), "layout": x_mode})
+            labels = auto_labels(ctx, feature, mode, full.nodes["id"].tolist())
             label = "attribution, risky − safe" if mode == "difference" else "attribution"
-            fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact)
+            fig = figures.pathway_figure(shown, x_mode, title or pathway_title(feature, mode), label, compact=compact,
+                                         auto_labels=labels, user_labels=ann.get("labels"), selected=selected,
+                                         pinned=pinned, supernodes=ann.get("supernodes"))
             return PathwayBundle(pathway, full, shown, fig, figures.node_trace_indices(fig),
-                                 G.agreement(full.nodes), G.validated_fraction(full.nodes))
+                                 G.agreement(full.nodes), G.validated_fraction(full.nodes), labels, pruning)
         except Exception as exc:  # noqa: BLE001  (values the shape check let through: the file is the problem)
             rel = f"{schema.PATHWAYS_DIR}/{schema.safe_feature_filename(feature)}"
             raise data.CacheProblem(f"The pathway file `{rel}` cannot be drawn ({type(exc).__name__}: "
                                     f"{data._short_exc(exc)}).", data.pathway_command(ctx, feature), "schema") from None
 
     return _PATHWAYS.get(key, build)
+
+
+_SUGGESTED = Memo(32)
+_DOWNLOADS = Memo(16)
+
+
+def download_bytes(ctx: AppContext, bundle: PathwayBundle, ann: dict | None) -> tuple[bytes, bytes, bytes | None]:
+    """(graph JSON as shown, edges CSV, circuit-tracer JSON with the annotations or None) of
+    a bundle, built once per bundle and annotations (the value holds the bundle, so its id is
+    not reused meanwhile)."""
+    import json
+
+    from explorer import annotations as A
+
+    view = bundle.shown
+    key = (id(bundle), json.dumps(ann, sort_keys=True, default=str))
+
+    def build():
+        ct = data.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
+        if ct and ann and A.circuit_tracer_annotations(ann):
+            # the engine's own exporter, so pins, supernodes and labels use the export's node ids
+            from engine.pathways.graph import circuit_tracer_json
+
+            export = ctx.cfg.export
+            try:
+                doc = circuit_tracer_json(bundle.pathway, view.mode, scan=export.scan,
+                                          source_set=export.neuronpedia_source_set,
+                                          annotations=A.circuit_tracer_annotations(ann))
+                ct = json.dumps(doc).encode()
+            except (ValueError, KeyError, TypeError):
+                pass  # a pathway the exporter cannot read: offer the export as written
+        return bundle, (G.graph_json(view, bundle.pruning, ann, bundle.auto_labels), G.edges_csv(view, ann), ct)
+
+    return _DOWNLOADS.get(key, build)[1]
+
+
+def suggested_supernodes(ctx: AppContext, bundle: PathwayBundle, exclude: set[str]) -> list[dict]:
+    """annotations.suggest_supernodes on the full graph, cached on the pathway file's stamp."""
+    from explorer import annotations as A
+
+    path = schema.pathway_path(ctx.cache, bundle.full.feature)
+    key = (str(path), data.stamp(path), bundle.full.mode, frozenset(exclude))
+    return _SUGGESTED.get(key, lambda: A.suggest_supernodes(bundle.full.nodes, bundle.full.edges, exclude=exclude))
 
 
 def pathway_title(feature: str, mode: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 import pandas as pd
@@ -52,7 +53,53 @@ def page_setup(title: str, icon: str) -> AppContext:
     st.set_page_config(page_title=f"{title} · SAE pathway explorer", page_icon=icon, layout="wide")
     ctx = context()
     sidebar(ctx)
+    check_feature_link(ctx)
     return ctx
+
+
+def feature_link_problem(cfg, value: str) -> str | None:
+    """Why `value` (from ?feature=) is not a feature of the configured model, or None."""
+    import re
+
+    m = re.fullmatch(r"L(\d{1,12})-(\d{1,12})", value.strip())
+    if not m:
+        return "it is not a feature id (L<layer>-<index>, e.g. L12-3456)"
+    from explorer import jobs
+
+    layer, index = int(m.group(1)), int(m.group(2))
+    depth = jobs.model_depth(cfg)
+    if depth is not None and not 0 <= layer < depth:
+        return f"the model has layers 0 to {depth - 1}"
+    try:
+        width = jobs.sae_width(cfg, layer)
+    except UserError:
+        return f"there is no SAE for layer {layer}"
+    if width is not None and not 0 <= index < width:
+        return f"the layer-{layer} SAE has features 0 to {width - 1:,}"
+    try:
+        schema.FeatureId.parse(value)
+    except UserError:
+        return "it is not a feature id (L<layer>-<index>, e.g. L12-3456)"
+    return None
+
+
+def bad_link_message(value: str, why: str) -> str:
+    shown = value if len(value) <= 40 else value[:39] + "…"
+    return f"Ignored the link's feature `{shown}`: {why}. It has been removed from the address."
+
+
+def check_feature_link(ctx: AppContext) -> None:
+    """Every page: a ?feature= that is not a feature of this model gets one message (the
+    same on every page) and leaves the address, so the page opens as if it had no link."""
+    raw = st.query_params.get("feature")
+    if raw is None:
+        return
+    why = feature_link_problem(ctx.cfg, raw)
+    if why is None:
+        return
+    del st.query_params["feature"]
+    st.session_state.pop("_bad_link", None)
+    st.warning(bad_link_message(raw, why), icon=":material/link_off:")
 
 
 def navigation() -> None:
@@ -154,14 +201,44 @@ def fmt(x: Any, digits: int = 3, pct: bool = False, signed: bool = False) -> str
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
-def metric_row(items: Iterable[tuple], border: bool = True) -> None:
-    """One row of metric cards: (label, value, tooltip defining the number[, small note under it])."""
+def metric_row(items: Iterable[tuple], border: bool = True, compact: bool = False, key: str | None = None) -> None:
+    """One row of metric cards: (label, value, tooltip defining the number[, small note under it]).
+    Cards wrap onto more rows rather than cut a label or value off; `compact` uses smaller
+    type so that more fit on one row (needs a `key`, which scopes the style)."""
     items = list(items)
-    cols = st.columns(len(items))
-    for col, item in zip(cols, items):
-        label, value, tip = item[:3]
-        note = item[3] if len(item) > 3 else None
-        col.metric(label, value, delta=note, delta_color="off", delta_arrow="off", help=tip, border=border)
+    box = st.container(key=key) if key else st.container()
+    if compact and key:
+        box.html(f"<style>.st-key-{key} [data-testid='stMetricValue'] {{font-size: 1.5rem;}}</style>")
+    with box:
+        for row in metric_rows(items, compact=compact and bool(key)):
+            cols = st.columns(len(row))
+            for col, item in zip(cols, row):
+                label, value, tip = item[:3]
+                note = item[3] if len(item) > 3 else None
+                col.metric(label, value, delta=note, delta_color="off", delta_arrow="off", help=tip, border=border)
+
+
+#: Width of the main column at a 1280 px window with the sidebar open.
+CONTENT_WIDTH = 820
+
+
+def metric_card_width(label: str, value: str, compact: bool = False) -> float:
+    """Pixels a card needs: its value (36 px type, 1.5rem compact) or its label (14 px type)
+    with the help icon, plus the bordered card's padding."""
+    per_char = 12.7 if compact else 20.5  # measured in chromium: "100.0%" is 76 px at 1.5rem
+    return max(per_char * len(str(value)), 6.6 * len(str(label)) + 22) + 34
+
+
+def metric_rows(items: list[tuple], width: float = CONTENT_WIDTH, compact: bool = False) -> list[list[tuple]]:
+    """Split metric cards into rows of equal columns, each wide enough for its label and
+    value (so that neither is cut off with an ellipsis at a 1280 px window)."""
+    for n in range(len(items), 0, -1):
+        k = -(-len(items) // n)  # rows needed; then spread the cards evenly over them
+        n = -(-len(items) // k)
+        gap = 16 * (n - 1)
+        if all((width - gap) / n >= metric_card_width(it[0], it[1], compact) for it in items):
+            return [items[i:i + n] for i in range(0, len(items), n)]
+    return [[it] for it in items]
 
 
 def feature_picker(options: list[str], *, key: str = "feature", label: str = "Feature",
@@ -187,7 +264,19 @@ def feature_picker(options: list[str], *, key: str = "feature", label: str = "Fe
     return wanted
 
 
+#: Address parameters that belong to one feature's graph: a new feature drops them.
+GRAPH_PARAMS = ("node", "pinned", "sub")
+
+
+def _drop_graph_params() -> None:
+    for k in GRAPH_PARAMS:
+        if k in st.query_params:
+            del st.query_params[k]
+
+
 def _url_from_widget(widget_key: str, param: str) -> None:
+    if param == "feature":
+        _drop_graph_params()
     value = st.session_state.get(widget_key)
     if value:
         st.query_params[param] = value
@@ -208,10 +297,13 @@ def feature_text_input(*, key: str = "feature", label: str = "Feature", help: st
 
 def open_feature(feature: str, key: str = "feature") -> None:
     """Callback: show another feature on the current page (the URL follows, Back returns)."""
+    if key == "feature":
+        _drop_graph_params()
     st.query_params[key] = feature
 
 
-def download(label: str, data: bytes | str | None, file_name: str, mime: str, help: str, key: str) -> None:
+def download(label: str, data: bytes | str | Callable[[], bytes] | None, file_name: str, mime: str, help: str,
+             key: str) -> None:
     if data is None:
         st.button(label, disabled=True, help=help, key=key, width="stretch")
     else:
@@ -240,44 +332,228 @@ HELP = {
 }
 
 
+@dataclass
+class GraphState:
+    """What the Pathway page shows of one graph beyond the pruning: the selected node and
+    the pinned set (both in the address, so a link reproduces the view), whether only the
+    pinned nodes are drawn, and the feature's saved annotations."""
+    feature: str
+    selected: str | None = None
+    pinned: tuple[str, ...] = ()
+    subgraph: bool = False
+    annotations: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def effective_annotations(self) -> dict:
+        """The saved annotations with the pins on screen (a link's pins win over the file's)."""
+        return {**self.annotations, "pinned": list(self.pinned)}
+
+
+def _url_list(value: str | None) -> list[str]:
+    return [v for v in (value or "").split(",") if v]
+
+
+def graph_state(ctx: AppContext, feature: str, ids: set[str]) -> GraphState:
+    """Read ?node=, ?pinned= and ?sub= (checked against the graph's node ids) and the saved
+    annotations; a bad node or pin in the address is dropped from it."""
+    from explorer import annotations as A
+
+    try:
+        ann, problems = A.load(ctx.cache, feature)
+    except UserError as exc:
+        ann, problems = A.empty(feature), [str(exc)]
+    node = st.query_params.get("node")
+    if node is not None and node not in ids:
+        problems.append(f"the link's node `{node[:40]}` is not in this graph; it was removed from the address")
+        del st.query_params["node"]
+        node = None
+    if "pinned" in st.query_params:
+        raw = _url_list(st.query_params.get("pinned"))
+        pinned = [p for p in raw if p in ids]
+        if len(pinned) != len(raw):
+            problems.append("pins not in this graph were removed from the address")
+            _set_pins_in_url(pinned)
+    else:
+        pinned = [p for p in ann.get("pinned", []) if p in ids]
+    sub = st.query_params.get("sub") == "1" and bool(pinned)
+    return GraphState(feature, node, tuple(dict.fromkeys(pinned)), sub, ann, problems)
+
+
+def _set_pins_in_url(pins: list[str]) -> None:
+    if pins:
+        st.query_params["pinned"] = ",".join(pins)
+    elif "pinned" in st.query_params:
+        del st.query_params["pinned"]
+
+
+def _on_graph_select(chart_key: str, traces: set[int]) -> None:
+    """Graph click: the clicked node goes into the address (Back undoes it); an emptied
+    selection (double click) clears it."""
+    from explorer import figures
+
+    picked = figures.selected_nodes(st.session_state.get(chart_key), traces)
+    if picked:
+        st.query_params["node"] = picked[0]
+    elif "node" in st.query_params:
+        del st.query_params["node"]
+
+
+def clear_node() -> None:
+    if "node" in st.query_params:
+        del st.query_params["node"]
+
+
+def _save_annotations(ctx: AppContext, feature: str, change) -> None:
+    from explorer import annotations as A
+
+    try:
+        A.update(ctx.cache, feature, change)
+    except (OSError, UserError) as exc:
+        st.session_state["_ann_error"] = f"Could not save the annotations of {feature}: {exc}"
+
+
+def _toggle_pin(ctx: AppContext, state: GraphState, node: str) -> None:
+    pins = list(state.pinned)
+    pins = [p for p in pins if p != node] if node in pins else pins + [node]
+    _set_pins_in_url(pins)
+    from explorer import annotations as A
+
+    _save_annotations(ctx, state.feature, lambda ann: A.set_pinned(ann, pins))
+
+
+def _set_pins(ctx: AppContext, state: GraphState, widget_key: str) -> None:
+    from explorer import annotations as A
+
+    pins = list(st.session_state.get(widget_key) or [])
+    _set_pins_in_url(pins)
+    if not pins and "sub" in st.query_params:
+        del st.query_params["sub"]
+    _save_annotations(ctx, state.feature, lambda ann: A.set_pinned(ann, pins))
+
+
+def _toggle_subgraph(widget_key: str) -> None:
+    if st.session_state.get(widget_key):
+        st.query_params["sub"] = "1"
+    elif "sub" in st.query_params:
+        del st.query_params["sub"]
+
+
+def _save_node_text(ctx: AppContext, feature: str, node: str, label_key: str, note_key: str) -> None:
+    from explorer import annotations as A
+
+    label = st.session_state.get(label_key) or ""
+    note = st.session_state.get(note_key) or ""
+    _save_annotations(ctx, feature, lambda ann: A.set_text(A.set_text(ann, "labels", node, label), "notes", node, note))
+
+
+def _add_group(ctx: AppContext, feature: str, name: str, members: list[str]) -> None:
+    from explorer import annotations as A
+
+    try:
+        _save_annotations(ctx, feature, lambda ann: A.add_supernode(ann, name, members))
+    except UserError as exc:
+        st.session_state["_ann_error"] = str(exc)
+
+
+def _add_group_from_form(ctx: AppContext, feature: str, name_key: str, members_key: str) -> None:
+    from explorer import annotations as A
+
+    name = st.session_state.get(name_key) or ""
+    members = list(st.session_state.get(members_key) or [])
+    try:
+        A.add_supernode(A.empty(feature), name, members)  # check before writing
+    except UserError as exc:
+        st.session_state["_ann_error"] = f"Supernode not made: {exc}."
+        return
+    _add_group(ctx, feature, name, members)
+
+
+def _remove_group(ctx: AppContext, feature: str, name: str) -> None:
+    from explorer import annotations as A
+
+    _save_annotations(ctx, feature, lambda ann: A.remove_supernode(ann, name))
+
+
+def node_tools(ctx: AppContext, state: GraphState, node: str, key: str) -> None:
+    """Pin, label and note one node (saved in the cache's annotations of the feature)."""
+    pinned = node in state.pinned
+    with st.container(border=True):
+        c1, c2 = st.columns([1, 1])
+        c1.button("Unpin" if pinned else "Pin", key=f"{key}_pin_{node}", on_click=_toggle_pin,
+                  args=(ctx, state, node), icon=":material/push_pin:", width="stretch",
+                  help="Pinned nodes stay in the graph whatever the pruning, get a gold ring, travel in the "
+                       "address and make the subgraph (Pins & groups tab)")
+        if state.selected == node:
+            c2.button("Clear", key=f"{key}_clear", on_click=clear_node, icon=":material/close:",
+                      width="stretch", help="Show every edge and the full tables again (Back does the same)")
+        label_key, note_key = f"{key}_label_{node}", f"{key}_note_{node}"
+        with st.form(f"{key}_text_{node}", border=False):
+            st.text_input("Label", value=state.annotations.get("labels", {}).get(node, ""), key=label_key,
+                          max_chars=80, placeholder="e.g. 'loss aversion'",
+                          help="Your name for this node: drawn under its id in the graph, and the clerp of the "
+                               "circuit-tracer export")
+            st.text_area("Note", value=state.annotations.get("notes", {}).get(node, ""), key=note_key, height=80,
+                         max_chars=4000, placeholder="What you found about this node")
+            st.form_submit_button("Save label and note", on_click=_save_node_text,
+                                  args=(ctx, state.feature, node, label_key, note_key), icon=":material/save:")
+
+
 def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], files: set[str],
-                  compact: bool = False) -> str | None:
+                  compact: bool = False, state: GraphState | None = None) -> str | None:
     """Graph (click a node) beside the node card, then edges, agreement and downloads.
-    Returns the clicked node id, if any."""
+    With a GraphState (the Pathway page) the selected node lives in the address, its edges
+    are highlighted and the tables filtered to them, and pins, groups, labels and notes can
+    be edited. Returns the clicked or selected node id, if any."""
     from explorer import figures
     from explorer import graph as G
 
     view = bundle.shown
+    chart_key = f"{key}_graph"
     if compact:
-        event = st.plotly_chart(bundle.figure, key=f"{key}_graph", on_select="rerun", selection_mode="points",
+        event = st.plotly_chart(bundle.figure, key=chart_key, on_select="rerun", selection_mode="points",
                                 config={"displaylogo": False})
         picked = figures.selected_nodes(event, bundle.node_traces)
         return picked[0] if picked else None
-    left, right = st.columns([2.1, 1.1], gap="medium")
+    if st.session_state.get("_ann_error"):
+        st.error(st.session_state.pop("_ann_error"), icon=":material/error:")
+    left, right = st.columns([2.5, 1.1], gap="medium")
     with left:
-        event = st.plotly_chart(bundle.figure, key=f"{key}_graph", on_select="rerun", selection_mode="points",
+        on_select = (lambda: _on_graph_select(chart_key, bundle.node_traces)) if state else "rerun"
+        event = st.plotly_chart(bundle.figure, key=chart_key, on_select=on_select, selection_mode="points",
                                 config={"displaylogo": False, "toImageButtonOptions": {"filename": f"pathway_{view.feature}"}})
         dropped = []
         if view.dropped_nodes:
             dropped.append(f"{view.dropped_nodes} weaker nodes")
         if view.dropped_edges:
             dropped.append(f"{view.dropped_edges} edges")
+        st.caption(figures.legend_markdown(), unsafe_allow_html=True)
         st.caption("Layer on the vertical axis; node colour = attribution (red raises the target, blue lowers it); "
-                   "size = activation; thick dark ring = validated by replay, crossed = replay did not confirm; "
-                   "dotted edges leave unreplayed or unconfirmed nodes."
-                   + (f" Pruned: {', '.join(dropped)} hidden." if dropped else ""))
-    picked = figures.selected_nodes(event, bundle.node_traces)
-    node = picked[0] if picked else None
+                   "size = activation; labels: feature id and its top logit-lens output tokens (→) or top "
+                   "activating token (“”) where the tokens step covered it, or your label."
+                   + (f" Pruned: {', '.join(dropped)} hidden." if dropped else "")
+                   + (" Showing the pinned nodes only." if state and state.subgraph else ""))
+    if state is not None:
+        node = state.selected
+    else:
+        picked = figures.selected_nodes(event, bundle.node_traces)
+        node = picked[0] if picked else None
     with right:
         node_card(ctx, bundle, node or view.feature, causal, files, key, clicked=node is not None)
-    t_edges, t_agree, t_nodes, t_down = st.tabs(["Edges", "Attribution vs replay", "Nodes", "Downloads"])
-    with t_edges:
-        edges = view.edges.copy()
+        if state is not None:
+            node_tools(ctx, state, node or view.feature, key)
+    tabs = ["Edges", "Nodes", "Attribution vs replay"] + (["Pins & groups"] if state else []) + ["Downloads"]
+    tab = dict(zip(tabs, st.tabs(tabs)))
+    edges_all, nodes_all = G.incident(view, node) if state is not None else (view.edges, view.nodes)
+    with tab["Edges"]:
+        edges = edges_all.copy()
         edges["|weight|"] = edges["weight"].abs()
         edges = edges.sort_values("|weight|", ascending=False).drop(columns="|weight|")
         cols = [c for c in ("source", "target", "weight", "weight_safe", "weight_risky", "raw", "validated")
                 if c in edges.columns]
+        if state is not None and node:
+            st.caption(f"Edges of **{node}** only (click another node, or Clear on its card for all).")
         st.dataframe(edges[cols], hide_index=True, width="stretch", height=min(420, 38 + 35 * max(1, len(edges))),
+                     key=f"{key}_edges_{node}",
                      column_config={
                          "weight": st.column_config.NumberColumn(format="%+.4f", help=HELP["weight"]),
                          "weight_safe": st.column_config.NumberColumn("weight (safe)", format="%+.4f"),
@@ -288,7 +564,7 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
                              "source validated", help="Replay confirmed the source node (edges are not replayed)"),
                      })
         st.caption(f"{len(edges)} edges shown of {len(bundle.full.edges)}, strongest first.")
-    with t_agree:
+    with tab["Attribution vs replay"]:
         if view.mode == "difference":
             st.info("Agreement is a per-prompt figure: switch to the safe or risky prompt.", icon=":material/info:")
         else:
@@ -299,11 +575,20 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
                 ("Replayed nodes", fmt(a["n"]), "Nodes whose effect was measured by ablation"),
             ])
             st.plotly_chart(figures.agreement_figure(bundle.full), key=f"{key}_agree", config={"displaylogo": False})
-    with t_nodes:
-        nodes = bundle.full.nodes.drop(columns=["positions", "position_activations", "position_attributions"],
-                                       errors="ignore")
+    with tab["Nodes"]:
+        base = nodes_all if (state is not None and node) else bundle.full.nodes
+        nodes = base.drop(columns=["positions", "position_activations", "position_attributions"], errors="ignore")
         nodes = nodes.assign(validated=nodes["validated"].map({True: "yes", False: "no"}).fillna("not replayed"))
+        if state is not None:
+            ann = state.annotations
+            groups = {m: sn["name"] for sn in ann.get("supernodes") or [] for m in sn["members"]}
+            nodes.insert(1, "label", [ann.get("labels", {}).get(i) or bundle.auto_labels.get(i) or "" for i in nodes["id"]])
+            nodes.insert(2, "pinned", [i in state.pinned for i in nodes["id"]])
+            nodes.insert(3, "supernode", [groups.get(i, "") for i in nodes["id"]])
+            if node:
+                st.caption(f"**{node}** and its neighbours in the graph shown.")
         st.dataframe(nodes, hide_index=True, width="stretch", height=min(420, 38 + 35 * max(1, len(nodes))),
+                     key=f"{key}_nodes_{node}",
                      column_config={
                          "activation": st.column_config.NumberColumn(format="%.4f", help=HELP["activation"]),
                          "attribution": st.column_config.NumberColumn(format="%+.4f", help=HELP["attribution"]),
@@ -311,36 +596,92 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
                                                                        help=HELP["replay"]),
                          "patch_delta": st.column_config.NumberColumn("patch change", format="%+.4f"),
                          "validated": st.column_config.TextColumn(help=HELP["validated"]),
+                         "label": st.column_config.TextColumn(help="Your label, else the auto-label from the tokens step"),
                      })
-    with t_down:
-        from explorer import data as D
-
-        pruning = {"node_share": None, "edge_share": None}
-        c1, c2, c3, c4 = st.columns(4)
-        with c1:
-            download("Graph JSON (as shown)", G.graph_json(view, pruning), f"{view.feature}.{view.mode}.graph.json",
-                     "application/json", "The nodes and edges drawn above, after pruning", f"{key}_dl_graph")
-        with c2:
-            ct = D.pathway_export(ctx, view.feature, view.mode) if view.mode != "difference" else None
-            # named <slug>.json: circuit-tracer's viewer fetches exactly that name
-            download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.json", "application/json",
-                     "circuit-tracer 0.5.0's graph JSON; its local viewer opens it from a folder with a "
-                     "graph-metadata.json listing, as in the cache's pathways/circuit_tracer/ (docs/cache_format.md)"
-                     + ("" if ct else " (not available for this view)"), f"{key}_dl_ct")
-        with c3:
-            download("Edges CSV", G.edges_csv(view), f"{view.feature}.{view.mode}.edges.csv", "text/csv",
-                     "The edges drawn above", f"{key}_dl_csv")
-        with c4:
-            raw = None
-            try:
-                from engine.schema import pathway_path
-
-                raw = pathway_path(ctx.cache, view.feature).read_bytes()
-            except OSError:
-                pass
-            download("Full pathway file", raw, f"{view.feature}.json", "application/json",
-                     "The engine's pathway file with every prompt", f"{key}_dl_full")
+    if state is not None:
+        with tab["Pins & groups"]:
+            pins_and_groups(ctx, bundle, state, key)
+    with tab["Downloads"]:
+        downloads(ctx, bundle, key, state)
     return node
+
+
+def pins_and_groups(ctx: AppContext, bundle, state: GraphState, key: str) -> None:
+    """Pinned set and pinned-only subgraph; supernodes by hand and suggested by co-attribution."""
+    from explorer import annotations as A
+
+    ids = bundle.full.nodes["id"].tolist()
+    c1, c2 = st.columns([2, 1])
+    pins_key = f"{key}_pins_{','.join(state.pinned)}"
+    c1.multiselect("Pinned nodes", ids, default=list(state.pinned), key=pins_key, on_change=_set_pins,
+                   args=(ctx, state, pins_key), placeholder="Pin nodes (or use Pin on a node's card)",
+                   help="Saved in the cache (annotations/<feature>.json) and kept in the page address")
+    sub_key = f"{key}_sub_{state.subgraph}"
+    c2.toggle("Pinned subgraph only", value=state.subgraph, key=sub_key, on_change=_toggle_subgraph, args=(sub_key,),
+              disabled=not state.pinned,
+              help="Draw only the pinned nodes and the target, with every edge of the full graph between them")
+    st.markdown("**Supernodes**")
+    groups = state.annotations.get("supernodes") or []
+    if groups:
+        for sn in groups:
+            g1, g2 = st.columns([5, 1])
+            g1.markdown(f"**{sn['name']}**: " + ", ".join(f"`{m}`" for m in sn["members"]))
+            g2.button("Remove", key=f"{key}_rm_{sn['name']}", on_click=_remove_group, args=(ctx, state.feature, sn["name"]),
+                      width="stretch")
+    else:
+        st.caption("No supernodes yet. A supernode is a named group of nodes with one role; it is drawn as a box "
+                   "around its members and exported to circuit-tracer's viewer.")
+    with st.form(f"{key}_group_form", border=True, clear_on_submit=True):
+        f1, f2 = st.columns([1, 2])
+        name_key, members_key = f"{key}_group_name", f"{key}_group_members"
+        f1.text_input("Name", key=name_key, max_chars=A.MAX_NAME, placeholder="e.g. loss words")
+        f2.multiselect("Members", ids, key=members_key, placeholder="Two or more nodes")
+        st.form_submit_button("Make supernode", on_click=_add_group_from_form,
+                              args=(ctx, state.feature, name_key, members_key), icon=":material/workspaces:")
+    in_group = {m for sn in groups for m in sn["members"]}
+    from explorer import views
+
+    suggested = views.suggested_supernodes(ctx, bundle, in_group)
+    st.markdown("**Suggested by co-attribution**", help=(
+        "Nodes of one layer whose signed edge weights to and from every other node of this graph point the "
+        "same way (cosine similarity of the edge profiles, average linkage, at least 0.9): they feed the same "
+        "nodes and are fed by the same nodes. Computed from the graph's edges, without the SAE's decoder."))
+    if not suggested:
+        st.caption("No group of nodes shares its edges closely enough (cosine ≥ 0.9) in this graph.")
+    for k, sn in enumerate(suggested[:8]):
+        s1, s2 = st.columns([5, 1])
+        s1.markdown(f"{sn['name']}: " + ", ".join(f"`{m}`" for m in sn["members"]))
+        s2.button("Add", key=f"{key}_sugg_{k}", on_click=_add_group, args=(ctx, state.feature, sn["name"], sn["members"]),
+                  width="stretch")
+
+
+def downloads(ctx: AppContext, bundle, key: str, state: GraphState | None) -> None:
+    """The four downloads (built once per view and annotations)."""
+    from explorer import views
+    from engine.schema import pathway_path
+
+    view = bundle.shown
+    ann = state.effective_annotations() if state else None
+    graph_bytes, edges_bytes, ct = views.download_bytes(ctx, bundle, ann)
+    c1, c2, c3, c4 = st.columns(4)
+    with c1:
+        download("Graph JSON (as shown)", graph_bytes,
+                 f"{view.feature}.{view.mode}.graph.json", "application/json",
+                 "The nodes and edges drawn above, with the pruning applied and your annotations", f"{key}_dl_graph")
+    with c2:
+        # named <slug>.json: circuit-tracer's viewer fetches exactly that name
+        download("circuit-tracer JSON", ct, f"{view.feature}.{view.mode}.json", "application/json",
+                 "circuit-tracer 0.5.0's graph JSON with your pins (pinnedIds), supernodes and labels (clerp); its "
+                 "local viewer opens it from a folder with a graph-metadata.json listing, as in the cache's "
+                 "pathways/circuit_tracer/ (docs/cache_format.md)" + ("" if ct else " (not available for this view)"),
+                 f"{key}_dl_ct")
+    with c3:
+        download("Edges CSV", edges_bytes, f"{view.feature}.{view.mode}.edges.csv", "text/csv",
+                 "The edges drawn above, with each end's label, supernode and pin", f"{key}_dl_csv")
+    with c4:
+        path = pathway_path(ctx.cache, view.feature)
+        download("Full pathway file", path.read_bytes() if path.is_file() else None, f"{view.feature}.json",
+                 "application/json", "The engine's pathway file with every prompt", f"{key}_dl_full")
 
 
 def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], files: set[str], key: str,

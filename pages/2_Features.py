@@ -45,18 +45,30 @@ elif not picked_bar:
 
 def _clear_selection() -> None:
     st.session_state["features_table"] = {"selection": {"rows": [], "columns": []}}
+    if "feature" in st.query_params:
+        del st.query_params["feature"]
+
+
+def _on_row() -> None:
+    """A row click puts its feature in the address (a history entry: Back clears it)."""
+    rows = st.session_state["features_table"]["selection"]["rows"]
+    shown = st.session_state.get("_features_shown") or []
+    if rows and rows[0] < len(shown):
+        st.query_params["feature"] = shown[rows[0]]
+    elif "feature" in st.query_params:
+        del st.query_params["feature"]
 
 
 # --- filters ------------------------------------------------------------------
 layers = sorted(overview["layer"].unique().tolist())
-c1, c2, c3, c4, c5 = st.columns([1.6, 1.4, 1.2, 1.1, 1.6])
+c1, c2, c3, c4, c5 = st.columns([1.5, 1.3, 1.2, 1.5, 1.5])
 sel_layers = c1.multiselect("Layers", layers, key="f_layers", on_change=_clear_selection, placeholder="all layers")
 sel_dirs = c2.multiselect("Direction", ["safe", "risky", "mixed"], key="f_dirs", on_change=_clear_selection,
                           placeholder="all directions")
 dmax = float(overview["abs_d"].max() or 0.0)
 min_d = c3.slider("Min |Cohen's d|", 0.0, max(round(dmax, 1), 0.1), 0.0, 0.05, key="f_min_d", on_change=_clear_selection,
                   help="Effect size of the feature's patching on the stop rate (|d|)")
-only_val = c4.toggle("Validated pathway", key="f_validated", on_change=_clear_selection,
+only_val = c4.toggle("Validated", key="f_validated", on_change=_clear_selection,
                      help="Only features with a pathway in which replay validated at least one node")
 search = c5.text_input("Search", key="f_search", on_change=_clear_selection, placeholder="e.g. L12- or risky",
                        help="Substring of the feature id, direction or source file")
@@ -65,13 +77,23 @@ table = views.filter_features(overview, sel_layers, sel_dirs, min_d, only_val, s
 # --- table (left) and the selected feature (right) ---------------------------
 left, right = st.columns([1.3, 1], gap="medium")
 cols = ["feature", "layer", "direction", "cohen_d", "nodes", "validated", "agreement_r"]
+# The address is the truth: the table's selection follows ?feature= (a link, Back, Forward).
 wanted = st.query_params.get("feature")
-default_rows = table.index[table["feature"] == wanted].tolist()[:1] if wanted else []
+url_rows = table.index[table["feature"] == wanted].tolist()[:1] if wanted else []
+st.session_state["_features_shown"] = table["feature"].tolist()
+current = list((st.session_state.get("features_table") or {}).get("selection", {}).get("rows", []))
+if current != st.session_state.get("_features_synced", []) and current != url_rows and current and current[0] < len(table):
+    # A selection no callback saw (set through session state): it is the pick.
+    wanted = table["feature"].iloc[current[0]]
+    st.query_params["feature"] = wanted
+    url_rows = current
+if current != url_rows:
+    st.session_state["features_table"] = {"selection": {"rows": url_rows, "columns": []}}
+st.session_state["_features_synced"] = url_rows
 with left:
-    event = st.dataframe(
-        table[cols], key="features_table", on_select="rerun", selection_mode="single-row", hide_index=True,
+    st.dataframe(
+        table[cols], key="features_table", on_select=_on_row, selection_mode="single-row", hide_index=True,
         width="stretch", height=min(640, 38 + 35 * max(1, len(table))),
-        selection_default={"selection": {"rows": default_rows}} if default_rows else None,
         column_config={
             "feature": st.column_config.TextColumn(help="L<layer>-<SAE index>"),
             "direction": st.column_config.TextColumn(help="safe: patching makes the model stop more; risky: bet more"),
@@ -91,7 +113,7 @@ with left:
     )
     st.caption(f"{len(table)} of {len(overview)} features · click a row to see its pathway.")
 
-rows = event["selection"]["rows"] if event is not None else []
+rows = url_rows
 with right:
     if not rows or rows[0] >= len(table):
         st.info("Click a feature in the table to preview its pathway here. Click a bar above to filter by "
@@ -99,13 +121,12 @@ with right:
         st.stop()
     rec = table.iloc[rows[0]]
     feature = rec["feature"]
-    st.query_params["feature"] = feature  # reload keeps the selection
     st.markdown(f"### {feature}")
     st.caption(f"{rec['direction']} · Cohen's d {fmt(rec['cohen_d'], 2, signed=True)} · layer {rec['layer']}")
     prompt = views.preview_prompt(rec)
-    b1, b2, b3 = st.columns(3)
-    b1.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:",
+    st.page_link(PAGES["pathway"], label="Open pathway", icon=":material/account_tree:",
                  query_params={"feature": feature, "prompt": prompt})
+    b2, b3 = st.columns(2)
     b2.page_link(PAGES["tokens"], label="Token views", icon=":material/text_fields:", query_params={"feature": feature})
     b3.page_link(PAGES["live"], label="Run live", icon=":material/play_circle:", query_params={"feature": feature})
     if not rec["has_pathway"]:
@@ -118,6 +139,8 @@ with right:
     except data.CacheProblem as exc:
         show_problem(exc)
         st.stop()
-    pathway_panel(ctx, bundle, key="preview", causal={}, files=set(), compact=True)
+    clicked = pathway_panel(ctx, bundle, key=f"preview_{feature}", causal={}, files=set(), compact=True)
+    if clicked:  # a node of the preview opens on the Pathway page, selected there
+        st.switch_page(PAGES["pathway"], query_params={"feature": feature, "prompt": prompt, "node": clicked})
     st.caption(f"Strongest nodes (80% of |attribution|) on the {prompt} prompt (where the feature is more active); "
-               "the Pathway page has the full graph, node details and downloads.")
+               "click a node to open it on the Pathway page, with its card, edges and downloads.")

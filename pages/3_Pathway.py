@@ -3,9 +3,10 @@
 import streamlit as st
 
 from explorer import data, views
+from explorer import graph as G
 from explorer.graph import available_modes
-from explorer.widgets import (HELP, empty_state, feature_picker, fmt, load, metric_row, open_feature, page_setup,
-                              pathway_panel, show_problem, stale_banner)
+from explorer.widgets import (HELP, empty_state, feature_picker, fmt, graph_state, load, metric_row, open_feature,
+                              page_setup, pathway_panel, show_problem, stale_banner)
 
 ctx = page_setup("Pathway", ":material/account_tree:")
 st.title("Pathway")
@@ -22,16 +23,15 @@ prompt = c_prompt.radio("Prompt", ["safe", "risky", "difference"], horizontal=Tr
                         bind="query-params",
                         help="The graph on the safe or the risky study prompt, or risky minus safe "
                              "(attributions and edge weights subtracted; missing counts as 0).")
-node_share = c_nodes.slider("Nodes kept", 0.05, 1.0, 0.8, 0.05, key="node_share", format="%.2f",
+node_share = c_nodes.slider("Nodes kept", 0.05, 1.0, 0.8, 0.05, key="node_share", format="%.2f", bind="query-params",
                             help="Keep the strongest nodes that together hold this share of the graph's total "
                                  "|attribution| (circuit-tracer's node threshold). 1.0 keeps every node.")
-edge_share = c_edges.slider("Edges kept", 0.05, 1.0, 0.98, 0.01, key="edge_share", format="%.2f",
+edge_share = c_edges.slider("Edges kept", 0.05, 1.0, 0.98, 0.01, key="edge_share", format="%.2f", bind="query-params",
                             help="Then keep the strongest edges holding this share of total |weight| among the "
                                  f"kept nodes, at most {ctx.cfg.app.max_plot_edges} (app.max_plot_edges).")
-x_mode = c_x.radio("Horizontal axis", ["attribution", "position"], key="x_mode",
-                   format_func=lambda m: "order by attribution" if m == "attribution" else "token position",
-                   help="Within a layer, order nodes by attribution (negative left), or place them at the "
-                        "prompt position where their attribution is largest.")
+x_mode = c_x.radio("Horizontal axis", ["attribution", "position"], key="x_mode", bind="query-params",
+                   help="attribution: within a layer, nodes ordered by attribution (negative left); position: "
+                        "each node at the prompt position where its attribution is largest.")
 
 stale_banner(ctx, "pathways", "These pathways")
 if not files and feature is None:
@@ -61,8 +61,13 @@ if prompt not in modes:
     st.warning(f"{feature} has no {prompt!r} graph; showing {modes[0]}.", icon=":material/info:")
     prompt = modes[0]
 
+state = graph_state(ctx, feature, G.node_ids(pathway, prompt))
+for problem in state.problems:
+    st.caption(f":material/info: {problem}")
 try:
-    bundle = views.pathway_bundle(ctx, feature, prompt, node_share, edge_share, ctx.cfg.app.max_plot_edges, x_mode)
+    bundle = views.pathway_bundle(ctx, feature, prompt, node_share, edge_share, ctx.cfg.app.max_plot_edges, x_mode,
+                                  selected=state.selected, pinned=state.pinned, annotations=state.annotations,
+                                  pinned_subgraph=state.subgraph)
 except data.CacheProblem as exc:
     show_problem(exc)
     st.stop()
@@ -102,12 +107,12 @@ cov = views.coverage_share(full.info.get("coverage"))
 n_up = int((~full.nodes["is_target"].astype(bool)).sum())
 n_up_shown = int((~shown.nodes["is_target"].astype(bool)).sum())
 metric_row([
-    ("Target activation", act_text, act_help, act_note),
+    ("Activation", act_text, act_help, act_note),
     ("Nodes", f"{n_up_shown} / {n_up}", "Upstream nodes shown after pruning / in the graph"),
     ("Edges", f"{len(shown.edges)} / {len(full.edges)}", "Edges shown after pruning / in the graph"),
     ("Validated", fmt(bundle.validated_fraction, pct=True), "Share of replayed nodes validated by replay. " + HELP["validated"]),
-    ("Agreement r", fmt(bundle.agreement["pearson_r"]) if prompt != "difference" else "–", HELP["r"]),
+    ("Replay r", fmt(bundle.agreement["pearson_r"]) if prompt != "difference" else "–", HELP["r"]),
     ("Coverage", fmt(cov, pct=True), HELP["coverage"]),
-])
+], compact=True, key="pw_metrics")
 
-pathway_panel(ctx, bundle, key=f"pw_{feature}_{prompt}", causal=causal, files=set(files))
+pathway_panel(ctx, bundle, key=f"pw_{feature}_{prompt}", causal=causal, files=set(files), state=state)

@@ -35,6 +35,9 @@ def clear_caches() -> None:
     data._OVERVIEW.clear()
     data._STATUS_MEMO.clear()
     views._PATHWAYS.clear()
+    views._LABELS.clear()
+    views._SUGGESTED.clear()
+    views._DOWNLOADS.clear()
     views._AUDIT.clear()
 
 
@@ -115,6 +118,8 @@ def main() -> int:
     deep = json.loads((cache / "pathways" / f"{deepest}.json").read_text())["prompts"]
     deep_size = ", ".join(f"{k} {len(r['nodes']) - 1} nodes / {len(r['edges'])} edges" for k, r in deep.items())
     n_pw = len(list((cache / "pathways").glob("L*-*.json")))
+    safe_nodes = sorted((n for n in deep["safe"]["nodes"] if not n.get("is_target")), key=lambda n: -abs(n["attribution"]))
+    picked, pins = safe_nodes[0]["id"], ",".join(n["id"] for n in safe_nodes[1:4])
     cases = [
         ("Home", None, {}, {}),
         ("Audit", "pages/1_Audit.py", {}, {}),
@@ -124,6 +129,8 @@ def main() -> int:
         (f"Pathway {deepest} (deepest, default pruning)", "pages/3_Pathway.py", {"feature": deepest}, {}),
         (f"Pathway {deepest}, all nodes", "pages/3_Pathway.py", {"feature": deepest}, {"node_share": 1.0}),
         (f"Pathway {deepest}, risky − safe", "pages/3_Pathway.py", {"feature": deepest, "prompt": "difference"}, {}),
+        (f"Pathway {deepest}, node selected, 3 pinned, position layout", "pages/3_Pathway.py",
+         {"feature": deepest, "node": picked, "pinned": pins, "x_mode": "position"}, {}),
         ("Tokens", "pages/4_Tokens.py", {"feature": first_tok}, {}),
         ("Live prototype (idle)", "pages/5_Live_prototype.py", {"feature": deepest}, {}),
     ]

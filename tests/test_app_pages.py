@@ -186,10 +186,10 @@ def test_pathway_numbers_pruning_and_node_click(monkeypatch, small_cache):
     kept = kept_by_share(safe["nodes"], 0.8)
     m = metrics(at)
     assert m["Nodes"] == f"{len(kept)} / {len(ups)}"
-    assert m["Target activation"] == f"{safe['target_activation']:.3f}"
+    assert m["Activation"] == f"{safe['target_activation']:.3f}"
     rep = [n for n in ups if n["replay_delta"] is not None]
     r = stats.pearsonr([n["attribution"] for n in rep], [-n["replay_delta"] for n in rep]).statistic
-    assert m["Agreement r"] == f"{r:.3f}"
+    assert m["Replay r"] == f"{r:.3f}"
     assert m["Validated"] == f"{100 * sum(n['validated'] for n in rep) / len(rep):.1f}%"
     graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
     node_trace = next(i for i, t in enumerate(graph["data"]) if t.get("name") == "nodes")
@@ -198,13 +198,11 @@ def test_pathway_numbers_pruning_and_node_click(monkeypatch, small_cache):
     # The node slider at 1.0 keeps every node.
     at.slider(key="node_share").set_value(1.0).run()
     assert metrics(at)["Nodes"] == f"{len(ups)} / {len(ups)}"
-    # Clicking a node that is itself a selected causal feature with a pathway shows its card and a link.
+    # A click puts the node in the address (?node=, the graph's on_select callback; the real click is
+    # in tests/test_browser_graph.py): a node that is itself a selected causal feature with a pathway
+    # shows its card and a link.
     target_node = next(n for n in ups if n["id"] in small_cache.info["pathway_features"])
-    graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
-    node_trace = next(i for i, t in enumerate(graph["data"]) if t.get("name") == "nodes")
-    at.session_state[f"pw_{feature}_safe_graph"] = {"selection": {"points": [
-        {"curve_number": node_trace, "point_number": 0, "point_index": 0, "x": 0, "y": target_node["layer"],
-         "customdata": target_node["id"]}], "point_indices": [0], "box": [], "lasso": []}}
+    at.query_params["node"] = target_node["id"]
     at.run()
     no_exception(at)
     assert f"#### {target_node['id']}" in texts(at, "markdown")
@@ -225,7 +223,7 @@ def test_pathway_difference_and_query_params(monkeypatch, small_cache):
                   prompt="difference").run()
     no_exception(at)
     ta = {k: p["prompts"][k]["target_activation"] for k in ("safe", "risky")}
-    assert metrics(at)["Target activation"] == f"{ta['safe']:.3f} → {ta['risky']:.3f}"
+    assert metrics(at)["Activation"] == f"{ta['safe']:.3f} → {ta['risky']:.3f}"
     # Difference attribution = risky - safe per node (0 where absent), in the node trace's colours.
     at.slider(key="node_share").set_value(1.0).run()
     graph = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Pathway of"))
@@ -298,22 +296,47 @@ def test_tokens_views(monkeypatch, small_cache):
     assert any("python -m engine tokens" in c for c in texts(at, "code"))
 
 
-@pytest.mark.parametrize("feature, prompt, text, message", [
-    ("L99-1", "both", None, "layer 99 is outside the model (layers 0..31)"),
-    ("L3-99999", "both", None, "index 99999 is outside the SAE"),
-    ("L3x17", "both", None, "malformed feature id"),
-    ("L3-17", "custom", "   ", "the custom prompt is empty"),
+@pytest.mark.parametrize("feature, message", [
+    ("L99-1", "the model has layers 0 to 31"),
+    ("L3-99999", "the layer-3 SAE has features 0 to 32,767"),
+    ("L3x17", "it is not a feature id (L<layer>-<index>, e.g. L12-3456)"),
 ])
-def test_live_refuses_bad_input_before_starting(monkeypatch, cache_copy, feature, prompt, text, message):
+def test_live_refuses_a_bad_feature_link_before_starting(monkeypatch, cache_copy, feature, message):
+    """A bad ?feature= gets the link message every page gives (tests/test_app_pages.py
+    test_bad_feature_links_...) and leaves the address; nothing can start."""
     at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/5_Live_prototype.py", feature=feature)
     at.run()
-    at.radio(key="live_prompt").set_value(prompt).run()
-    if text is not None:
-        at.text_area(key="live_text").input(text).run()
     no_exception(at)
-    assert any(message in e for e in texts(at, "error")), texts(at, "error")
+    assert texts(at, "warning")[0] == f"Ignored the link's feature `{feature}`: {message}. It has been removed from the address."
+    assert "feature" not in at.query_params
     assert at.button(key="live_run").disabled
     assert not (cache_copy.cache / "jobs").exists()
+
+
+def test_live_refuses_an_empty_custom_prompt(monkeypatch, cache_copy):
+    at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/5_Live_prototype.py", feature="L3-17")
+    at.run()
+    at.radio(key="live_prompt").set_value("custom").run()
+    at.text_area(key="live_text").input("   ").run()
+    no_exception(at)
+    assert any("the custom prompt is empty" in e for e in texts(at, "error")), texts(at, "error")
+    assert at.button(key="live_run").disabled
+    assert not (cache_copy.cache / "jobs").exists()
+
+
+@pytest.mark.parametrize("page", [None, "pages/1_Audit.py", "pages/2_Features.py", "pages/3_Pathway.py",
+                                  "pages/4_Tokens.py", "pages/5_Live_prototype.py"])
+def test_bad_feature_links_get_one_message_on_every_page(monkeypatch, small_cache, page):
+    """?feature=nonsense, L99-1 (no such layer) and L1-99999999 (no such index): the same
+    sentence on every page, and the parameter leaves the address."""
+    expected = {"nonsense": "it is not a feature id (L<layer>-<index>, e.g. L12-3456)",
+                "L99-1": "the model has layers 0 to 31",
+                "L1-99999999": "the layer-1 SAE has features 0 to 32,767"}
+    for value, why in expected.items():
+        at = app_test(monkeypatch, small_cache.config, small_cache.cache, page, feature=value).run()
+        no_exception(at)
+        assert f"Ignored the link's feature `{value}`: {why}. It has been removed from the address." in texts(at, "warning")
+        assert "feature" not in at.query_params
 
 
 def test_live_shows_a_failed_job_as_one_line(monkeypatch, cache_copy):
