@@ -195,6 +195,47 @@ def layer_terms(g: torch.Tensor, codes: LayerCodes, h: torch.Tensor, entry_attr:
     return out
 
 
+def feature_totals(entry_attr: torch.Tensor, codes: LayerCodes) -> torch.Tensor:
+    """Per-entry values (B, K) summed per unique feature: (B, U)."""
+    B = entry_attr.shape[0]
+    U = codes.features.shape[0]
+    return torch.zeros((B, U), dtype=entry_attr.dtype, device=entry_attr.device).index_add_(1, codes.inv, entry_attr)
+
+
+def error_bias_terms(g: torch.Tensor, codes: LayerCodes, bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(<g, SAE error>, <g, decoder bias>) per batch row over the positions that carry SAE
+    codes (all but BOS when it is excluded): the error and bias nodes of the layer."""
+    gf = g.to(codes.act.dtype)
+    start = 1 if bos else 0
+    return (torch.einsum("btd,td->b", gf[:, start:], codes.error[start:]),
+            torch.einsum("btd,d->b", gf[:, start:], codes.dec_bias))
+
+
+def target_weighted_seed(codes: LayerCodes, entry_attr: torch.Tensor, T: int,
+                         entries: torch.Tensor | None = None) -> torch.Tensor:
+    """Cotangent on h_l (T, d) for exact first-order path weights through layer l.
+
+    entry_attr (K,) are one target's per-entry attributions a_k <d_k, g[p_k]>, so
+    g_k = entry_attr_k / a_k is the target's gradient through feature k's decoder at p_k
+    (the effect on the target per unit of that feature's activation there). The seed is
+    sum_k g_k e_{f(k)} at p_k over `entries` (default: every active entry): its VJP at a
+    lower layer, contracted with a source's contribution, is that source's first-order
+    effect on the target through those features' activations."""
+    sel = torch.arange(codes.pos.shape[0], device=codes.pos.device) if entries is None else entries
+    d = codes.enc.shape[1]
+    out = torch.zeros((T, d), dtype=codes.enc.dtype, device=codes.enc.device)
+    if sel.numel() == 0:
+        return out
+    coef = (entry_attr[sel] / codes.act[sel])
+    if sel.numel() <= 64:  # one node: a few rows of e, no (T, U) matrix
+        rows = coef[:, None] * codes.enc[codes.inv[sel]].to(coef.dtype)
+        return out.to(coef.dtype).index_add_(0, codes.pos[sel], rows).to(codes.enc.dtype)
+    U = codes.features.shape[0]
+    C = torch.zeros((T, U), dtype=coef.dtype, device=coef.device)
+    C.index_put_((codes.pos[sel], codes.inv[sel]), coef, accumulate=True)
+    return (C @ codes.enc.to(coef.dtype)).to(codes.enc.dtype)
+
+
 # ---------------------------------------------------------------------------
 # Replays
 # ---------------------------------------------------------------------------

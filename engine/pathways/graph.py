@@ -96,6 +96,45 @@ def is_validated(attribution: float, replay_delta: float, target_pre: float, min
     return bool(big and attribution != 0 and (replay_delta > 0) == (attribution < 0))
 
 
+def validation(attribution: float | None, replay_delta: float | None, replay_delta_activation: float | None,
+               target_pre: float, min_abs: float, min_rel: float) -> dict:
+    """Replay verdicts, reported separately (None where the node was not replayed).
+
+    linear_confirmed: the first-order estimate holds on the target's pre-activation;
+    changes_target_activation: the same test on the target's gated activation, so it fails
+    when the target does not fire before or after the ablation (every Δactivation 0);
+    validated: both."""
+    if attribution is None or replay_delta is None:
+        return {"linear_confirmed": None, "changes_target_activation": None, "validated": None}
+    lin = is_validated(attribution, replay_delta, target_pre, min_abs, min_rel)
+    eff = (is_validated(attribution, replay_delta_activation, target_pre, min_abs, min_rel)
+           if replay_delta_activation is not None else False)
+    return {"linear_confirmed": lin, "changes_target_activation": eff, "validated": bool(lin and eff)}
+
+
+SOURCE_KINDS = ("error", "bias")
+
+
+def source_node_id(layer: int, kind: str) -> str:
+    """Id of a layer's SAE-error or decoder-bias node: "L3-error", "L3-bias" (never a feature id)."""
+    if kind not in SOURCE_KINDS:
+        raise ValueError(kind)
+    return f"L{layer}-{kind}"
+
+
+def out_shares(attribution: float, to_graph: float, through_features: float | None) -> dict:
+    """How a source's attribution A splits over the next graph layer (exact to first order):
+    `out_weight` = sum of its out-edge weights before pruning (to_graph), and the shares of A
+    reaching the target through the graph's nodes there, through that layer's other active
+    features, and through that layer's SAE error. None where A is 0."""
+    if not attribution:
+        return {"out_weight": to_graph, "out_share": None, "out_shares": None}
+    feats = to_graph if through_features is None else through_features
+    return {"out_weight": to_graph, "out_share": to_graph / attribution,
+            "out_shares": {"graph": to_graph / attribution, "other_features": (feats - to_graph) / attribution,
+                           "sae_error": (attribution - feats) / attribution}}
+
+
 # ---------------------------------------------------------------------------
 # circuit-tracer / Neuronpedia graph JSON
 # ---------------------------------------------------------------------------
