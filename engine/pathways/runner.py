@@ -26,7 +26,7 @@ from engine.pathways.index import write_export
 from engine.pathways.compute import (GradGraph, Intervention, LayerCodes, PromptCodes, TargetSpec, contract,
                                      encode_layer, error_bias_terms, feature_totals, layer_terms, replay,
                                      target_weighted_seed)
-from engine.schema import FeatureId, atomic_write_json, pathway_path, with_schema
+from engine.schema import PATHWAY_SCHEMA_VERSION, FeatureId, atomic_write_json, pathway_path, with_schema
 
 
 @dataclass
@@ -628,7 +628,7 @@ def run(cfg: Config, targets: list[FeatureId], device: str, force: bool = False,
                     },
                 },
                 "prompts": r["prompts"],
-            })
+            }, version=PATHWAY_SCHEMA_VERSION)
             path = pathway_path(cfg.cache, t)
             write_export(cfg.cache, out)  # export first: a present result implies its export exists
             # no fsync per file: a rename is atomic against a killed process, and an unreadable
