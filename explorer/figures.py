@@ -44,9 +44,13 @@ def _fmt(x, digits: int = 3) -> str:
     return f"{v:+.{digits}f}" if v != 0 else "0"
 
 
-def validation_label(v) -> str:
+def validation_label(v, linear=None) -> str:
+    """v: the node's `validated` (linear estimate confirmed and the target's activation changed);
+    linear: `linear_confirmed` (the estimate held on the pre-activation)."""
     if v is True:
-        return "validated by replay"
+        return "validated by replay (target's activation changed)"
+    if v is False and linear is True:
+        return "linear estimate confirmed on the pre-activation only (target's activation unchanged)"
     if v is False:
         return "not confirmed by replay"
     return "not replayed"
@@ -63,6 +67,13 @@ def clean_token(tok: str | None) -> str:
 # ---------------------------------------------------------------------------
 # Pathway graph
 # ---------------------------------------------------------------------------
+
+
+#: ring of a node whose linear estimate held on the pre-activation but whose ablation left the
+#: target's activation unchanged (e.g. the target does not fire)
+PRE_ONLY_RING = "#3b6db3"
+#: marker of the per-layer SAE-error and decoder-bias nodes (features are circles)
+KIND_SYMBOL = {"error": "square", "bias": "diamond"}
 
 
 def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None = None,
@@ -117,9 +128,13 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
     actmax = float(np.nanmax(act)) if len(act) and np.isfinite(act).any() else 1.0
     sizes = 10 + 26 * np.sqrt(np.clip(np.nan_to_num(act) / (actmax or 1.0), 0, 1))
     vals = up["validated"].tolist()
-    symbols = ["circle" if v is not False else "circle-x" for v in vals]
-    line_w = [3.0 if v is True else (1.0 if v is False else 0.6) for v in vals]
-    line_c = ["#111111" if v is True else "#777777" for v in vals]
+    lin = up["linear_confirmed"].tolist() if "linear_confirmed" in up else [None] * len(vals)
+    kinds = up["kind"].tolist() if "kind" in up else ["feature"] * len(vals)
+    pre_only = [v is False and x is True for v, x in zip(vals, lin)]  # estimate held, target did not move
+    symbols = [KIND_SYMBOL.get(k) or ("circle" if (v is not False or p) else "circle-x")
+               for k, v, p in zip(kinds, vals, pre_only)]
+    line_w = [3.0 if v is True else (2.0 if p else (1.0 if v is False else 0.6)) for v, p in zip(vals, pre_only)]
+    line_c = ["#111111" if v is True else (PRE_ONLY_RING if p else "#777777") for v, p in zip(vals, pre_only)]
     hover = [_node_hover(r, view) for r in up.to_dict("records")]
     traces.append(go.Scatter(
         x=[pos[i][0] for i in up["id"]], y=[pos[i][1] for i in up["id"]], mode="markers", name=NODE_TRACE,
@@ -137,11 +152,15 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
         selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=0.8)),
     ))
     # Legend entries for the node rings (markers of the real traces vary per point).
-    for label, symbol, width in (("validated by replay", "circle", 3.0), ("not confirmed by replay", "circle-x", 1.0),
-                                 ("not replayed", "circle", 0.6)):
+    rings = [("validated: target's activation changed", "circle", 3.0, "#111111"),
+             ("pre-activation only: estimate held, target's activation unchanged", "circle", 2.0, PRE_ONLY_RING),
+             ("not confirmed by replay", "circle-x", 1.0, "#777777"), ("not replayed", "circle", 0.6, "#777777")]
+    if any(k in KIND_SYMBOL for k in kinds):
+        rings += [("SAE error node", KIND_SYMBOL["error"], 0.6, "#777777"),
+                  ("decoder bias node", KIND_SYMBOL["bias"], 0.6, "#777777")]
+    for label, symbol, width, colour in rings:
         traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=label, hoverinfo="skip",
-                                 marker=dict(color="#dddddd", size=12, symbol=symbol,
-                                             line=dict(width=width, color="#111111" if width == 3.0 else "#777777"))))
+                                 marker=dict(color="#dddddd", size=12, symbol=symbol, line=dict(width=width, color=colour))))
     layers = sorted({int(v) for v in nodes["layer"]})
     fig = go.Figure(data=traces)
     xaxis = dict(visible=False)
@@ -171,7 +190,7 @@ def _node_hover(r: dict, view: G.View) -> str:
         label = "attribution (risky − safe)" if view.mode == "difference" else "attribution"
         lines.append(f"{label} {_fmt(r.get('attribution'))}")
         lines.append(f"replay change {_fmt(r.get('replay_delta'))}")
-        lines.append(validation_label(r.get("validated")))
+        lines.append(validation_label(r.get("validated"), r.get("linear_confirmed")))
     p = G.strongest_position(r, view.target_position)
     if p is not None and view.tokens:
         lines.append(f"position {p}: {html.escape(repr(clean_token(G.token_at(view.tokens, p))))}")
@@ -204,14 +223,17 @@ def agreement_figure(view: G.View) -> go.Figure:
     up = view.nodes[~view.nodes["is_target"].astype(bool)]
     up = up[np.isfinite(up["attribution"].astype(float)) & np.isfinite(up["replay_delta"].astype(float))]
     fig = go.Figure()
-    colours = {True: style.POSITIVE, False: style.NEUTRAL}
-    for v in (True, False):
-        sub = up[up["validated"].eq(True) == v]
+    valid = up["validated"].eq(True)
+    lin = up["linear_confirmed"].eq(True) if "linear_confirmed" in up else valid
+    groups = [(valid, True, None, style.POSITIVE), (~valid & lin, False, True, PRE_ONLY_RING),
+              (~valid & ~lin, False, False, style.NEUTRAL)]
+    for mask, v, x, colour in groups:
+        sub = up[mask]
         if len(sub):
             fig.add_trace(go.Scatter(
-                x=sub["attribution"], y=sub["replay_delta"], mode="markers", name=validation_label(v),
+                x=sub["attribution"], y=sub["replay_delta"], mode="markers", name=validation_label(v, x),
                 customdata=sub["id"], hovertemplate="%{customdata}<br>attribution %{x:.3f}<br>replay change %{y:.3f}<extra></extra>",
-                marker=dict(size=9, color=colours[v], line=dict(width=1, color="white"))))
+                marker=dict(size=9, color=colour, line=dict(width=1, color="white"))))
     if len(up):
         lim = float(max(np.abs(up["attribution"]).max(), np.abs(up["replay_delta"]).max())) * 1.1 or 1.0
         fig.add_trace(go.Scatter(x=[-lim, lim], y=[lim, -lim], mode="lines", name="replay = −attribution",

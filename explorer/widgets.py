@@ -222,8 +222,10 @@ def download(label: str, data: bytes | str | None, file_name: str, mime: str, he
 # The pathway panel (Pathway page, Features preview, Live prototype)
 # ---------------------------------------------------------------------------
 
-_VALIDATED_HELP = ("A node is validated when zero-ablating it changed the target's pre-activation with the "
-                   "predicted sign (about minus its attribution) and by more than the configured minimum.")
+_VALIDATED_HELP = ("Replay reports two verdicts. Linear estimate confirmed: zero-ablating the node changed the "
+                   "target's pre-activation with the predicted sign (about minus its attribution) and by more than "
+                   "the configured minimum. Validated: that, and the target's activation (after its gate) changed "
+                   "the same way; a target that does not fire is never validated, only 'pre-activation only'.")
 HELP = {
     "activation": "The node's SAE activation summed over the prompt positions where it is active.",
     "attribution": "First-order effect of the node on the target's pre-activation: activation times the "
@@ -234,8 +236,9 @@ HELP = {
     "r": "Pearson correlation of attribution with minus the replay change, over the replayed nodes "
          "(1 = the gradient estimate ranks effects exactly as real ablations do).",
     "sign": "Share of replayed nodes whose attribution and minus-replay-change have the same sign.",
-    "weight": "Edge weight: the share of the target's attribution that flows from the source through the "
-              "edge's downstream node, in units of the target's pre-activation (docs/science.md).",
+    "weight": "Edge weight: the first-order effect on the target's pre-activation of the source acting through "
+              "the downstream node's activation at every position where it is active (docs/science.md). Per "
+              "layer, SAE-error and bias nodes carry what the features do not.",
     "coverage": "Share of the total |attribution| of all active upstream features that the graph's nodes hold.",
 }
 
@@ -263,7 +266,9 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
         if view.dropped_edges:
             dropped.append(f"{view.dropped_edges} edges")
         st.caption("Layer on the vertical axis; node colour = attribution (red raises the target, blue lowers it); "
-                   "size = activation; thick dark ring = validated by replay, crossed = replay did not confirm; "
+                   "size = activation; thick dark ring = validated by replay (the target's activation changed), "
+                   "blue ring = linear estimate confirmed on the pre-activation only, crossed = replay did not "
+                   "confirm; squares and diamonds = SAE-error and bias nodes; "
                    "dotted edges leave unreplayed or unconfirmed nodes."
                    + (f" Pruned: {', '.join(dropped)} hidden." if dropped else ""))
     picked = figures.selected_nodes(event, bundle.node_traces)
@@ -302,7 +307,9 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
     with t_nodes:
         nodes = bundle.full.nodes.drop(columns=["positions", "position_activations", "position_attributions"],
                                        errors="ignore")
-        nodes = nodes.assign(validated=nodes["validated"].map({True: "yes", False: "no"}).fillna("not replayed"))
+        pre_only = nodes["validated"].eq(False) & nodes.get("linear_confirmed", nodes["validated"]).eq(True)
+        nodes = nodes.assign(validated=nodes["validated"].map({True: "yes", False: "no"}).fillna("not replayed")
+                             .where(~pre_only, "pre-activation only"))
         st.dataframe(nodes, hide_index=True, width="stretch", height=min(420, 38 + 35 * max(1, len(nodes))),
                      column_config={
                          "activation": st.column_config.NumberColumn(format="%.4f", help=HELP["activation"]),
@@ -359,10 +366,12 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
         rows = []
         for prompt, rec in det["prompts"].items():
             v = rec["validated"]
+            pre_only = v is False and rec.get("linear_confirmed") is True
             rows.append({"prompt": prompt, "act": rec["activation"],
                          "attr": None if is_target else rec["attribution"],
                          "replay": None if is_target else rec["replay_delta"],
-                         "valid": "" if is_target else ("yes" if v is True else ("no" if v is False else "–"))})
+                         "valid": "" if is_target else ("yes" if v is True else (
+                             "pre-act. only" if pre_only else ("no" if v is False else "–")))})
         if rows:
             cols = ["prompt", "act"] if is_target else ["prompt", "act", "attr", "replay", "valid"]
             st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, width="stretch", column_config={
