@@ -21,11 +21,11 @@ import torch
 
 from engine.config import Config
 from engine.errors import UserError
+from engine.model import run_blocks
 from engine.pathways import graph as G
 from engine.pathways.index import write_export
 from engine.pathways.compute import (GradGraph, Intervention, LayerCodes, PromptCodes, TargetSpec, contract,
-                                     encode_layer, error_bias_terms, feature_totals, layer_terms, replay,
-                                     target_weighted_seed)
+                                     encode_layer, feature_totals, layer_terms, replay, source_contribution)
 from engine.schema import PATHWAY_SCHEMA_VERSION, FeatureId, atomic_write_json, pathway_path, with_schema
 
 
@@ -292,60 +292,83 @@ class PathwayEngine:
 
     def _edges_exact(self, gg: GradGraph, pc: PromptCodes, specs: list[TargetSpec],
                      nodes: dict[str, list[NodeRec]], entry_attr: dict[str, dict[int, torch.Tensor]]) -> dict:
-        """Exact first-order path weights, target by target.
+        """Exact first-order path weights for every target of the chunk.
 
-        For target t and a node v at graph layer l_v (lower graph layer l_u), the cotangent
-        sum_{p in P_v} g_v[p] e_v at h_{l_v}[p], with g_v[p] = <d_v, dpre_t/dh_{l_v}[p]>, pulled
-        back to h_{l_u} and contracted with a source's contribution gives
-        w(src -> v) = sum_p g_v[p] dpre_v[p]/d(src), for every source at l_u at once
-        (features, SAE error, decoder bias). One more row per (t, l_v) seeds every active
-        feature of l_v: what reaches the target through l_v's features; the rest of a
-        source's attribution passes through l_v's SAE error.
+        w_t(src -> v) = sum_{p in P_v} g_v[p] e_v . dh_{l_v}[p]/d(src), with
+        g_v[p] = <d_v, dpre_t/dh_{l_v}[p]> read from the target's own gradient (its per-entry
+        attributions over the activation). The tangent dh_{l_v}/d(src) does not depend on the
+        target, so it is computed once per source (graph features of the lower layer, that
+        layer's SAE error and decoder bias) by one batched forward-mode pass (JVP) over blocks
+        l_u+1..l_v, then contracted with every target's weights: one pass per source instead of
+        one backward pass per (target, node). The same tangents give what reaches the target
+        through *all* active features of l_v; the rest of a source's attribution passes
+        through l_v's SAE error.
         Returns {t: {(l_v, uidx_v | None): {"features": {uidx_u: w}, "error": w, "bias": w}}}."""
-        rows = []  # (target, l_v, l_u, uidx_v or None)
-        by_name = {s.name: s for s in specs}
-        for s in specs:
-            layers = sorted({x.layer for x in nodes[s.name]})
-            for k in range(1, len(layers)):
-                lv, lu = layers[k], layers[k - 1]
-                for x in nodes[s.name]:
-                    if x.layer == lv:
-                        rows.append((s.name, lv, lu, x.uidx))
-                rows.append((s.name, lv, lu, None))
-        rows.sort(key=lambda r: (r[1], r[2]))  # rows of a batch share layers where possible
-        members = {s.name: {} for s in specs}  # t -> l_u -> node uidx list
+        pairs: dict[int, dict[int, list[str]]] = {}  # l_u -> l_v -> targets with that pair
+        members: dict[str, dict[int, list[int]]] = {s.name: {} for s in specs}
         for s in specs:
             for x in nodes[s.name]:
                 members[s.name].setdefault(x.layer, []).append(x.uidx)
+            layers = sorted(members[s.name])
+            for k in range(1, len(layers)):
+                pairs.setdefault(layers[k - 1], {}).setdefault(layers[k], []).append(s.name)
         out: dict[str, dict] = {s.name: {} for s in specs}
         B = max(1, self.pc.target_batch_size)
         T = pc.T
         bos = self.pc.exclude_bos
-        for b0 in range(0, len(rows), B):
-            batch = rows[b0:b0 + B]
-            inputs = sorted({r[2] for r in batch})
-            seeds: dict[int, torch.Tensor] = {}
-            for j, (t, lv, lu, uv) in enumerate(batch):
-                codes = pc.layers[lv]
-                if lv not in seeds:
-                    seeds[lv] = torch.zeros((len(batch), T, codes.enc.shape[1]), dtype=self.dtype,
-                                            device=codes.enc.device)
-                ent = codes.entries_of(uv) if uv is not None else None
-                seeds[lv][j] = target_weighted_seed(codes, entry_attr[t][lv], T, ent).to(self.dtype)
-            grads = self._vjp(gg, seeds, inputs)
-            for l in inputs:
-                codes_u = pc.layers[l]
-                tot = feature_totals(contract(grads[l], codes_u), codes_u)  # (B, U)
-                err, bias = error_bias_terms(grads[l], codes_u, bos)
-                for j, (t, lv, lu, uv) in enumerate(batch):
-                    if lu != l:
-                        continue
-                    ms = members[t].get(l, [])
-                    vals = tot[j, ms].tolist() if ms else []
-                    out[t][(lv, uv)] = {"features": dict(zip(ms, vals)), "error": float(err[j]),
-                                        "bias": float(bias[j])}
-                del grads[l]
+        for lu, by_lv in sorted(pairs.items()):
+            codes_u = pc.layers[lu]
+            users = sorted({t for ts in by_lv.values() for t in ts})
+            feats = sorted({u for t in users for u in members[t][lu]})
+            sources: list[int | str] = [*feats, "error", "bias"]
+            lvs = sorted(by_lv)
+            for b0 in range(0, len(sources), B):
+                batch = sources[b0:b0 + B]
+                tan = torch.stack([source_contribution(codes_u, src, T, bos) for src in batch]).to(self.dtype)
+                dh = self._jvp(gg.h[lu].detach()[0], tan, lu, lvs)
+                row_of = {src: j for j, src in enumerate(batch)}
+                for lv in lvs:
+                    codes_v = pc.layers[lv]
+                    E = contract(dh[lv], codes_v, encoder=True)  # (b, K): e_k . dh[p_k]
+                    del dh[lv]
+                    for t in by_lv[lv]:
+                        coef = entry_attr[t][lv] / codes_v.act  # g_k per unit activation, (K,)
+                        through = E @ coef  # (b,): via all active features of l_v
+                        F = feature_totals(E * coef, codes_v)  # (b, U): via each feature of l_v
+                        rows = [(src, row_of[src]) for src in (*members[t][lu], "error", "bias") if src in row_of]
+                        if not rows:
+                            continue
+                        idx = [j for _, j in rows]
+                        vs = members[t][lv]
+                        vals = F[idx][:, vs].tolist()
+                        allv = through[idx].tolist()
+                        for (src, _), rv, av in zip(rows, vals, allv):
+                            for key, w in [*zip(vs, rv), (None, av)]:
+                                rec = out[t].setdefault((lv, key), {"features": {}, "error": 0.0, "bias": 0.0})
+                                if isinstance(src, str):
+                                    rec[src] = w
+                                else:
+                                    rec["features"][src] = w
         return out
+
+    def _jvp(self, h: torch.Tensor, tangents: torch.Tensor, lu: int, lvs: list[int]) -> dict[int, torch.Tensor]:
+        """Forward-mode derivative of h_{l_v} (each l_v in lvs) along each row of `tangents`
+        (b, T, d) added to h_{l_u}: {l_v: (b, T, d)}. CUDA OOM halves the batch."""
+        import torch.autograd.forward_ad as fwAD
+
+        try:
+            with torch.no_grad(), fwAD.dual_level():
+                x = fwAD.make_dual(h.expand(tangents.shape[0], -1, -1).contiguous(), tangents)
+                res = run_blocks(self.model, x, lu + 1, max(lvs), keep=lvs)
+                return {l: fwAD.unpack_dual(res[l]).tangent for l in lvs}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            n = tangents.shape[0]
+            if n == 1:
+                raise
+            a = self._jvp(h, tangents[:n // 2], lu, lvs)
+            b = self._jvp(h, tangents[n // 2:], lu, lvs)
+            return {l: torch.cat([a[l], b[l]]) for l in lvs}
 
     def _replays(self, gg: GradGraph, pc: PromptCodes, specs: list[TargetSpec], nodes) -> dict:
         """{target: {(layer, uidx): {"zero": Δpre, "zero_act": Δact, "patch": Δpre}}}."""
