@@ -473,7 +473,11 @@ largest relative attribution difference {cmp['max_rel_attribution_diff']:.1e}, l
         if section_of(DOC.read_text() if DOC.exists() else "", REAL) is None:
             text += (f"\nReal shape: not measured on a GPU yet. FLOP-based estimate: {flop_estimate()}. Run "
                      "`python scripts/bench_pathways.py --real-shape --device cuda --write` on one.\n")
+        doc = DOC.read_text() if DOC.exists() else ""
+        span = section_of(doc, EDGES)
         write_section(SECTION, text, keep=REAL)  # the GPU measurement stays: this CPU run does not redo it
+        if span:  # and so does the exact-vs-approximate edges comparison
+            write_section(EDGES, doc[span[0]:span[1]], parent=SECTION)
         print("wrote docs/benchmarks.md")
     return 0
 
@@ -547,7 +551,9 @@ def compare_edges(a, fixture: Path, fx: dict, work: Path, tf: Path, targets: lis
 
 Command: `{cmd}` on {machine}, torch {__import__('torch').__version__}, {a.threads} thread per process; the
 machine was shared with other engineers' jobs, so each mode ran {a.repeats} times, alternating, and the best
-time of each is compared (all runs: wall {s['all_wall_s']}, CPU {s['all_cpu_s']} s).
+time of each is compared (all runs, wall: approx {s['all_wall_s']['approx']} s, exact {s['all_wall_s']['exact']} s;
+CPU: approx {s['all_cpu_s']['approx']} s, exact {s['all_cpu_s']['exact']} s). CPU time is the steadier figure
+under that load.
 Same fixture and targets as above ({len(targets)} targets x 2 prompts, {a.n_replay} replays, top-{a.top_k} per layer).
 
 | | approximation (`edge_weight: approx`) | exact (`edge_weight: exact`, default) |
@@ -562,8 +568,9 @@ feature-to-feature edges both modes kept, the old weight is off the exact one by
 {100 * s['old_vs_exact_rel_median']:.0f}% (90th percentile {100 * s['old_vs_exact_rel_p90']:.0f}%; {100 * s['old_vs_exact_share_over_10pct']:.0f}%
 of edges off by more than 10%). Conservation over {s['sources']} sources: graph + other features + SAE error shares
 sum to 1 within {s['max_share_sum_error']:.1e}; below the top graph layer the graph's out-edges carry a median
-{100 * s['graph_share_median']:.0f}% of a source's attribution (random fixture SAEs: most of it passes through
-features outside the graph and the SAE error, median |error share| {100 * s['sae_error_share_median_abs']:.0f}%).
+{100 * s['graph_share_median']:.0f}% of a source's attribution; the rest passes through features outside the graph
+and the SAE error, which partly cancel on these random fixture SAEs (median |error share|
+{100 * s['sae_error_share_median_abs']:.0f}%).
 Targets inactive on a prompt: {s['inactive_target_pairs']} pairs; there {s['inactive_linear_confirmed']} replayed
 nodes had their linear estimate confirmed and {s['inactive_validated']} counted as validated.
 """
