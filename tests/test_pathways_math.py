@@ -366,6 +366,35 @@ def test_graph_is_multi_hop_and_consistent(cfg64, model64):
             assert set(parts) >= {"features", "error", "bias"}
 
 
+def test_a_target_that_never_fires_validates_nothing(cfg64, model64):
+    """Replay verdicts are reported separately: with the target inactive before and after every
+    ablation (each replay_delta_activation 0), the linear estimate can be confirmed on the
+    pre-activation, but no node counts as validated (it changes nothing the target does)."""
+    from engine.sae import load_sae
+
+    model, tok = model64
+    ids = tokenize(tok, cfg64.prompts["safe"], "cpu")
+    h = forward_resid_post(model, ids, [4])[4][0, -1]
+    pre = load_sae(cfg64.sae, 4).pre_activation(h)
+    t = FeatureId(4, int(torch.argmin(pre)))  # far below its threshold: no ablation makes it fire
+    _, res = run_engine(cfg64, model, tok, [t])
+    rec = res[str(t)]["prompts"]["safe"]
+    assert rec["target_activation"] == 0.0 and rec["target_pre_activation"] < 0
+    replayed = [n for n in rec["nodes"] if n["replay_delta"] is not None]
+    assert len(replayed) == cfg64.pathways.n_replay
+    for n in replayed:
+        assert n["replay_delta_activation"] == 0.0 and n["changes_target_activation"] is False
+        assert n["validated"] is False
+        # the pre-activation verdict is the documented rule, applied independently here
+        big = abs(n["replay_delta"]) >= max(cfg64.pathways.validate_min_abs_delta,
+                                            cfg64.pathways.validate_min_rel_delta * abs(rec["target_pre_activation"]))
+        assert n["linear_confirmed"] == (big and (n["replay_delta"] > 0) == (n["attribution"] < 0))
+    assert sum(n["linear_confirmed"] for n in replayed) >= 3  # the old single verdict passed these
+    v = G.validation(0.5, -0.4, 0.0, 2.0, 1e-3, 0.01)
+    assert v == {"linear_confirmed": True, "changes_target_activation": False, "validated": False}
+    assert G.validation(0.5, -0.4, -0.4, 2.0, 1e-3, 0.01)["validated"] is True
+
+
 def test_select_indices_hand_example():
     scores = [0.1, -3.0, 2.0, 0.0, 1.0, -0.4]
     # |total| = 6.5; 80% = 5.2: -3.0 (3.0), 2.0 (5.0), 1.0 (6.0) -> stop
