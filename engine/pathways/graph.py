@@ -8,13 +8,13 @@ Graph definition (docs/science.md, "Pathway graphs"):
   total |attribution|; optionally only the `max_graph_layers` layers with most |attribution|.
 - Graph layers are the distinct layers holding nodes. Edges join nodes of successive graph
   layers, and the top graph layer to the target.
-- raw(u -> v) = sum_{p in P_u} a_u[p] <d_u, d(sum_{p' in P_v} pre_v[p'])/dh_{l_u}[p]>: the
-  first-order attribution of u to v's pre-activation summed over v's active positions (for
-  v = target: its pre-activation at the last token, so raw(u -> t) = A_u).
-- weight(u -> v) = raw(u -> v) * A_v / act_v for an upstream v (A_v its attribution to the
-  target, act_v its activation summed over its positions: the target effect per unit of v),
-  and weight(u -> t) = A_u. So weight is the share of the target's attribution that flows
-  from u through v, in units of the target's pre-activation.
+- Each graph layer also has an SAE-error and a decoder-bias node (kind "error" / "bias").
+- Edge weight (edge_weight: exact): w(s -> v) = sum_{p in P_v} g_v[p] dpre_v[p]/d(s), with
+  g_v[p] = <d_v, dpre_t/dh_{l_v}[p]>: the first-order effect on the target of source s through
+  v's activation at every position; w(s -> t) = A_s. A source's attribution splits exactly
+  (first order) into its out-edges, the next graph layer's other features and its SAE error
+  (out_shares). edge_weight: approx keeps the old approximation raw(u -> v) * A_v / act_v,
+  exact only when v is active at one position.
 - Incoming edges of each node are pruned to the strongest covering `coverage` of their
   total |weight| (at most `top_k_per_layer`); edges into the target are all kept.
 """

@@ -3,9 +3,9 @@
 Per run: load the model once; per prompt, one no-grad forward pass and one SAE load per
 layer give the sparse codes every target reuses (then the SAE is freed). Per chunk of
 targets (sorted by layer): per prompt, one forward pass with autograd, batched
-backward passes for the targets (node attribution), batched backward passes for the
-graph's intermediate nodes (edges; each node once per prompt however many graphs hold
-it), and batched replays grouped by upstream layer (each intervention once, read by
+backward passes for the targets (node attribution), batched forward-mode passes for the
+graphs' edge sources (exact edges; each source once per prompt however many graphs hold
+it, contracted with every target's gradient weights), and batched replays grouped by upstream layer (each intervention once, read by
 every target that asked for it). Each target's JSON is written atomically when its
 chunk is done; a restart skips targets whose file matches the current config hash.
 """
