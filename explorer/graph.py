@@ -200,11 +200,15 @@ def keep_by_share(values: np.ndarray, share: float) -> np.ndarray:
 
 
 def prune(view: View, node_share: float = 1.0, edge_share: float = 1.0, max_edges: int | None = None) -> View:
-    """Keep the nodes covering `node_share` of total |attribution| (the target always), then
-    the edges between kept nodes covering `edge_share` of their |weight|, at most `max_edges`."""
+    """Keep the features covering `node_share` of their total |attribution| (the target and the
+    error/bias nodes always), then the edges between kept nodes covering `edge_share` of their
+    |weight|, at most `max_edges`."""
     nodes = view.nodes
-    others = ~nodes["is_target"].astype(bool)
-    keep = nodes["is_target"].astype(bool).to_numpy().copy()
+    # the target and the per-layer SAE-error/bias nodes (accounting, not features) are always kept
+    fixed = nodes["is_target"].astype(bool) | nodes.get("kind", pd.Series("feature", index=nodes.index)).isin(
+        ["error", "bias"])
+    others = ~fixed
+    keep = fixed.to_numpy().copy()
     keep[others.to_numpy()] = keep_by_share(nodes.loc[others, "attribution"].to_numpy(), node_share)
     kept_nodes = nodes[keep]
     ids = set(kept_nodes["id"])

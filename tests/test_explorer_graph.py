@@ -174,6 +174,8 @@ def test_rings_tell_validated_from_pre_activation_only_and_mark_error_nodes():
     names = {t["name"] for t in data}
     assert {"pre-activation only: estimate held, target's activation unchanged", "SAE error node"} <= names
     assert "pre-activation only" in figures.validation_label(False, True)
+    kept = G.prune(v, node_share=0.5)  # the error node (0.2) is not ranked against the features
+    assert "L2-error" in set(kept.nodes["id"]) and kept.dropped_nodes >= 1
     d = G.prompt_view(p, "difference").nodes.set_index("id")
     assert d.loc["L2-2", "linear_confirmed"] is True and d.loc["L2-error", "kind"] == "error"
 
