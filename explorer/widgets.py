@@ -281,14 +281,15 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
         edges["|weight|"] = edges["weight"].abs()
         edges = edges.sort_values("|weight|", ascending=False).drop(columns="|weight|")
         cols = [c for c in ("source", "target", "weight", "weight_safe", "weight_risky", "raw", "validated")
-                if c in edges.columns]
+                if c in edges.columns and not (c == "raw" and edges[c].isna().all())]  # raw: edge_weight approx only
         st.dataframe(edges[cols], hide_index=True, width="stretch", height=min(420, 38 + 35 * max(1, len(edges))),
                      column_config={
                          "weight": st.column_config.NumberColumn(format="%+.4f", help=HELP["weight"]),
                          "weight_safe": st.column_config.NumberColumn("weight (safe)", format="%+.4f"),
                          "weight_risky": st.column_config.NumberColumn("weight (risky)", format="%+.4f"),
                          "raw": st.column_config.NumberColumn(
-                             format="%+.4f", help="Attribution of the source to the downstream node's pre-activation"),
+                             format="%+.4f", help="Approximation mode only: attribution of the source to the downstream "
+                                                 "node's pre-activation summed over its positions"),
                          "validated": st.column_config.CheckboxColumn(
                              "source validated", help="Replay confirmed the source node (edges are not replayed)"),
                      })
