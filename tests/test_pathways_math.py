@@ -269,7 +269,8 @@ def test_finite_difference_on_the_real_model(cfg64, model64):
     pc = eng.prompts["risky"]
     rec = res[str(t)]["prompts"]["risky"]
     spec = eng.specs[str(t)]
-    ups = sorted((n for n in rec["nodes"] if not n["is_target"]), key=lambda n: -abs(n["attribution"]))[:6]
+    ups = sorted((n for n in rec["nodes"] if not n["is_target"] and n["kind"] == "feature"),
+                 key=lambda n: -abs(n["attribution"]))[:6]
     resid = forward_resid_post(model, pc.ids, range(6))
     # Central difference: remove +eps and -eps of the feature's contribution. (RMSNorm and the
     # rotary tables compute in float32 even in a float64 model, so eps cannot be tiny.)
