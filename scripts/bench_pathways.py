@@ -573,6 +573,8 @@ and the SAE error, which partly cancel on these random fixture SAEs (median |err
 {100 * s['sae_error_share_median_abs']:.0f}%).
 Targets inactive on a prompt: {s['inactive_target_pairs']} pairs; there {s['inactive_linear_confirmed']} replayed
 nodes had their linear estimate confirmed and {s['inactive_validated']} counted as validated.
+The real-shape GPU figures in this section were measured with the previous edge computation and
+have not been re-measured with exact edges.
 """
         write_section(EDGES, text, parent=SECTION)
         print("wrote docs/benchmarks.md")
