@@ -169,6 +169,7 @@ class PathwaysConfig:
     max_graph_layers: int | None = None
     n_replay: int = 20
     replay_mode: str = "zero"
+    edge_weight: str = "exact"
     validate_min_abs_delta: float = 1e-3
     validate_min_rel_delta: float = 0.01
     target_batch_size: int = 32
@@ -178,6 +179,7 @@ class PathwaysConfig:
 
     def validate(self) -> None:
         _choice("pathways.replay_mode", self.replay_mode, ("zero", "patch", "both"))
+        _choice("pathways.edge_weight", self.edge_weight, ("exact", "approx"))
         if not 0 < self.coverage <= 1:
             raise UserError(f"config pathways.coverage must be in (0, 1], got {self.coverage}")
 

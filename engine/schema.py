@@ -25,6 +25,10 @@ from typing import Any, Iterable, Iterator
 from engine.errors import UserError
 
 SCHEMA_VERSION = 1
+#: Per-target pathway files (pathways/L<l>-<i>.json). 2: exact first-order edge weights, SAE
+#: error and bias nodes ("kind": "feature" | "error" | "bias"), out-shares, and replay verdicts
+#: split into linear_confirmed / changes_target_activation (docs/cache_format.md).
+PATHWAY_SCHEMA_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # Feature ids: "L12-3456" (layer 12, SAE feature 3456), no zero padding.
@@ -406,8 +410,18 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{what} {path} is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
 
 
+def schema_version_for(path: str | os.PathLike) -> int:
+    """The schema version a cache file must carry: PATHWAY_SCHEMA_VERSION for a per-target
+    pathway file (pathways/L<l>-<i>.json), SCHEMA_VERSION for everything else."""
+    p = Path(path)
+    if p.parent.name == PATHWAYS_DIR and FEATURE_ID_RE.match(p.stem) and p.suffix == ".json":
+        return PATHWAY_SCHEMA_VERSION
+    return SCHEMA_VERSION
+
+
 def read_artifact(path: str | os.PathLike, what: str, rebuild: str | None = None) -> dict:
-    """Read a cache artifact and check its schema version."""
+    """Read a cache artifact and check its schema version (schema_version_for)."""
+    expected = schema_version_for(path)
     hint = f"; rebuild it with `{rebuild}`" if rebuild else ""
     try:
         obj = read_json(path, what)
@@ -416,16 +430,16 @@ def read_artifact(path: str | os.PathLike, what: str, rebuild: str | None = None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} is not a JSON object{hint}")
     version = obj.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version != expected:
         raise UserError(
-            f"{what} {path} has schema_version {version!r}, this tool reads {SCHEMA_VERSION}{hint}"
+            f"{what} {path} has schema_version {version!r}, this tool reads {expected}{hint}"
         )
     return obj
 
 
-def with_schema(obj: dict) -> dict:
+def with_schema(obj: dict, version: int = SCHEMA_VERSION) -> dict:
     """Return obj with schema_version first."""
-    return {"schema_version": SCHEMA_VERSION, **{k: v for k, v in obj.items() if k != "schema_version"}}
+    return {"schema_version": version, **{k: v for k, v in obj.items() if k != "schema_version"}}
 
 
 def iter_feature_files(folder: Path) -> Iterable[tuple[FeatureId, Path]]:

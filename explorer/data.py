@@ -189,10 +189,11 @@ def read_artifact(ctx: AppContext, rel: str | Path, what: str, command: str | No
     if not isinstance(obj, dict):
         raise CacheProblem(f"{what} `{relpath(ctx, path)}` is not a JSON object.", command, "schema")
     version = obj.get("schema_version")
-    if version != schema.SCHEMA_VERSION:
+    expected = schema.schema_version_for(path)
+    if version != expected:
         raise CacheProblem(
             f"{what} `{relpath(ctx, path)}` has schema_version {version!r}; this explorer reads "
-            f"{schema.SCHEMA_VERSION}.", command, "schema")
+            f"{expected}.", command, "schema")
     return obj
 
 

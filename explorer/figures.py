@@ -46,9 +46,13 @@ def _fmt(x, digits: int = 3) -> str:
     return f"{v:+.{digits}f}" if v != 0 else "0"
 
 
-def validation_label(v) -> str:
+def validation_label(v, linear=None) -> str:
+    """v: the node's `validated` (linear estimate confirmed and the target's activation changed);
+    linear: `linear_confirmed` (the estimate held on the pre-activation)."""
     if v is True:
-        return "validated by replay"
+        return "validated by replay (target's activation changed)"
+    if v is False and linear is True:
+        return "linear estimate confirmed on the pre-activation only (target's activation unchanged)"
     if v is False:
         return "not confirmed by replay"
     return "not replayed"
@@ -190,6 +194,13 @@ def label_text(node: str, auto: str | None = None, user: str | None = None) -> s
     return html.escape(node) + (f"<br><i>{html.escape(sub)}</i>" if sub else "")
 
 
+#: ring of a node whose linear estimate held on the pre-activation but whose ablation left the
+#: target's activation unchanged (e.g. the target does not fire)
+PRE_ONLY_RING = "#3b6db3"
+#: marker of the per-layer SAE-error and decoder-bias nodes (features are circles)
+KIND_SYMBOL = {"error": "square", "bias": "diamond"}
+
+
 def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None = None,
                    value_label: str = "attribution", compact: bool = False,
                    auto_labels: dict[str, str] | None = None, user_labels: dict[str, str] | None = None,
@@ -263,9 +274,13 @@ def pathway_figure(view: G.View, x_mode: str = "attribution", title: str | None 
                 marker=dict(symbol="circle-open", size=[size_of.get(i, 12) + 10 for i in ids],
                             line=dict(width=width, color=colour), color=colour)))
     vals = up["validated"].tolist()
-    symbols = ["circle" if v is not False else "circle-x" for v in vals]
-    line_w = [3.0 if v is True else (1.0 if v is False else 0.6) for v in vals]
-    line_c = ["#111111" if v is True else "#777777" for v in vals]
+    lin = up["linear_confirmed"].tolist() if "linear_confirmed" in up else [None] * len(vals)
+    kinds = up["kind"].tolist() if "kind" in up else ["feature"] * len(vals)
+    pre_only = [v is False and x is True for v, x in zip(vals, lin)]  # estimate held, target did not move
+    symbols = [KIND_SYMBOL.get(k) or ("circle" if (v is not False or p) else "circle-x")
+               for k, v, p in zip(kinds, vals, pre_only)]
+    line_w = [3.0 if v is True else (2.0 if p else (1.0 if v is False else 0.6)) for v, p in zip(vals, pre_only)]
+    line_c = ["#111111" if v is True else (PRE_ONLY_RING if p else "#777777") for v, p in zip(vals, pre_only)]
     hover = [_node_hover(r, view, auto_labels.get(r["id"]), user_labels.get(r["id"])) for r in up.to_dict("records")]
     traces.append(go.Scatter(
         x=[pos[i][0] for i in up["id"]], y=[pos[i][1] for i in up["id"]], mode="markers", name=NODE_TRACE,
@@ -393,7 +408,9 @@ SUPERNODE_COLOURS = ("rgb(117,112,179)", "rgb(27,158,119)", "rgb(231,41,138)", "
 def legend_markdown() -> str:
     """The graph's key, drawn under it (a plotly legend would take plot area and cover nodes)."""
     return ("<span style='color:#b2182b'>━</span> positive edge · <span style='color:#2166ac'>━</span> negative edge · "
-            "┈ dotted: source not validated · ◉ thick ring: validated by replay · ⊗ replay did not confirm · "
+            "┈ dotted: source not validated · ◉ thick ring: validated by replay (target's activation changed) · "
+            f"<span style='color:{PRE_ONLY_RING}'>◉</span> blue ring: pre-activation only (estimate held, "
+            "target's activation unchanged) · ⊗ replay did not confirm · ■ SAE error · ◆ decoder bias · "
             "<span style='color:#f2b701'>◯</span> pinned · ◯ dark halo: selected")
 
 
@@ -408,7 +425,7 @@ def _node_hover(r: dict, view: G.View, auto: str | None = None, user: str | None
         label = "attribution (risky − safe)" if view.mode == "difference" else "attribution"
         lines.append(f"{label} {_fmt(r.get('attribution'))}")
         lines.append(f"replay change {_fmt(r.get('replay_delta'))}")
-        lines.append(validation_label(r.get("validated")))
+        lines.append(validation_label(r.get("validated"), r.get("linear_confirmed")))
     p = G.strongest_position(r, view.target_position)
     if p is not None and view.tokens:
         lines.append(f"position {p}: {html.escape(repr(clean_token(G.token_at(view.tokens, p))))}")
@@ -441,14 +458,17 @@ def agreement_figure(view: G.View) -> go.Figure:
     up = view.nodes[~view.nodes["is_target"].astype(bool)]
     up = up[np.isfinite(up["attribution"].astype(float)) & np.isfinite(up["replay_delta"].astype(float))]
     fig = go.Figure()
-    colours = {True: style.POSITIVE, False: style.NEUTRAL}
-    for v in (True, False):
-        sub = up[up["validated"].eq(True) == v]
+    valid = up["validated"].eq(True)
+    lin = up["linear_confirmed"].eq(True) if "linear_confirmed" in up else valid
+    groups = [(valid, True, None, style.POSITIVE), (~valid & lin, False, True, PRE_ONLY_RING),
+              (~valid & ~lin, False, False, style.NEUTRAL)]
+    for mask, v, x, colour in groups:
+        sub = up[mask]
         if len(sub):
             fig.add_trace(go.Scatter(
-                x=sub["attribution"], y=sub["replay_delta"], mode="markers", name=validation_label(v),
+                x=sub["attribution"], y=sub["replay_delta"], mode="markers", name=validation_label(v, x),
                 customdata=sub["id"], hovertemplate="%{customdata}<br>attribution %{x:.3f}<br>replay change %{y:.3f}<extra></extra>",
-                marker=dict(size=9, color=colours[v], line=dict(width=1, color="white"))))
+                marker=dict(size=9, color=colour, line=dict(width=1, color="white"))))
     if len(up):
         lim = float(max(np.abs(up["attribution"]).max(), np.abs(up["replay_delta"]).max())) * 1.1 or 1.0
         fig.add_trace(go.Scatter(x=[-lim, lim], y=[lim, -lim], mode="lines", name="replay = −attribution",

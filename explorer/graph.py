@@ -26,7 +26,8 @@ import pandas as pd
 
 MODES = ("safe", "risky", "difference")
 NODE_COLUMNS = ["id", "layer", "feature_id", "is_target", "activation", "attribution", "replay_delta",
-                "patch_delta", "validated", "positions", "position_activations", "position_attributions"]
+                "patch_delta", "validated", "positions", "position_activations", "position_attributions",
+                "kind", "linear_confirmed"]
 EDGE_COLUMNS = ["source", "target", "weight", "raw", "validated"]
 
 
@@ -86,9 +87,13 @@ def _node_frame(nodes: list[dict]) -> pd.DataFrame:
             "positions": list(n.get("positions") or []),
             "position_activations": list(n.get("position_activations") or []),
             "position_attributions": list(n.get("position_attributions") or []),
+            # pathway schema 2: feature | error | bias; the linear estimate's own verdict
+            "kind": n.get("kind", "feature"),
+            "linear_confirmed": n.get("linear_confirmed", n.get("validated")),
         })
     df = pd.DataFrame.from_records(rows, columns=NODE_COLUMNS)
     df["validated"] = df["validated"].astype(object)
+    df["linear_confirmed"] = df["linear_confirmed"].astype(object)
     return df
 
 
@@ -129,7 +134,7 @@ def _difference(pathway: dict) -> View:
     safe = prompt_view(pathway, "safe")
     risky = prompt_view(pathway, "risky")
     keep = ["id", "layer", "feature_id", "is_target", "activation", "attribution", "replay_delta", "validated",
-            "positions", "position_activations", "position_attributions"]
+            "positions", "position_activations", "position_attributions", "kind", "linear_confirmed"]
     m = risky.nodes[keep].merge(safe.nodes[keep], on="id", how="outer", suffixes=("_r", "_s"), sort=False,
                                 indicator=True)
     in_r = m["_merge"].isin(["both", "left_only"]).to_numpy()
@@ -142,9 +147,13 @@ def _difference(pathway: dict) -> View:
     attr_r = m["attribution_r"].astype(float)
     attr_s = m["attribution_s"].astype(float)
     diff = attr_r.fillna(0.0).where(in_r, 0.0) - attr_s.fillna(0.0).where(in_s, 0.0)
-    val_r, val_s = m["validated_r"], m["validated_s"]
-    validated = [True if (a is True or b is True) else (False if (a is False or b is False) else None)
-                 for a, b in zip(val_r.where(in_r, None), val_s.where(in_s, None))]
+
+    def either(col: str) -> list:
+        a_, b_ = m[f"{col}_r"].where(in_r, None), m[f"{col}_s"].where(in_s, None)
+        return [True if (a is True or b is True) else (False if (a is False or b is False) else None)
+                for a, b in zip(a_, b_)]
+
+    validated = either("validated")
     nodes = pd.DataFrame({
         "id": m["id"], "layer": pick("layer").astype(int), "feature_id": pick("feature_id"), "is_target": is_target,
         "activation": np.fmax(m["activation_r"].astype(float), m["activation_s"].astype(float)),
@@ -152,6 +161,7 @@ def _difference(pathway: dict) -> View:
         "replay_delta": m["replay_delta_r"].astype(float) - m["replay_delta_s"].astype(float),
         "patch_delta": np.nan,
         "validated": pd.Series(validated, dtype=object),
+        "kind": pick("kind"), "linear_confirmed": pd.Series(either("linear_confirmed"), dtype=object),
         "positions": pick("positions"), "position_activations": pick("position_activations"),
         "position_attributions": pick("position_attributions"),
         "attribution_safe": attr_s.where(in_s, np.nan), "attribution_risky": attr_r.where(in_r, np.nan),
@@ -199,12 +209,15 @@ def keep_by_share(values: np.ndarray, share: float) -> np.ndarray:
 
 def prune(view: View, node_share: float = 1.0, edge_share: float = 1.0, max_edges: int | None = None,
           always: Iterable[str] = ()) -> View:
-    """Keep the nodes covering `node_share` of total |attribution| (the target and the
-    `always` nodes, e.g. pinned ones, too), then the edges between kept nodes covering
-    `edge_share` of their |weight|, at most `max_edges`."""
+    """Keep the features covering `node_share` of their total |attribution| (the target, the
+    error/bias nodes and the `always` nodes, e.g. pinned ones, too), then the edges between kept
+    nodes covering `edge_share` of their |weight|, at most `max_edges`."""
     nodes = view.nodes
-    others = ~nodes["is_target"].astype(bool)
-    keep = nodes["is_target"].astype(bool).to_numpy().copy()
+    # the target and the per-layer SAE-error/bias nodes (accounting, not features) are always kept
+    fixed = nodes["is_target"].astype(bool) | nodes.get("kind", pd.Series("feature", index=nodes.index)).isin(
+        ["error", "bias"])
+    others = ~fixed
+    keep = fixed.to_numpy().copy()
     keep[others.to_numpy()] = keep_by_share(nodes.loc[others, "attribution"].to_numpy(), node_share)
     keep |= nodes["id"].isin(set(always)).to_numpy()
     kept_nodes = nodes[keep]
@@ -328,7 +341,7 @@ def node_details(pathway: dict, node_id: str) -> dict:
                 "attribution": n.get("attribution"),
                 "replay_delta": n.get("replay_delta"),
                 "patch_delta": n.get("patch_delta"),
-                "validated": n.get("validated"),
+                "validated": n.get("validated"), "linear_confirmed": n.get("linear_confirmed"),
                 "positions": [
                     {"position": int(p), "token": token_at(tokens, p), "activation": a, "attribution": t}
                     for p, a, t in zip(positions, pacts, pattr)

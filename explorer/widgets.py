@@ -314,8 +314,10 @@ def download(label: str, data: bytes | str | Callable[[], bytes] | None, file_na
 # The pathway panel (Pathway page, Features preview, Live prototype)
 # ---------------------------------------------------------------------------
 
-_VALIDATED_HELP = ("A node is validated when zero-ablating it changed the target's pre-activation with the "
-                   "predicted sign (about minus its attribution) and by more than the configured minimum.")
+_VALIDATED_HELP = ("Replay reports two verdicts. Linear estimate confirmed: zero-ablating the node changed the "
+                   "target's pre-activation with the predicted sign (about minus its attribution) and by more than "
+                   "the configured minimum. Validated: that, and the target's activation (after its gate) changed "
+                   "the same way; a target that does not fire is never validated, only 'pre-activation only'.")
 HELP = {
     "activation": "The node's SAE activation summed over the prompt positions where it is active.",
     "attribution": "First-order effect of the node on the target's pre-activation: activation times the "
@@ -326,8 +328,9 @@ HELP = {
     "r": "Pearson correlation of attribution with minus the replay change, over the replayed nodes "
          "(1 = the gradient estimate ranks effects exactly as real ablations do).",
     "sign": "Share of replayed nodes whose attribution and minus-replay-change have the same sign.",
-    "weight": "Edge weight: the share of the target's attribution that flows from the source through the "
-              "edge's downstream node, in units of the target's pre-activation (docs/science.md).",
+    "weight": "Edge weight: the first-order effect on the target's pre-activation of the source acting through "
+              "the downstream node's activation at every position where it is active (docs/science.md). Per "
+              "layer, SAE-error and bias nodes carry what the features do not.",
     "coverage": "Share of the total |attribution| of all active upstream features that the graph's nodes hold.",
 }
 
@@ -549,7 +552,7 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
         edges["|weight|"] = edges["weight"].abs()
         edges = edges.sort_values("|weight|", ascending=False).drop(columns="|weight|")
         cols = [c for c in ("source", "target", "weight", "weight_safe", "weight_risky", "raw", "validated")
-                if c in edges.columns]
+                if c in edges.columns and not (c == "raw" and edges[c].isna().all())]  # raw: edge_weight approx only
         if state is not None and node:
             st.caption(f"Edges of **{node}** only (click another node, or Clear on its card for all).")
         st.dataframe(edges[cols], hide_index=True, width="stretch", height=min(420, 38 + 35 * max(1, len(edges))),
@@ -559,7 +562,8 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
                          "weight_safe": st.column_config.NumberColumn("weight (safe)", format="%+.4f"),
                          "weight_risky": st.column_config.NumberColumn("weight (risky)", format="%+.4f"),
                          "raw": st.column_config.NumberColumn(
-                             format="%+.4f", help="Attribution of the source to the downstream node's pre-activation"),
+                             format="%+.4f", help="Approximation mode only: attribution of the source to the downstream "
+                                                 "node's pre-activation summed over its positions"),
                          "validated": st.column_config.CheckboxColumn(
                              "source validated", help="Replay confirmed the source node (edges are not replayed)"),
                      })
@@ -578,7 +582,9 @@ def pathway_panel(ctx: AppContext, bundle, key: str, causal: dict[str, dict], fi
     with tab["Nodes"]:
         base = nodes_all if (state is not None and node) else bundle.full.nodes
         nodes = base.drop(columns=["positions", "position_activations", "position_attributions"], errors="ignore")
-        nodes = nodes.assign(validated=nodes["validated"].map({True: "yes", False: "no"}).fillna("not replayed"))
+        pre_only = nodes["validated"].eq(False) & nodes.get("linear_confirmed", nodes["validated"]).eq(True)
+        nodes = nodes.assign(validated=nodes["validated"].map({True: "yes", False: "no"}).fillna("not replayed")
+                             .where(~pre_only, "pre-activation only"))
         if state is not None:
             ann = state.annotations
             groups = {m: sn["name"] for sn in ann.get("supernodes") or [] for m in sn["members"]}
@@ -702,10 +708,12 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
         rows = []
         for prompt, rec in det["prompts"].items():
             v = rec["validated"]
+            pre_only = v is False and rec.get("linear_confirmed") is True
             rows.append({"prompt": prompt, "act": rec["activation"],
                          "attr": None if is_target else rec["attribution"],
                          "replay": None if is_target else rec["replay_delta"],
-                         "valid": "" if is_target else ("yes" if v is True else ("no" if v is False else "–"))})
+                         "valid": "" if is_target else ("yes" if v is True else (
+                             "pre-act. only" if pre_only else ("no" if v is False else "–")))})
         if rows:
             cols = ["prompt", "act"] if is_target else ["prompt", "act", "attr", "replay", "valid"]
             st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, width="stretch", column_config={

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from engine import schema  # noqa: E402
 from engine.config import RISKY_PROMPT, SAFE_PROMPT  # noqa: E402
+from engine.pathways.graph import out_shares, validation  # noqa: E402
 
 PROMPTS = {"safe": SAFE_PROMPT, "risky": RISKY_PROMPT}
 
@@ -136,17 +137,28 @@ def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.G
             by_layer.setdefault(l, []).append(n)
     # Replay the strongest nodes: measured change ~ minus the attribution, with noise.
     pre = target_act
+    for n in nodes:
+        n.update(kind="feature", **validation(None, None, None, pre, 0.0, 0.0))
     for n in sorted(nodes, key=lambda n: -abs(n["attribution"]))[: size.n_replay]:
         delta = -n["attribution"] * float(1 + 0.25 * rng.standard_normal()) + 0.01 * float(rng.standard_normal())
-        n["replay_delta"] = n["replay_delta_activation"] = round(delta, 6)
-        big = abs(delta) >= max(1e-3, 0.01 * abs(pre))
-        n["validated"] = bool(big and n["attribution"] != 0 and (delta > 0) == (n["attribution"] < 0))
-    target = {"id": f"L{layer}-{fid}", "layer": layer, "feature_id": fid, "is_target": True, "positions": [q],
-              "position_activations": [round(target_act, 6)], "position_attributions": [None],
+        n["replay_delta"] = round(delta, 6)
+        n["replay_delta_activation"] = round(max(pre + delta, 0.0) - pre, 6)  # ReLU gate at 0
+        n.update(validation(n["attribution"], n["replay_delta"], n["replay_delta_activation"], pre, 1e-3, 0.01))
+    target = {"id": f"L{layer}-{fid}", "kind": "feature", "layer": layer, "feature_id": fid, "is_target": True,
+              "positions": [q], "position_activations": [round(target_act, 6)], "position_attributions": [None],
               "activation": round(target_act, 6), "attribution": None, "replay_delta": None,
-              "replay_delta_activation": None, "patch_delta": None, "validated": None}
+              "replay_delta_activation": None, "patch_delta": None, **validation(None, None, None, pre, 0.0, 0.0)}
     edges = []
     present = [l for l in graph_layers if by_layer.get(l)]
+    # one SAE-error and one bias node per graph layer, values derived from the layer's features
+    sources: dict[int, list[dict]] = {}
+    for l in present:
+        tot = sum(n["attribution"] for n in by_layer[l])
+        sources[l] = [{"id": f"L{l}-{kind}", "kind": kind, "layer": l, "feature_id": None, "is_target": False,
+                       "positions": [], "position_activations": [], "position_attributions": [], "activation": None,
+                       "attribution": round(f * tot, 6), "replay_delta": None, "replay_delta_activation": None,
+                       "patch_delta": None, **validation(None, None, None, pre, 0.0, 0.0)}
+                      for kind, f in (("error", 0.4), ("bias", -0.1))]
     for k, l in enumerate(present):
         for v in by_layer[l]:
             if k == 0:
@@ -155,15 +167,21 @@ def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.G
             for u in rng.choice(len(srcs), size=min(len(srcs), int(rng.integers(1, 5))), replace=False):
                 raw = float(rng.standard_normal() * 0.3)
                 edges.append({"source": srcs[int(u)]["id"], "target": v["id"],
-                              "weight": round(raw * v["attribution"] / max(v["activation"], 1e-6), 6),
-                              "raw": round(raw, 6)})
-    for u in by_layer.get(present[-1], []) if present else []:
-        edges.append({"source": u["id"], "target": target["id"], "weight": u["attribution"], "raw": u["attribution"]})
+                              "weight": round(raw * v["attribution"], 6)})
+            for sn, f in zip(sources[present[k - 1]], (0.1, -0.05)):
+                edges.append({"source": sn["id"], "target": v["id"], "weight": round(f * v["attribution"], 6)})
+    for u in [*by_layer.get(present[-1], []), *sources.get(present[-1], [])] if present else []:
+        edges.append({"source": u["id"], "target": target["id"], "weight": u["attribution"]})
+    extra = [sn for l in present for sn in sources[l]]
+    for n in nodes + extra:  # out-shares: the graph's edges, the rest split between features and error
+        out = sum(e["weight"] for e in edges if e["source"] == n["id"])
+        n.update(out_shares(n["attribution"], out, out + 0.6 * (n["attribution"] - out)))
+    nodes = nodes + extra
     a = np.array([n["attribution"] for n in nodes if n["replay_delta"] is not None])
     d = -np.array([n["replay_delta"] for n in nodes if n["replay_delta"] is not None])
     r = float(np.corrcoef(a, d)[0, 1]) if len(a) >= 3 else None
     nz = (a != 0) & (d != 0)
-    total = float(sum(abs(n["attribution"]) for n in nodes))
+    total = float(sum(abs(n["attribution"]) for n in nodes if n["kind"] == "feature"))
     return {
         "text": text, "n_tokens": T, "tokens": tokens, "target_position": q,
         "target_pre_activation": round(target_act, 6), "target_activation": round(target_act, 6),
@@ -176,7 +194,7 @@ def pathway_prompt(layer: int, fid: int, text: str, size: Size, rng: np.random.G
 
 def make_pathway(feature: str, size: Size, rng: np.random.Generator, planted: dict[int, int] | None = None) -> dict:
     fid = schema.FeatureId.parse(feature)
-    return schema.with_schema({
+    return schema.with_schema(version=schema.PATHWAY_SCHEMA_VERSION, obj={
         "feature": feature, "layer": fid.layer, "feature_id": fid.feature_id,
         "metadata": {"model": "fixture", "sae_source": "fixture", "encode_convention": "study",
                      "config_hash": "0" * 16, "timings_s": {"attribution": 1.0, "replay": 2.0}, "device": "cpu",

@@ -23,10 +23,12 @@ def pathway_file(cache, feature):
 
 
 def kept_by_share(nodes, share):
-    """Independent pruning: strongest |attribution| first until `share` of the total is reached."""
-    ups = sorted((n for n in nodes if not n["is_target"]), key=lambda n: -abs(n["attribution"]))
+    """Independent pruning: strongest |attribution| first until `share` of the features' total is
+    reached; SAE-error and bias nodes (pathway schema 2) are always kept."""
+    ups = sorted((n for n in nodes if not n["is_target"] and n.get("kind", "feature") == "feature"),
+                 key=lambda n: -abs(n["attribution"]))
     total = sum(abs(n["attribution"]) for n in ups)
-    kept, acc = [], 0.0
+    kept, acc = [n["id"] for n in nodes if n.get("kind", "feature") != "feature"], 0.0
     for n in ups:
         if acc >= share * total:
             break

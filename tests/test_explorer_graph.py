@@ -152,6 +152,37 @@ def test_pathway_figure_encodes_the_graph():
     assert figures.selected_nodes({"selection": {"points": []}}, idx) == []
 
 
+def test_rings_tell_validated_from_pre_activation_only_and_mark_error_nodes():
+    """Pathway schema 2: a node whose estimate held on the pre-activation while the target's
+    activation did not move gets its own ring and legend entry; error/bias nodes their own symbols."""
+    p = pathway()
+    rec = p["prompts"]["safe"]
+    by_id = {n["id"]: n for n in rec["nodes"]}
+    by_id["L2-1"].update(kind="feature", linear_confirmed=True, validated=True)
+    by_id["L2-2"].update(kind="feature", linear_confirmed=True, validated=False)  # target did not move
+    by_id["L1-7"].update(kind="feature", linear_confirmed=False, validated=False)
+    rec["nodes"].append({"id": "L2-error", "kind": "error", "layer": 2, "feature_id": None, "is_target": False,
+                         "positions": [], "position_activations": [], "position_attributions": [],
+                         "activation": None, "attribution": 0.2, "replay_delta": None, "patch_delta": None,
+                         "validated": None, "linear_confirmed": None})
+    rec["edges"].append({"source": "L2-error", "target": "L3-9", "weight": 0.2})
+    v = G.prompt_view(p, "safe")
+    data = [t.to_plotly_json() for t in figures.pathway_figure(v).data]
+    nodes = next(t for t in data if t["name"] == figures.NODE_TRACE)
+    ids = list(nodes["customdata"])
+    ring = dict(zip(ids, nodes["marker"]["line"]["color"]))
+    sym = dict(zip(ids, nodes["marker"]["symbol"]))
+    assert ring["L2-1"] == "#111111" and ring["L2-2"] == figures.PRE_ONLY_RING and ring["L1-7"] == "#777777"
+    assert sym["L2-2"] == "circle" and sym["L1-7"] == "circle-x" and sym["L2-error"] == "square"
+    names = {t["name"] for t in data}
+    assert {"pre-activation only: estimate held, target's activation unchanged", "SAE error node"} <= names
+    assert "pre-activation only" in figures.validation_label(False, True)
+    kept = G.prune(v, node_share=0.5)  # the error node (0.2) is not ranked against the features
+    assert "L2-error" in set(kept.nodes["id"]) and kept.dropped_nodes >= 1
+    d = G.prompt_view(p, "difference").nodes.set_index("id")
+    assert d.loc["L2-2", "linear_confirmed"] is True and d.loc["L2-error", "kind"] == "error"
+
+
 def test_token_highlight_escapes_and_scales():
     html = figures.token_highlight_html(["<b>", " x"], [2.0, 1.0], "#102030")
     assert "&lt;b&gt;" in html and "<b>" not in html

@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import load_config
 from engine.errors import UserError
-from engine.schema import atomic_write_json, atomic_write_parquet, with_schema
+from engine.schema import PATHWAY_SCHEMA_VERSION, atomic_write_json, atomic_write_parquet, with_schema
 
 SELECTION = [
     {"feature": "L3-10", "layer": 3, "feature_id": 10, "direction": "safe", "cohen_d": 0.4,
@@ -51,13 +51,13 @@ def write_pathways(cache):
             prompts[p] = {"text": p, "n_tokens": 11, "tokens": [], "target_position": 10,
                           "target_pre_activation": 1.0, "target_activation": 1.0,
                           "nodes": [node(t, None, None, True)] + [node(i, a, v) for i, a, v in ups],
-                          "edges": [{"source": s, "target": d, "weight": w, "raw": w} for s, d, w in edges],
+                          "edges": [{"source": s, "target": d, "weight": w} for s, d, w in edges],
                           "agreement": {"pearson_r": 0.9 if len(xs) > 1 else None, "sign_agreement": 1.0, "n": len(xs)},
                           "coverage": {"attribution_total": sum(map(abs, xs)), "attribution_in_graph": sum(map(abs, xs))}}
         layer, idx = t[1:].split("-")
         atomic_write_json(cache / "pathways" / f"{t}.json", with_schema({
             "feature": t, "layer": int(layer), "feature_id": int(idx),
-            "metadata": {"method_hash": "h", "config_hash": "c"}, "prompts": prompts}))
+            "metadata": {"method_hash": "h", "config_hash": "c"}, "prompts": prompts}, version=PATHWAY_SCHEMA_VERSION))
     rebuild(cache)  # the pathway step's own index and node/edge tables
 
 

@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 
-from engine.schema import CAUSAL_FEATURES, atomic_write_json, with_schema
+from engine.schema import CAUSAL_FEATURES, PATHWAY_SCHEMA_VERSION, atomic_write_json, with_schema
 from helpers import ROOT, run_cli
 
 TARGETS = ["L2-3", "L3-17", "L3-40", "L4-7", "L4-100", "L5-10", "L5-200", "L5-300"]
@@ -76,20 +76,30 @@ def test_run_from_selection_writes_every_artifact(reference):
     res = load_results(cache)
     edges = pd.read_parquet(cache / "pathways" / "edges.parquet")
     nodes = pd.read_parquet(cache / "pathways" / "nodes.parquet")
-    n_edges = sum(len(res[f]["prompts"][p]["edges"]) for f in TARGETS for p in ("safe", "risky"))
-    n_nodes = sum(len(res[f]["prompts"][p]["nodes"]) for f in TARGETS for p in ("safe", "risky"))
+    # the tables hold features and the edges between them; SAE-error and bias nodes stay in the JSON
+    feats = {(f, p): {n["id"] for n in res[f]["prompts"][p]["nodes"] if n["kind"] == "feature"}
+             for f in TARGETS for p in ("safe", "risky")}
+    n_edges = sum(1 for f in TARGETS for p in ("safe", "risky") for e in res[f]["prompts"][p]["edges"]
+                  if e["source"] in feats[(f, p)])
+    n_nodes = sum(len(v) for v in feats.values())
     assert len(edges) == n_edges and len(nodes) == n_nodes
+    assert set(nodes.columns) >= {"linear_confirmed", "changes_target_activation", "out_share"}
     for f in TARGETS:
         rec = res[f]
-        assert rec["schema_version"] == 1 and rec["feature"] == f
+        assert rec["schema_version"] == PATHWAY_SCHEMA_VERSION and rec["feature"] == f
         assert set(rec["metadata"]) >= {"model", "sae_source", "encode_convention", "config_hash", "timings_s"}
         for p, pr in rec["prompts"].items():
             assert set(pr) >= {"text", "target_pre_activation", "target_activation", "nodes", "edges", "agreement"}
             summary = next(t for t in index["targets"] if t["feature"] == f)["prompts"][p]
             replayed = [n for n in pr["nodes"] if n["validated"] is not None]
-            assert summary["n_replayed"] == len(replayed) == min(6, len(pr["nodes"]) - 1)
+            n_feat = sum(1 for n in pr["nodes"] if n["kind"] == "feature" and not n["is_target"])
+            assert summary["n_replayed"] == len(replayed) == min(6, n_feat)
             if replayed:
                 assert summary["validated_fraction"] == pytest.approx(sum(n["validated"] for n in replayed) / len(replayed))
+                assert summary["linear_confirmed_fraction"] == pytest.approx(
+                    sum(n["linear_confirmed"] for n in replayed) / len(replayed))
+                # validated = the linear estimate confirmed and the target's activation changed
+                assert all(n["validated"] == (n["linear_confirmed"] and n["changes_target_activation"]) for n in replayed)
         # circuit-tracer export: the viewer's required keys, links between exported nodes
         for p in ("safe", "risky"):
             ct = json.loads((cache / "pathways" / "circuit_tracer" / f"{f}.{p}.json").read_text())

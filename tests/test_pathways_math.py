@@ -81,9 +81,9 @@ def test_attribution_equals_replay_exactly_on_a_linear_model(cfg64, fixture_dir)
     assert checked >= 16
 
 
-def test_edge_raw_weight_is_exact_on_a_linear_model(cfg64):
-    """raw(u -> v) = -(change of v's pre-activation summed over its active positions) when u is
-    ablated, computed here by a direct replay through the blocks."""
+def test_exact_edge_weight_equals_a_replay_on_a_linear_model(cfg64):
+    """On an affine model the first-order path is exact: w(u -> v) = -sum_p g_v[p] (change of
+    pre_v[p] when u is ablated), g_v[p] = v's attribution per unit activation at p."""
     model = linearize(load_model(cfg64.model, "cpu"), seed=1)
     tok = load_tokenizer(cfg64.model)
     t = target_active_on_safe(cfg64, model, tok, 5)
@@ -91,10 +91,9 @@ def test_edge_raw_weight_is_exact_on_a_linear_model(cfg64):
     pc = eng.prompts["safe"]
     rec = res[str(t)]["prompts"]["safe"]
     nodes = {n["id"]: n for n in rec["nodes"]}
-    inner = [e for e in rec["edges"] if e["target"] != str(t)]
+    inner = [e for e in rec["edges"] if e["target"] != str(t) and nodes[e["source"]]["kind"] == "feature"]
     assert len(inner) >= 5
-    ids = pc.ids
-    resid = forward_resid_post(model, ids, range(6))
+    resid = forward_resid_post(model, pc.ids, range(6))
     for e in inner[:8]:
         u, v = nodes[e["source"]], nodes[e["target"]]
         cu, cv = pc.layers[u["layer"]], pc.layers[v["layer"]]
@@ -106,9 +105,160 @@ def test_edge_raw_weight_is_exact_on_a_linear_model(cfg64):
             after = run_blocks(model, h[None], u["layer"] + 1, v["layer"])[0]
         before = resid[v["layer"]][0]
         e_v = cv.enc[uv].double()
-        change = sum(float((after[p] - before[p]).double() @ e_v) for p in v["positions"])
+        g = [a / x for a, x in zip(v["position_attributions"], v["position_activations"])]
+        change = sum(gp * float((after[p] - before[p]).double() @ e_v) for gp, p in zip(g, v["positions"]))
+        assert e["weight"] == pytest.approx(-change, rel=1e-8, abs=1e-12)
+
+
+def _block_out(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _autograd_paths(model, ids, sae_v, sae_t, lu, lv, L, t_fid, contribution, v_fids):
+    """Plain autograd, independent of the engine: scale a source's contribution c (T, d) to h_lu
+    by alpha (1 = clean) and differentiate.
+
+    Returns (dpre_t/dalpha, [w(source -> v) = sum_{p active} g_v[p] dpre_v[p]/dalpha for v in v_fids],
+    through all active features of l_v = sum_{(p, i) active} g_i[p] dpre_i[p]/dalpha), where
+    g_i[p] = <d_i, dpre_t/dh_lv[p]> and d_i = decode(one-hot i) - decode(0)."""
+    alpha = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    captured = {}
+
+    def edit(module, args, output):
+        h = _block_out(output)
+        new = h + (alpha - 1.0) * contribution.to(h.dtype)[None]
+        return (new, *output[1:]) if isinstance(output, (tuple, list)) else new
+
+    def grab(l):
+        def hook(module, args, output):
+            captured[l] = _block_out(output)
+        return hook
+
+    blocks = model.model.layers
+    hs = [blocks[lu].register_forward_hook(edit), blocks[lv].register_forward_hook(grab(lv)),
+          blocks[L].register_forward_hook(grab(L))]
+    try:
+        with torch.enable_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hs:
+            h.remove()
+    q = ids.shape[1] - 1
+    pre_t = sae_t.pre_activation(captured[L][0, q])[t_fid]
+    g_h = torch.autograd.grad(pre_t, captured[lv], retain_graph=True)[0][0]  # (T, d)
+    da_t = torch.autograd.grad(pre_t, alpha, retain_graph=True)[0]
+    d_sae = sae_v.pre_activation(captured[lv][0, :1]).shape[1]
+    zero = sae_v.decode(torch.zeros(1, d_sae, dtype=torch.float64))
+    D = sae_v.decode(torch.eye(d_sae, dtype=torch.float64)) - zero  # (d_sae, d) decoder directions
+    G = (g_h.double() @ D.T).detach()  # (T, d_sae): g_i[p]
+    pre_v = sae_v.pre_activation(captured[lv][0])  # (T, d_sae)
+    active = sae_v.encode(captured[lv][0]).detach() > 0
+    active[0] = False  # BOS carries no codes
+    w_v = [float(torch.autograd.grad((G[:, v] * pre_v[:, v] * active[:, v]).sum(), alpha, retain_graph=True)[0])
+           for v in v_fids]
+    w_all = torch.autograd.grad((G * pre_v * active).sum(), alpha)[0]
+    return float(da_t), w_v, float(w_all)
+
+
+def test_exact_edges_and_conservation_against_autograd(cfg64, model64):
+    """Exact edge weights, error/bias-node edges and each source's out-shares, recomputed with
+    plain torch autograd in float64 on the real fixture model (attention, RMSNorm, gated MLP).
+    Conservation: a source's attribution = its out-edges to the graph + the rest of the next
+    graph layer's active features + that layer's SAE error, to rounding."""
+    from engine.sae import load_sae
+
+    model, tok = model64
+    t = target_active_on_safe(cfg64, model, tok, 5)
+    eng, res = run_engine(cfg64, model, tok, [t])
+    pc = eng.prompts["safe"]
+    rec = res[str(t)]["prompts"]["safe"]
+    nodes = {n["id"]: n for n in rec["nodes"]}
+    layers = G.graph_layers(rec["nodes"])
+    assert len(layers) >= 3
+    saes = {l: load_sae(cfg64.sae, l) for l in range(6)}
+    resid = forward_resid_post(model, pc.ids, range(6))
+    q = pc.T - 1
+    by_pair = {(e["source"], e["target"]): e["weight"] for e in rec["edges"]}
+    checked_edges = checked_sources = 0
+    worst = 0.0
+    for k in range(len(layers) - 2, len(layers)):  # two layer pairs keep the test lean
+        lu, lv = layers[k - 1], layers[k]
+        ups = [n for n in rec["nodes"] if n["layer"] == lu and not n["is_target"]]
+        ups = [n for n in ups if n["kind"] == "feature"][:2] + [n for n in ups if n["kind"] != "feature"]
+        downs = [n for n in rec["nodes"] if n["layer"] == lv and n["kind"] == "feature" and not n["is_target"]][:3]
+        for u in ups:
+            h = resid[lu][0].double()
+            n_sae = saes[lu].pre_activation(h[:1]).shape[1]
+            zero = saes[lu].decode(torch.zeros(1, n_sae, dtype=torch.float64))[0]
+            if u["kind"] == "feature":
+                a = saes[lu].encode(h)[:, u["feature_id"]]
+                onehot = torch.zeros(1, n_sae, dtype=torch.float64)
+                onehot[0, u["feature_id"]] = 1.0
+                d_u = saes[lu].decode(onehot)[0] - zero
+                c = torch.zeros_like(h)
+                for p in u["positions"]:
+                    c[p] = a[p] * d_u
+            elif u["kind"] == "error":
+                c = h - saes[lu].decode(saes[lu].encode(h))
+            else:
+                c = zero.expand_as(h).clone()
+            c[0] = 0.0  # BOS carries no codes
+            A_ref, w_refs, w_all = _autograd_paths(model, pc.ids, saes[lv], saes[t.layer], lu, lv, t.layer,
+                                                   t.feature_id, c, [v["feature_id"] for v in downs])
+            # the node's own attribution, and the path through each v
+            assert u["attribution"] == pytest.approx(A_ref, rel=1e-6, abs=1e-9)
+            for v, w_ref in zip(downs, w_refs):
+                if (u["id"], v["id"]) in by_pair:
+                    w = by_pair[(u["id"], v["id"])]
+                    assert w == pytest.approx(w_ref, rel=1e-5, abs=1e-9)
+                    worst = max(worst, abs(w - w_ref) / max(abs(w_ref), 1e-12))
+                    checked_edges += 1
+            # conservation: the shares sum to 1 and the feature part matches autograd
+            sh = u["out_shares"]
+            assert sh["graph"] + sh["other_features"] + sh["sae_error"] == pytest.approx(1.0, abs=1e-9)
+            assert (sh["graph"] + sh["other_features"]) * u["attribution"] == pytest.approx(w_all, rel=1e-5, abs=1e-9)
+            assert u["out_weight"] == pytest.approx(sh["graph"] * u["attribution"], rel=1e-12)
+            checked_sources += 1
+    assert checked_edges >= 6 and checked_sources >= 6
+    print(f"exact edges vs autograd: {checked_edges} edges, max rel. diff {worst:.1e}")
+    # the top graph layer's sources reach the target whole: edge weight = attribution
+    for n in rec["nodes"]:
+        if n["layer"] == layers[-1] and not n["is_target"]:
+            assert by_pair[(n["id"], str(t))] == n["attribution"] and n["out_shares"]["graph"] == 1.0
+    # error and bias nodes hold the layer's first-order terms
+    for l in layers:
+        assert nodes[f"L{l}-error"]["attribution"] == rec["layer_terms"][str(l)]["error"]
+        assert nodes[f"L{l}-bias"]["attribution"] == rec["layer_terms"][str(l)]["bias"]
+
+
+def test_approximate_edge_weight_keeps_its_formula(cfg64):
+    """edge_weight: approx keeps the old weight, raw(u -> v) * A_v / act_v, with raw exact on an
+    affine model (v's pre-activation change summed over its positions)."""
+    cfg = load_config(cfg64.source_path, {"model.dtype": "float64", "sae.dtype": "float64", "cache_dir": str(cfg64.cache),
+                                          "pathways.n_replay": 0, "pathways.top_k_per_layer": 3,
+                                          "pathways.edge_weight": "approx"})
+    model = linearize(load_model(cfg.model, "cpu"), seed=1)
+    tok = load_tokenizer(cfg.model)
+    t = target_active_on_safe(cfg, model, tok, 4)
+    eng, res = run_engine(cfg, model, tok, [t])
+    pc = eng.prompts["safe"]
+    rec = res[str(t)]["prompts"]["safe"]
+    nodes = {n["id"]: n for n in rec["nodes"]}
+    assert all(n["kind"] == "feature" for n in rec["nodes"])  # no error/bias nodes in this mode
+    inner = [e for e in rec["edges"] if e["target"] != str(t)]
+    assert inner
+    resid = forward_resid_post(model, pc.ids, range(5))
+    for e in inner[:4]:
+        u, v = nodes[e["source"]], nodes[e["target"]]
+        cu, cv = pc.layers[u["layer"]], pc.layers[v["layer"]]
+        uu = int((cu.features == u["feature_id"]).nonzero()[0])
+        uv = int((cv.features == v["feature_id"]).nonzero()[0])
+        h = resid[u["layer"]][0].clone()
+        apply_intervention(h, cu, Intervention(u["layer"], uu, "zero"), pc.T)
+        with torch.no_grad():
+            after = run_blocks(model, h[None], u["layer"] + 1, v["layer"])[0]
+        change = sum(float((after[p] - resid[v["layer"]][0][p]).double() @ cv.enc[uv].double()) for p in v["positions"])
         assert e["raw"] == pytest.approx(-change, rel=1e-8, abs=1e-10)
-        # and the weight follows its documented formula
         assert e["weight"] == pytest.approx(e["raw"] * v["attribution"] / v["activation"], rel=1e-12)
 
 
@@ -119,7 +269,8 @@ def test_finite_difference_on_the_real_model(cfg64, model64):
     pc = eng.prompts["risky"]
     rec = res[str(t)]["prompts"]["risky"]
     spec = eng.specs[str(t)]
-    ups = sorted((n for n in rec["nodes"] if not n["is_target"]), key=lambda n: -abs(n["attribution"]))[:6]
+    ups = sorted((n for n in rec["nodes"] if not n["is_target"] and n["kind"] == "feature"),
+                 key=lambda n: -abs(n["attribution"]))[:6]
     resid = forward_resid_post(model, pc.ids, range(6))
     # Central difference: remove +eps and -eps of the feature's contribution. (RMSNorm and the
     # rotary tables compute in float32 even in a float64 model, so eps cannot be tiny.)
@@ -193,14 +344,15 @@ def test_graph_is_multi_hop_and_consistent(cfg64, model64):
         nodes = {n["id"]: n for n in rec["nodes"]}
         layers = G.graph_layers(rec["nodes"])
         assert len(layers) >= 3
-        per_layer = {l: [n for n in rec["nodes"] if n["layer"] == l and not n["is_target"]] for l in layers}
+        per_layer = {l: [n for n in rec["nodes"] if n["layer"] == l and n["kind"] == "feature" and not n["is_target"]]
+                     for l in layers}
         assert all(1 <= len(v) <= cfg64.pathways.top_k_per_layer for v in per_layer.values())
         into_target = [e for e in rec["edges"] if e["target"] == str(t)]
         inner = [e for e in rec["edges"] if e["target"] != str(t)]
         assert inner, "not a star: edges between upstream layers exist"
         for e in into_target:
             assert nodes[e["source"]]["layer"] == layers[-1]
-            assert e["weight"] == e["raw"] == nodes[e["source"]]["attribution"]
+            assert e["weight"] == nodes[e["source"]]["attribution"]
         for e in inner:  # successive graph layers only
             lu, lv = nodes[e["source"]]["layer"], nodes[e["target"]]["layer"]
             assert layers.index(lv) == layers.index(lu) + 1
@@ -213,6 +365,35 @@ def test_graph_is_multi_hop_and_consistent(cfg64, model64):
         # layer terms: features + error + bias (+ bos) decompose <g, h_l>
         for l, parts in rec["layer_terms"].items():
             assert set(parts) >= {"features", "error", "bias"}
+
+
+def test_a_target_that_never_fires_validates_nothing(cfg64, model64):
+    """Replay verdicts are reported separately: with the target inactive before and after every
+    ablation (each replay_delta_activation 0), the linear estimate can be confirmed on the
+    pre-activation, but no node counts as validated (it changes nothing the target does)."""
+    from engine.sae import load_sae
+
+    model, tok = model64
+    ids = tokenize(tok, cfg64.prompts["safe"], "cpu")
+    h = forward_resid_post(model, ids, [4])[4][0, -1]
+    pre = load_sae(cfg64.sae, 4).pre_activation(h)
+    t = FeatureId(4, int(torch.argmin(pre)))  # far below its threshold: no ablation makes it fire
+    _, res = run_engine(cfg64, model, tok, [t])
+    rec = res[str(t)]["prompts"]["safe"]
+    assert rec["target_activation"] == 0.0 and rec["target_pre_activation"] < 0
+    replayed = [n for n in rec["nodes"] if n["replay_delta"] is not None]
+    assert len(replayed) == cfg64.pathways.n_replay
+    for n in replayed:
+        assert n["replay_delta_activation"] == 0.0 and n["changes_target_activation"] is False
+        assert n["validated"] is False
+        # the pre-activation verdict is the documented rule, applied independently here
+        big = abs(n["replay_delta"]) >= max(cfg64.pathways.validate_min_abs_delta,
+                                            cfg64.pathways.validate_min_rel_delta * abs(rec["target_pre_activation"]))
+        assert n["linear_confirmed"] == (big and (n["replay_delta"] > 0) == (n["attribution"] < 0))
+    assert sum(n["linear_confirmed"] for n in replayed) >= 3  # the old single verdict passed these
+    v = G.validation(0.5, -0.4, 0.0, 2.0, 1e-3, 0.01)
+    assert v == {"linear_confirmed": True, "changes_target_activation": False, "validated": False}
+    assert G.validation(0.5, -0.4, -0.4, 2.0, 1e-3, 0.01)["validated"] is True
 
 
 def test_select_indices_hand_example():

@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from engine.schema import (AUDIT_FEATURE_EFFECTS, AUDIT_TRIALS, CAUSAL_FEATURES, PATHWAYS_DIR, PATHWAYS_INDEX,
-                           PATHWAYS_NODES, SCHEMA_VERSION, read_artifact, tokens_path)
+                           PATHWAYS_NODES, PATHWAY_SCHEMA_VERSION, read_artifact, tokens_path)
 
 IDENTITY = ["feature", "layer", "feature_id", "direction", "cohen_d", "checkpoint_verdict", "recomputed_verdict",
             "n_trials", "source_file"]
@@ -138,10 +138,12 @@ def node_table(cache: Path):
             res = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        if res.get("schema_version") != SCHEMA_VERSION:
+        if res.get("schema_version") != PATHWAY_SCHEMA_VERSION:
             continue
         for prompt, rec in (res.get("prompts") or {}).items():
             for n in rec.get("nodes", []):
+                if n.get("kind", "feature") != "feature":
+                    continue  # SAE-error and bias nodes are not features
                 rows.append({"target_feature": res["feature"], "prompt": prompt, **{
                     k: n.get(k) for k in ("id", "layer", "feature_id", "is_target", "activation", "attribution",
                                           "replay_delta", "validated")}})

@@ -151,8 +151,10 @@ class GradGraph:
         return out
 
 
-def contract(g: torch.Tensor, codes: LayerCodes, max_bytes: int = 256 * 2**20) -> torch.Tensor:
-    """Per-entry attribution a_k <d_k, g[b, pos_k]> for every active entry: (B, K).
+def contract(g: torch.Tensor, codes: LayerCodes, max_bytes: int = 256 * 2**20, encoder: bool = False) -> torch.Tensor:
+    """Per-entry attribution a_k <d_k, g[b, pos_k]> for every active entry: (B, K); with
+    encoder=True, <e_k, g[b, pos_k]> instead (a tangent read by the encoder rows: the change
+    of each entry's pre-activation).
 
     One GEMM of the gradient with the decoder rows of the *active* features only (never the
     whole decoder), then a gather at the active (position, feature) pairs; split over
@@ -166,14 +168,15 @@ def contract(g: torch.Tensor, codes: LayerCodes, max_bytes: int = 256 * 2**20) -
         return out
     g2 = g.reshape(B * T, d).to(acc)
     step = max(1, int(max_bytes // max(1, B * T * torch.finfo(acc).bits // 8)))
+    rows = codes.enc if encoder else codes.dec
     for u0 in range(0, U, step):
         u1 = min(U, u0 + step)
-        P = (g2 @ codes.dec[u0:u1].to(acc).T).reshape(B, T, u1 - u0)
+        P = (g2 @ rows[u0:u1].to(acc).T).reshape(B, T, u1 - u0)
         if u0 == 0 and u1 == U:
-            out[:] = P[:, codes.pos, codes.inv] * codes.act
+            out[:] = P[:, codes.pos, codes.inv] * (1.0 if encoder else codes.act)
         else:
             sel = (codes.inv >= u0) & (codes.inv < u1)
-            out[:, sel] = P[:, codes.pos[sel], codes.inv[sel] - u0] * codes.act[sel]
+            out[:, sel] = P[:, codes.pos[sel], codes.inv[sel] - u0] * (1.0 if encoder else codes.act[sel])
     return out
 
 
@@ -193,6 +196,33 @@ def layer_terms(g: torch.Tensor, codes: LayerCodes, h: torch.Tensor, entry_attr:
     if bos:
         out["bos"] = gf[:, 0] @ h[0].to(gf.dtype)
     return out
+
+
+def feature_totals(entry_attr: torch.Tensor, codes: LayerCodes) -> torch.Tensor:
+    """Per-entry values (B, K) summed per unique feature: (B, U)."""
+    B = entry_attr.shape[0]
+    U = codes.features.shape[0]
+    return torch.zeros((B, U), dtype=entry_attr.dtype, device=entry_attr.device).index_add_(1, codes.inv, entry_attr)
+
+
+def source_contribution(codes: LayerCodes, source: int | str, T: int, bos: bool) -> torch.Tensor:
+    """What a source adds to h_l (T, d), in the accumulation dtype: a feature (index into
+    codes.features) a_k d at each of its active positions; "error" the SAE error and "bias"
+    the decoder bias at every position that carries codes (all but BOS when it is excluded)."""
+    acc = codes.act.dtype
+    d = codes.dec.shape[1]
+    if source == "error":
+        c = codes.error.to(acc).clone()
+    elif source == "bias":
+        c = codes.dec_bias.to(acc).expand(T, d).clone()
+    else:
+        ent = codes.entries_of(int(source))
+        c = torch.zeros((T, d), dtype=acc, device=codes.dec.device)
+        c.index_add_(0, codes.pos[ent], codes.act[ent, None] * codes.dec[int(source)].to(acc))
+        return c
+    if bos:
+        c[0] = 0.0
+    return c
 
 
 # ---------------------------------------------------------------------------

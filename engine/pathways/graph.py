@@ -8,13 +8,13 @@ Graph definition (docs/science.md, "Pathway graphs"):
   total |attribution|; optionally only the `max_graph_layers` layers with most |attribution|.
 - Graph layers are the distinct layers holding nodes. Edges join nodes of successive graph
   layers, and the top graph layer to the target.
-- raw(u -> v) = sum_{p in P_u} a_u[p] <d_u, d(sum_{p' in P_v} pre_v[p'])/dh_{l_u}[p]>: the
-  first-order attribution of u to v's pre-activation summed over v's active positions (for
-  v = target: its pre-activation at the last token, so raw(u -> t) = A_u).
-- weight(u -> v) = raw(u -> v) * A_v / act_v for an upstream v (A_v its attribution to the
-  target, act_v its activation summed over its positions: the target effect per unit of v),
-  and weight(u -> t) = A_u. So weight is the share of the target's attribution that flows
-  from u through v, in units of the target's pre-activation.
+- Each graph layer also has an SAE-error and a decoder-bias node (kind "error" / "bias").
+- Edge weight (edge_weight: exact): w(s -> v) = sum_{p in P_v} g_v[p] dpre_v[p]/d(s), with
+  g_v[p] = <d_v, dpre_t/dh_{l_v}[p]>: the first-order effect on the target of source s through
+  v's activation at every position; w(s -> t) = A_s. A source's attribution splits exactly
+  (first order) into its out-edges, the next graph layer's other features and its SAE error
+  (out_shares). edge_weight: approx keeps the old approximation raw(u -> v) * A_v / act_v,
+  exact only when v is active at one position.
 - Incoming edges of each node are pruned to the strongest covering `coverage` of their
   total |weight| (at most `top_k_per_layer`); edges into the target are all kept.
 """
@@ -94,6 +94,45 @@ def is_validated(attribution: float, replay_delta: float, target_pre: float, min
     """The measured change has the predicted sign (Δ ≈ -A) and is large enough."""
     big = abs(replay_delta) >= max(min_abs, min_rel * abs(target_pre))
     return bool(big and attribution != 0 and (replay_delta > 0) == (attribution < 0))
+
+
+def validation(attribution: float | None, replay_delta: float | None, replay_delta_activation: float | None,
+               target_pre: float, min_abs: float, min_rel: float) -> dict:
+    """Replay verdicts, reported separately (None where the node was not replayed).
+
+    linear_confirmed: the first-order estimate holds on the target's pre-activation;
+    changes_target_activation: the same test on the target's gated activation, so it fails
+    when the target does not fire before or after the ablation (every Δactivation 0);
+    validated: both."""
+    if attribution is None or replay_delta is None:
+        return {"linear_confirmed": None, "changes_target_activation": None, "validated": None}
+    lin = is_validated(attribution, replay_delta, target_pre, min_abs, min_rel)
+    eff = (is_validated(attribution, replay_delta_activation, target_pre, min_abs, min_rel)
+           if replay_delta_activation is not None else False)
+    return {"linear_confirmed": lin, "changes_target_activation": eff, "validated": bool(lin and eff)}
+
+
+SOURCE_KINDS = ("error", "bias")
+
+
+def source_node_id(layer: int, kind: str) -> str:
+    """Id of a layer's SAE-error or decoder-bias node: "L3-error", "L3-bias" (never a feature id)."""
+    if kind not in SOURCE_KINDS:
+        raise ValueError(kind)
+    return f"L{layer}-{kind}"
+
+
+def out_shares(attribution: float, to_graph: float, through_features: float | None) -> dict:
+    """How a source's attribution A splits over the next graph layer (exact to first order):
+    `out_weight` = sum of its out-edge weights before pruning (to_graph), and the shares of A
+    reaching the target through the graph's nodes there, through that layer's other active
+    features, and through that layer's SAE error. None where A is 0."""
+    if not attribution:
+        return {"out_weight": to_graph, "out_share": None, "out_shares": None}
+    feats = to_graph if through_features is None else through_features
+    return {"out_weight": to_graph, "out_share": to_graph / attribution,
+            "out_shares": {"graph": to_graph / attribution, "other_features": (feats - to_graph) / attribution,
+                           "sae_error": (attribution - feats) / attribution}}
 
 
 # ---------------------------------------------------------------------------

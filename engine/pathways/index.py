@@ -12,15 +12,15 @@ from pathlib import Path
 from engine.pathways import graph as G
 from engine.config import ExportConfig
 from engine.errors import UserError
-from engine.schema import (PATHWAYS_DIR, PATHWAYS_EDGES, PATHWAYS_EXPORT_LISTING, PATHWAYS_INDEX, PATHWAYS_NODES,
-                           SCHEMA_VERSION, atomic_write_json, atomic_write_parquet, file_lock, iter_feature_files,
-                           pathway_export_path, pathway_export_slug, with_schema)
+from engine.schema import (PATHWAY_SCHEMA_VERSION, PATHWAYS_DIR, PATHWAYS_EDGES, PATHWAYS_EXPORT_LISTING, PATHWAYS_INDEX,
+                           PATHWAYS_NODES, atomic_write_json, atomic_write_parquet, file_lock,
+                           iter_feature_files, pathway_export_path, pathway_export_slug, with_schema)
 
 
 def summarise(result: dict) -> dict:
     prompts = {}
     for name, rec in result["prompts"].items():
-        ups = [n for n in rec["nodes"] if not n.get("is_target")]
+        ups = [n for n in rec["nodes"] if not n.get("is_target") and n.get("kind", "feature") == "feature"]
         replayed = [n for n in ups if n.get("validated") is not None]
         prompts[name] = {
             "n_nodes": len(ups),
@@ -28,6 +28,8 @@ def summarise(result: dict) -> dict:
             "n_layers": len({n["layer"] for n in ups}),
             "n_replayed": len(replayed),
             "validated_fraction": (sum(1 for n in replayed if n["validated"]) / len(replayed)) if replayed else None,
+            "linear_confirmed_fraction": ((sum(1 for n in replayed if n.get("linear_confirmed")) / len(replayed))
+                                          if replayed else None),
             "pearson_r": rec["agreement"]["pearson_r"],
             "sign_agreement": rec["agreement"]["sign_agreement"],
             "target_activation": rec["target_activation"],
@@ -116,7 +118,7 @@ def _rebuild(cache: Path, export: ExportConfig, old: dict[str, dict]) -> tuple[d
     for fid, path in iter_feature_files(cache / PATHWAYS_DIR):
         try:
             res = json.loads(path.read_text())
-            if res.get("schema_version") != SCHEMA_VERSION:
+            if res.get("schema_version") != PATHWAY_SCHEMA_VERSION:
                 raise ValueError(f"schema_version {res.get('schema_version')!r}")
             summary = summarise(res)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -128,19 +130,25 @@ def _rebuild(cache: Path, export: ExportConfig, old: dict[str, dict]) -> tuple[d
         except (OSError, ValueError, KeyError, TypeError, UserError) as exc:  # the export is a view of the result
             bad.append({"file": str(path), "error": f"circuit-tracer export: {exc}"})
         for prompt, rec in res["prompts"].items():
-            layer_of = {n["id"]: n["layer"] for n in rec["nodes"]}
-            for n in rec["nodes"]:
+            # the tables hold features only (the SAE-error and bias nodes stay in the JSON)
+            feats = [n for n in rec["nodes"] if n.get("kind", "feature") == "feature"]
+            layer_of = {n["id"]: n["layer"] for n in feats}
+            for n in feats:
                 node_rows.append({
                     "target_feature": res["feature"], "prompt": prompt, "id": n["id"], "layer": n["layer"],
                     "feature_id": n["feature_id"], "is_target": n["is_target"], "activation": n["activation"],
                     "attribution": n["attribution"], "replay_delta": n["replay_delta"],
                     "replay_delta_activation": n["replay_delta_activation"], "patch_delta": n["patch_delta"],
-                    "validated": n["validated"], "n_positions": len(n["positions"]),
+                    "validated": n["validated"], "linear_confirmed": n.get("linear_confirmed"),
+                    "changes_target_activation": n.get("changes_target_activation"), "out_share": n.get("out_share"),
+                    "n_positions": len(n["positions"]),
                 })
             for e in rec["edges"]:
+                if e["source"] not in layer_of or e["target"] not in layer_of:
+                    continue
                 edge_rows.append({
                     "target_feature": res["feature"], "prompt": prompt, "source": e["source"], "target": e["target"],
-                    "weight": e["weight"], "raw": e["raw"], "source_layer": layer_of.get(e["source"]),
+                    "weight": e["weight"], "source_layer": layer_of.get(e["source"]),
                     "target_layer": layer_of.get(e["target"]),
                 })
     targets.sort(key=lambda t: (t["layer"], t["feature_id"]))
@@ -152,8 +160,9 @@ def _rebuild(cache: Path, export: ExportConfig, old: dict[str, dict]) -> tuple[d
     })
     atomic_write_json(cache / PATHWAYS_INDEX, index)
     node_cols = ["target_feature", "prompt", "id", "layer", "feature_id", "is_target", "activation", "attribution",
-                 "replay_delta", "replay_delta_activation", "patch_delta", "validated", "n_positions"]
-    edge_cols = ["target_feature", "prompt", "source", "target", "weight", "raw", "source_layer", "target_layer"]
+                 "replay_delta", "replay_delta_activation", "patch_delta", "validated", "linear_confirmed",
+                 "changes_target_activation", "out_share", "n_positions"]
+    edge_cols = ["target_feature", "prompt", "source", "target", "weight", "source_layer", "target_layer"]
     atomic_write_parquet(cache / PATHWAYS_NODES, pd.DataFrame(node_rows, columns=node_cols))
     atomic_write_parquet(cache / PATHWAYS_EDGES, pd.DataFrame(edge_rows, columns=edge_cols))
     return index, entries

@@ -3,9 +3,9 @@
 Per run: load the model once; per prompt, one no-grad forward pass and one SAE load per
 layer give the sparse codes every target reuses (then the SAE is freed). Per chunk of
 targets (sorted by layer): per prompt, one forward pass with autograd, batched
-backward passes for the targets (node attribution), batched backward passes for the
-graph's intermediate nodes (edges; each node once per prompt however many graphs hold
-it), and batched replays grouped by upstream layer (each intervention once, read by
+backward passes for the targets (node attribution), batched forward-mode passes for the
+graphs' edge sources (exact edges; each source once per prompt however many graphs hold
+it, contracted with every target's gradient weights), and batched replays grouped by upstream layer (each intervention once, read by
 every target that asked for it). Each target's JSON is written atomically when its
 chunk is done; a restart skips targets whose file matches the current config hash.
 """
@@ -21,11 +21,12 @@ import torch
 
 from engine.config import Config
 from engine.errors import UserError
+from engine.model import run_blocks
 from engine.pathways import graph as G
 from engine.pathways.index import write_export
 from engine.pathways.compute import (GradGraph, Intervention, LayerCodes, PromptCodes, TargetSpec, contract,
-                                     encode_layer, layer_terms, replay)
-from engine.schema import FeatureId, atomic_write_json, pathway_path, with_schema
+                                     encode_layer, feature_totals, layer_terms, replay, source_contribution)
+from engine.schema import PATHWAY_SCHEMA_VERSION, FeatureId, atomic_write_json, pathway_path, with_schema
 
 
 @dataclass
@@ -154,6 +155,9 @@ class PathwayEngine:
         nodes: dict[str, list[NodeRec]] = {s.name: [] for s in specs}
         terms: dict[str, dict] = {s.name: {} for s in specs}
         totals: dict[str, dict] = {s.name: {"abs": 0.0, "signed": 0.0} for s in specs}
+        exact = self.pc.edge_weight == "exact"
+        #: per target and layer, its per-entry attributions (they give the exact edges' seeds)
+        entry_attr: dict[str, dict[int, torch.Tensor]] = {s.name: {} for s in specs}
         B = max(1, self.pc.target_batch_size)
         for b0 in range(0, len(specs), B):
             batch = specs[b0:b0 + B]
@@ -174,13 +178,20 @@ class PathwayEngine:
                     if l >= s.layer:
                         continue
                     terms[s.name][str(l)] = {k: float(v[j]) for k, v in lt.items()}
-                    nodes[s.name].extend(self._select(codes, A[j], totals[s.name]))
+                    picked = self._select(codes, A[j], totals[s.name])
+                    nodes[s.name].extend(picked)
+                    if exact and picked:
+                        entry_attr[s.name][l] = A[j].clone()
                 del grads[l]
         for s in specs:
             nodes[s.name] = self._limit_layers(nodes[s.name])
+            keep = sorted({x.layer for x in nodes[s.name]})[1:]  # receiving graph layers
+            entry_attr[s.name] = {l: entry_attr[s.name][l] for l in keep if l in entry_attr[s.name]}
 
-        # 2. edges: one VJP per intermediate node of any graph, shared by all graphs
-        raw = self._edges_raw(gg, pc, nodes)
+        # 2. edges: exact, one VJP row per (target, node above the lowest graph layer) plus one
+        # per (target, receiving layer) for the whole layer; or the old approximation
+        raw = self._edges_exact(gg, pc, specs, nodes, entry_attr) if exact else self._edges_raw(gg, pc, nodes)
+        del entry_attr
 
         # 3. replay validation
         replays = self._replays(gg, pc, specs, nodes)
@@ -279,6 +290,86 @@ class PathwayEngine:
                 del grads[l]
         return raw
 
+    def _edges_exact(self, gg: GradGraph, pc: PromptCodes, specs: list[TargetSpec],
+                     nodes: dict[str, list[NodeRec]], entry_attr: dict[str, dict[int, torch.Tensor]]) -> dict:
+        """Exact first-order path weights for every target of the chunk.
+
+        w_t(src -> v) = sum_{p in P_v} g_v[p] e_v . dh_{l_v}[p]/d(src), with
+        g_v[p] = <d_v, dpre_t/dh_{l_v}[p]> read from the target's own gradient (its per-entry
+        attributions over the activation). The tangent dh_{l_v}/d(src) does not depend on the
+        target, so it is computed once per source (graph features of the lower layer, that
+        layer's SAE error and decoder bias) by one batched forward-mode pass (JVP) over blocks
+        l_u+1..l_v, then contracted with every target's weights: one pass per source instead of
+        one backward pass per (target, node). The same tangents give what reaches the target
+        through *all* active features of l_v; the rest of a source's attribution passes
+        through l_v's SAE error.
+        Returns {t: {(l_v, uidx_v | None): {"features": {uidx_u: w}, "error": w, "bias": w}}}."""
+        pairs: dict[int, dict[int, list[str]]] = {}  # l_u -> l_v -> targets with that pair
+        members: dict[str, dict[int, list[int]]] = {s.name: {} for s in specs}
+        for s in specs:
+            for x in nodes[s.name]:
+                members[s.name].setdefault(x.layer, []).append(x.uidx)
+            layers = sorted(members[s.name])
+            for k in range(1, len(layers)):
+                pairs.setdefault(layers[k - 1], {}).setdefault(layers[k], []).append(s.name)
+        out: dict[str, dict] = {s.name: {} for s in specs}
+        B = max(1, self.pc.target_batch_size)
+        T = pc.T
+        bos = self.pc.exclude_bos
+        for lu, by_lv in sorted(pairs.items()):
+            codes_u = pc.layers[lu]
+            users = sorted({t for ts in by_lv.values() for t in ts})
+            feats = sorted({u for t in users for u in members[t][lu]})
+            sources: list[int | str] = [*feats, "error", "bias"]
+            lvs = sorted(by_lv)
+            for b0 in range(0, len(sources), B):
+                batch = sources[b0:b0 + B]
+                tan = torch.stack([source_contribution(codes_u, src, T, bos) for src in batch]).to(self.dtype)
+                dh = self._jvp(gg.h[lu].detach()[0], tan, lu, lvs)
+                row_of = {src: j for j, src in enumerate(batch)}
+                for lv in lvs:
+                    codes_v = pc.layers[lv]
+                    E = contract(dh[lv], codes_v, encoder=True)  # (b, K): e_k . dh[p_k]
+                    del dh[lv]
+                    for t in by_lv[lv]:
+                        coef = entry_attr[t][lv] / codes_v.act  # g_k per unit activation, (K,)
+                        through = E @ coef  # (b,): via all active features of l_v
+                        F = feature_totals(E * coef, codes_v)  # (b, U): via each feature of l_v
+                        rows = [(src, row_of[src]) for src in (*members[t][lu], "error", "bias") if src in row_of]
+                        if not rows:
+                            continue
+                        idx = [j for _, j in rows]
+                        vs = members[t][lv]
+                        vals = F[idx][:, vs].tolist()
+                        allv = through[idx].tolist()
+                        for (src, _), rv, av in zip(rows, vals, allv):
+                            for key, w in [*zip(vs, rv), (None, av)]:
+                                rec = out[t].setdefault((lv, key), {"features": {}, "error": 0.0, "bias": 0.0})
+                                if isinstance(src, str):
+                                    rec[src] = w
+                                else:
+                                    rec["features"][src] = w
+        return out
+
+    def _jvp(self, h: torch.Tensor, tangents: torch.Tensor, lu: int, lvs: list[int]) -> dict[int, torch.Tensor]:
+        """Forward-mode derivative of h_{l_v} (each l_v in lvs) along each row of `tangents`
+        (b, T, d) added to h_{l_u}: {l_v: (b, T, d)}. CUDA OOM halves the batch."""
+        import torch.autograd.forward_ad as fwAD
+
+        try:
+            with torch.no_grad(), fwAD.dual_level():
+                x = fwAD.make_dual(h.expand(tangents.shape[0], -1, -1).contiguous(), tangents)
+                res = run_blocks(self.model, x, lu + 1, max(lvs), keep=lvs)
+                return {l: fwAD.unpack_dual(res[l]).tangent for l in lvs}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            n = tangents.shape[0]
+            if n == 1:
+                raise
+            a = self._jvp(h, tangents[:n // 2], lu, lvs)
+            b = self._jvp(h, tangents[n // 2:], lu, lvs)
+            return {l: torch.cat([a[l], b[l]]) for l in lvs}
+
     def _replays(self, gg: GradGraph, pc: PromptCodes, specs: list[TargetSpec], nodes) -> dict:
         """{target: {(layer, uidx): {"zero": Δpre, "zero_act": Δact, "patch": Δpre}}}."""
         n = self.pc.n_replay
@@ -329,44 +420,40 @@ class PathwayEngine:
     def _record(self, pc: PromptCodes, s: TargetSpec, pre: float, ns: list[NodeRec], raw: dict, rep: dict,
                 terms: dict, totals: dict) -> dict:
         act = pre if pre > s.threshold else 0.0
-        by_id = {x.id: x for x in ns}
+        exact = self.pc.edge_weight == "exact"
         node_dicts = []
         for x in sorted(ns, key=lambda x: (x.layer, -abs(x.attribution))):
             r = rep.get((x.layer, x.uidx), {})
-            d = r.get("zero")
+            d, d_act = r.get("zero"), r.get("zero_act")
             node_dicts.append({
-                "id": x.id, "layer": x.layer, "feature_id": x.feature_id, "is_target": False,
+                "id": x.id, "kind": "feature", "layer": x.layer, "feature_id": x.feature_id, "is_target": False,
                 "positions": x.positions, "position_activations": x.position_activations,
                 "position_attributions": x.position_attributions,
                 "activation": x.activation, "attribution": x.attribution,
-                "replay_delta": d, "replay_delta_activation": r.get("zero_act"),
+                "replay_delta": d, "replay_delta_activation": d_act,
                 "patch_delta": r.get("patch"),
-                "validated": (G.is_validated(x.attribution, d, pre, self.pc.validate_min_abs_delta,
-                                             self.pc.validate_min_rel_delta) if d is not None else None),
+                **G.validation(x.attribution, d, d_act, pre, self.pc.validate_min_abs_delta,
+                               self.pc.validate_min_rel_delta),
             })
+        layers = sorted({x.layer for x in ns})
+        if exact:  # one SAE-error and one decoder-bias node per graph layer
+            for l in layers:
+                for kind in ("error", "bias"):
+                    node_dicts.append({
+                        "id": G.source_node_id(l, kind), "kind": kind, "layer": l, "feature_id": None,
+                        "is_target": False, "positions": [], "position_activations": [], "position_attributions": [],
+                        "activation": None, "attribution": terms[str(l)][kind],
+                        "replay_delta": None, "replay_delta_activation": None, "patch_delta": None,
+                        **G.validation(None, None, None, pre, 0.0, 0.0),
+                    })
         node_dicts.append({
-            "id": s.name, "layer": s.layer, "feature_id": s.feature_id, "is_target": True,
+            "id": s.name, "kind": "feature", "layer": s.layer, "feature_id": s.feature_id, "is_target": True,
             "positions": [pc.T - 1], "position_activations": [act], "position_attributions": [None],
             "activation": act, "attribution": None, "replay_delta": None, "replay_delta_activation": None,
-            "patch_delta": None, "validated": None,
+            "patch_delta": None, **G.validation(None, None, None, pre, 0.0, 0.0),
         })
-        layers = sorted({x.layer for x in ns})
-        edges = []
-        if layers:
-            for x in ns:
-                if x.layer == layers[-1]:
-                    edges.append({"source": x.id, "target": s.name, "weight": x.attribution, "raw": x.attribution})
-            for k in range(1, len(layers)):
-                lower = [x for x in ns if x.layer == layers[k - 1]]
-                for v in (x for x in ns if x.layer == layers[k]):
-                    rv = raw.get((v.layer, v.uidx), {})
-                    scale = v.attribution / v.activation if v.activation else 0.0
-                    for u in lower:
-                        r_uv = rv.get((u.layer, u.uidx))
-                        if r_uv is None:
-                            continue
-                        edges.append({"source": u.id, "target": v.id, "weight": r_uv * scale, "raw": r_uv})
-            edges = G.prune_incoming(edges, self.pc.top_k_per_layer, self.pc.coverage, keep_targets={s.name})
+        edges = self._edges_exact_record(s, ns, raw.get(s.name, {}), terms, layers, node_dicts) if exact else \
+            self._edges_approx_record(s, ns, raw, layers)
         rec = {
             "text": pc.text,
             "n_tokens": pc.T,
@@ -385,8 +472,78 @@ class PathwayEngine:
             "layer_terms": terms,
         }
         rec["agreement"] = G.agreement(node_dicts)
-        assert all(e["source"] in by_id for e in edges)
+        ids = {n["id"] for n in node_dicts}
+        assert all(e["source"] in ids and e["target"] in ids for e in edges)
         return rec
+
+    def _edges_exact_record(self, s: TargetSpec, ns: list[NodeRec], w: dict, terms: dict, layers: list[int],
+                            node_dicts: list[dict]) -> list[dict]:
+        """Edges with exact first-order weights, and each source's out-shares (set on node_dicts).
+
+        A source's attribution A splits exactly (first order) over the next graph layer l_v:
+        the graph's nodes there (its out-edges, before pruning), the other active features of
+        l_v, and l_v's SAE error: out_shares {"graph", "other_features", "sae_error"} sum to 1."""
+        if not layers:
+            return []
+        by_id = {n["id"]: n for n in node_dicts}
+        top = layers[-1]
+        feature_edges, fixed = [], []
+        for x in ns:
+            if x.layer == top:
+                fixed.append({"source": x.id, "target": s.name, "weight": x.attribution})
+        for kind in ("error", "bias"):
+            fixed.append({"source": G.source_node_id(top, kind), "target": s.name, "weight": terms[str(top)][kind]})
+        out_graph: dict[str, float] = {}
+        for e in fixed:
+            out_graph[e["source"]] = out_graph.get(e["source"], 0.0) + e["weight"]
+        out_all: dict[str, float] = {e["source"]: e["weight"] for e in fixed}
+        for k in range(1, len(layers)):
+            lv, lu = layers[k], layers[k - 1]
+            lower = [x for x in ns if x.layer == lu]
+            for v in (x for x in ns if x.layer == lv):
+                row = w.get((lv, v.uidx))
+                if row is None:
+                    continue
+                for u in lower:
+                    wt = row["features"].get(u.uidx, 0.0)
+                    feature_edges.append({"source": u.id, "target": v.id, "weight": wt})
+                    out_graph[u.id] = out_graph.get(u.id, 0.0) + wt
+                for kind in ("error", "bias"):
+                    src = G.source_node_id(lu, kind)
+                    fixed.append({"source": src, "target": v.id, "weight": row[kind]})
+                    out_graph[src] = out_graph.get(src, 0.0) + row[kind]
+            whole = w.get((lv, None))
+            if whole is not None:
+                for u in lower:
+                    out_all[u.id] = whole["features"].get(u.uidx, 0.0)
+                for kind in ("error", "bias"):
+                    out_all[G.source_node_id(lu, kind)] = whole[kind]
+        for nid, n in by_id.items():
+            if n["is_target"]:
+                continue
+            n.update(G.out_shares(n["attribution"], out_graph.get(nid, 0.0), out_all.get(nid)))
+        feature_edges = G.prune_incoming(feature_edges, self.pc.top_k_per_layer, self.pc.coverage, keep_targets=set())
+        return feature_edges + [e for e in fixed if e["weight"] != 0]
+
+    def _edges_approx_record(self, s: TargetSpec, ns: list[NodeRec], raw: dict, layers: list[int]) -> list[dict]:
+        """The old approximation (edge_weight: approx): raw(u->v) * A_v / act_v."""
+        edges = []
+        if not layers:
+            return edges
+        for x in ns:
+            if x.layer == layers[-1]:
+                edges.append({"source": x.id, "target": s.name, "weight": x.attribution, "raw": x.attribution})
+        for k in range(1, len(layers)):
+            lower = [x for x in ns if x.layer == layers[k - 1]]
+            for v in (x for x in ns if x.layer == layers[k]):
+                rv = raw.get((v.layer, v.uidx), {})
+                scale = v.attribution / v.activation if v.activation else 0.0
+                for u in lower:
+                    r_uv = rv.get((u.layer, u.uidx))
+                    if r_uv is None:
+                        continue
+                    edges.append({"source": u.id, "target": v.id, "weight": r_uv * scale, "raw": r_uv})
+        return G.prune_incoming(edges, self.pc.top_k_per_layer, self.pc.coverage, keep_targets={s.name})
 
 
 # ---------------------------------------------------------------------------
@@ -482,11 +639,19 @@ def run(cfg: Config, targets: list[FeatureId], device: str, force: bool = False,
                         "replay_mode": cfg.pathways.replay_mode,
                         "validate_min_abs_delta": cfg.pathways.validate_min_abs_delta,
                         "validate_min_rel_delta": cfg.pathways.validate_min_rel_delta,
-                        "edge_weight": "raw(u->v) * A_v / act_v; into the target: A_u (docs/science.md)",
+                        "edge_weight": cfg.pathways.edge_weight,
+                        "edge_weight_definition": (
+                            "exact first-order path: sum_p <d_v, dpre_t/dh_lv[p]> dpre_v[p]/d(source); "
+                            "SAE error and bias nodes per graph layer; into the target: A_u"
+                            if cfg.pathways.edge_weight == "exact" else
+                            "approximation: raw(u->v) * A_v / act_v, exact only when v is active at one position"),
+                        "validation": ("linear_confirmed: replay changed the target's pre-activation with the "
+                                       "predicted sign and enough size; changes_target_activation: the same for "
+                                       "its gated activation; validated: both"),
                     },
                 },
                 "prompts": r["prompts"],
-            })
+            }, version=PATHWAY_SCHEMA_VERSION)
             path = pathway_path(cfg.cache, t)
             write_export(cfg.cache, out, cfg.export)  # export first: a present result implies its export exists
             # no fsync per file: a rename is atomic against a killed process, and an unreadable
