@@ -174,8 +174,8 @@ def test_rings_tell_validated_from_pre_activation_only_and_mark_error_nodes():
     sym = dict(zip(ids, nodes["marker"]["symbol"]))
     assert ring["L2-1"] == "#111111" and ring["L2-2"] == figures.PRE_ONLY_RING and ring["L1-7"] == "#777777"
     assert sym["L2-2"] == "circle" and sym["L1-7"] == "circle-x" and sym["L2-error"] == "square"
-    names = {t["name"] for t in data}
-    assert {"pre-activation only: estimate held, target's activation unchanged", "SAE error node"} <= names
+    key = figures.legend_markdown()  # the key drawn under the chart (no plotly legend over the nodes)
+    assert figures.PRE_ONLY_RING in key and "pre-activation only" in key and "SAE error" in key and "bias" in key
     assert "pre-activation only" in figures.validation_label(False, True)
     kept = G.prune(v, node_share=0.5)  # the error node (0.2) is not ranked against the features
     assert "L2-error" in set(kept.nodes["id"]) and kept.dropped_nodes >= 1
