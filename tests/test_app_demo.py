@@ -247,6 +247,6 @@ def test_home_survives_a_corrupt_or_odd_demo_marker(monkeypatch, cache_copy, con
     else:  # readable but wrong types: shown as unknown, never as numbers
         assert "does not say how many features were causal" in warnings
         assert "does not say whether the model learned" in warnings
-        assert metrics(at)["Causal features"] == "–"
+        assert metrics(at)["Run A's rule"] == "–" and metrics(at)["Engine verdict (BH)"] == "–"
     assert set(frame(at, "step")["status"]) <= {"done", "missing", "stale", "failed"}  # the rest of the page
     check_real_data_hint(at)

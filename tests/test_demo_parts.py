@@ -303,3 +303,56 @@ def test_engine_verdicts_by_hand():
     assert v[0]["min_q"] == pytest.approx(p * 8 / 2, rel=1e-9)  # rank 1..2 of 8 tests (both features' smallest)
     assert v[0]["causal"] and v[0]["direction"] == "risky" and v[0]["raises_betting"] and not v[0]["raises_stopping"]
     assert v[1]["causal"] and v[1]["direction"] == "mixed" and v[1]["raises_betting"] and v[1]["raises_stopping"]
+
+
+TINY = dict(train_games=160, train_steps=12, sae_sequences=40, sae_steps=15, exp1_games=60, rate_trials=6,
+            exp2_answers=360, pipeline=False)
+
+
+def _artifacts(cache) -> dict:
+    """Every file of a demo build by relative path -> bytes, with the wall-clock parts taken out:
+    timestamps in file names and fields, and the measured seconds."""
+    import json
+    import re
+
+    from engine.schema import DEMO_DIR
+
+    out = {}
+    root = cache / DEMO_DIR
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = re.sub(r"\d{8}_\d{6}", "TS", str(p.relative_to(root)))
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            def clean(x):
+                if isinstance(x, dict):
+                    return {k: clean(v) for k, v in x.items()
+                            if k not in ("seconds", "cpu_seconds", "timestamp", "source", "features_file", "source_file")}
+                if isinstance(x, list):
+                    return [clean(v) for v in x]
+                return re.sub(r"\d{8}_\d{6}", "TS", x) if isinstance(x, str) else x
+            data = json.dumps(clean(json.loads(data)), sort_keys=True).encode()
+        out.setdefault(rel, []).append(data)
+    return out
+
+
+@pytest.mark.slow
+def test_a_demo_is_a_pure_function_of_seed_and_budget(tmp_path):
+    """Two builds of the same (tiny) plan and seed give byte-identical model, SAEs, games, candidates,
+    power plan, checkpoints and response logs (file-name timestamps aside); another seed does not."""
+    from engine.demo import build_demo
+
+    a = build_demo(tmp_path / "a", minutes=1, seed=3, **TINY)
+    b = build_demo(tmp_path / "b", minutes=1, seed=3, **TINY)
+    fa, fb = _artifacts(tmp_path / "a"), _artifacts(tmp_path / "b")
+    assert "model/model.safetensors" in fa and any(k.startswith("saes/") for k in fa)
+    assert set(fa) == set(fb)
+    for k in fa:
+        if k != "DEMO.json":
+            assert fa[k] == fb[k], k
+    for key in ("decision_rates", "saes", "experiment_1", "experiment_2", "plan"):
+        assert a[key] == b[key], key
+    c = build_demo(tmp_path / "c", minutes=1, seed=4, **TINY)
+    assert _artifacts(tmp_path / "c")["model/model.safetensors"] != fa["model/model.safetensors"]
+    assert c["plan"] == a["plan"]
