@@ -113,17 +113,21 @@ def write_stages(dirs: list[str], command: str) -> None:
     for d in dirs:
         info = json.loads((Path(d) / "demo" / "DEMO.json").read_text())
         s = info.get("stage_seconds", {})
+        cpu = info.get("stage_cpu_seconds", {})
         cc = info.get("causal_counts", {})
         bh = cc.get("engine_bh", {}) or {}
         rows.append(f"| `--minutes {info['minutes']:g}` seed {info['seed']} | "
-                    + " | ".join(f"{s.get(c, float('nan')):.0f}" for c in cols)
+                    + " | ".join(f"{s.get(c, float('nan')):.0f} ({cpu.get(c, float('nan')):.0f})" for c in cols)
                     + f" | {info.get('total_seconds', float('nan')):.0f} | {cc.get('features_tested')} x "
                       f"{cc.get('n_trials')} | {cc.get('run_a_uncorrected')} | {bh.get('n')} |")
     text = f"""### Demo stages
 
 Command: `{command}` on builds made with `python -m engine demo --out DIR --minutes M`. Machine:
-{_machine()}; wall-clock seconds per stage, as each build's DEMO.json records them (the load
-varied during the builds: compare within a row, not across rows).
+{_machine()}; wall-clock seconds per stage and, in brackets, CPU seconds, as each build's DEMO.json
+records them. The builds ran while the machine's load average was 9-14 (other engineers' test
+runs): wall time was 3-8x the CPU time. The demo runs torch on one thread, so on an idle machine
+its wall time is about its CPU time. A build resumed after its last stage shows that stage's
+resumed time (0 s when the pipeline's outputs were already up to date) and a total of the resume.
 
 | build | train | SAEs | experiment 1 | experiment 2 | pipeline | total | features x trials | Run A | engine BH |
 |---|---|---|---|---|---|---|---|---|---|
