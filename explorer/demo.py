@@ -59,6 +59,14 @@ class DemoInfo:
     n_causal_run_b: int | None = None
     causal_features_run_b: list[str] = field(default_factory=list)
     rule_run_b: str | None = None
+    n_causal_bh: int | None = None  # the engine's recomputed verdict (BH over every test)
+    bh_by_direction: dict[str, int] = field(default_factory=dict)  # safe / risky / mixed
+    bh_raises_stopping: int | None = None
+    bh_raises_betting: int | None = None
+    bh_source: str | None = None
+    causal_features_bh: list[str] = field(default_factory=list)
+    rule_bh: str | None = None
+    expected_bh: float | None = None  # the power plan's expectation
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float | None = None
     later_model: str | None = None  # the model of a later `engine run` into this cache, if not the demo's
@@ -148,6 +156,8 @@ def summarize(raw: dict, later_model: str | None = None) -> DemoInfo:
     if n_causal is None:
         n_causal = _int(raw.get("n_causal_features"))
     stages = {str(k): v for k, v in _dict(raw.get("stage_seconds")).items() if _num(v) is not None}
+    bh = _dict(_dict(raw.get("causal_counts")).get("engine_bh"))
+    dirs = {str(k): int(v) for k, v in _dict(bh.get("by_direction")).items() if _int(v) is not None}
     return DemoInfo(
         complete=raw.get("complete") is True,
         seed=raw.get("seed"),
@@ -166,6 +176,14 @@ def summarize(raw: dict, later_model: str | None = None) -> DemoInfo:
         n_causal_run_b=_int(e2.get("n_causal_run_b")),
         causal_features_run_b=_features(e2.get("causal_features_run_b")),
         rule_run_b=e2.get("rule_run_b") if isinstance(e2.get("rule_run_b"), str) else None,
+        n_causal_bh=_int(bh.get("n")),
+        bh_by_direction=dirs,
+        bh_raises_stopping=_int(bh.get("raises_stopping")),
+        bh_raises_betting=_int(bh.get("raises_betting")),
+        bh_source=bh.get("source") if isinstance(bh.get("source"), str) else None,
+        causal_features_bh=_features(e2.get("causal_features_bh")),
+        rule_bh=e2.get("rule_bh") if isinstance(e2.get("rule_bh"), str) else None,
+        expected_bh=_num(e2.get("expected_bh_survivors")),
         stage_seconds={k: float(v) for k, v in stages.items()},
         total_seconds=_num(raw.get("total_seconds")),
         later_model=later_model,

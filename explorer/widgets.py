@@ -891,22 +891,49 @@ def _demo_learned(info) -> None:
         st.warning("The record does not say whether the model learned the gamble.", icon=":material/help:")
 
 
+DEMO_DIRECTIONS = (
+    "**safe** = patching the feature to its stop-game mean (the *safe patch*) raises stopping; "
+    "**risky** = patching it to its bankrupt-game mean (the *risky patch*) lowers stopping, i.e. raises betting; "
+    "**mixed** = both, or an effect against the patch's own direction. Run A's `classified_as` in the "
+    "checkpoints means something else: it compares the two patches with each other, `safe` when stopping is "
+    "higher under the safe patch than under the risky one (the feature pushes the way its group does, whichever "
+    "patch does the work), `risky` when the reverse.")
+
+
 def _demo_causal(info) -> None:
     st.markdown("**Experiment 2**: which features change the decision")
-    tested = f" of {info.features_tested} tested" if info.features_tested is not None else ""
+    tested = f" of {info.features_tested}" if info.features_tested is not None else ""
     trials = f", {info.n_trials} trials per condition" if info.n_trials is not None else ""
     rule = info.rule_name or "the demo's rule"
-    st.metric(f"Causal features{tested}", fmt(info.n_causal), help=info.rule, border=True)
-    if info.n_causal == 0:
-        st.warning(f"No feature was causal by {rule}: the Features and Pathway pages have nothing to show.",
+    m1, m2 = st.columns(2)
+    with m1:
+        st.metric(f"Engine verdict (BH){tested}", fmt(info.n_causal_bh), border=True,
+                  help=(info.rule_bh or "The engine's recomputed verdict") + (f". Source: {info.bh_source}."
+                                                                              if info.bh_source else ""))
+    with m2:
+        st.metric(f"Run A's rule{tested}", fmt(info.n_causal), border=True,
+                  help=(info.rule or "") + " Uncorrected: no multiple-testing correction.")
+    if info.n_causal_bh == 0 and not info.n_causal:
+        st.warning("No feature was causal by either rule: the Features and Pathway pages have nothing to show.",
                    icon=":material/search_off:")
-    elif info.n_causal is None:
+    elif info.n_causal is None and info.n_causal_bh is None:
         st.warning("The record does not say how many features were causal.", icon=":material/help:")
-    else:
-        shown = ", ".join(f"`{f}`" for f in info.causal_features) or "–"
-        st.markdown(f"By **{rule}**{trials} (patched to the stop-game vs the bankrupt-game mean): {shown}.",
-                    help=info.rule)
+    if info.n_causal_bh is not None:
+        d = info.bh_by_direction
+        dirs = ", ".join(f"{d.get(k, 0)} {k}" for k in ("safe", "risky", "mixed"))
+        both = ""
+        if info.bh_raises_stopping is not None and info.bh_raises_betting is not None:
+            both = (f"; {info.bh_raises_stopping} raise stopping (safe patch), {info.bh_raises_betting} raise "
+                    "betting (risky patch)")
+        exp = f" The power plan expected {info.expected_bh:.1f}." if info.expected_bh is not None else ""
+        st.markdown(f"**{fmt(info.n_causal_bh)}** survive the engine's own verdict{trials} (each patch against "
+                    f"its prompt's baseline, Benjamini-Hochberg over every test): {dirs}{both}.{exp} These are the "
+                    "features with pathways and token views.", help=info.rule_bh)
+    if info.n_causal is not None:
+        shown = ", ".join(f"`{f}`" for f in info.causal_features[:12]) or "–"
+        more = f" and {len(info.causal_features) - 12} more" if len(info.causal_features) > 12 else ""
+        st.caption(f"By **{rule}** (uncorrected, the checkpoints' verdict: the two patches against each other, "
+                   f"p < 0.05 per feature): {info.n_causal}: {shown}{more}.", help=info.rule)
+    st.caption("Directions: " + DEMO_DIRECTIONS)
     if info.n_causal_run_b is not None:
-        b = ", ".join(f"`{f}`" for f in info.causal_features_run_b)
-        st.caption(f"By the study's final rule (Run B): {info.n_causal_run_b}" + (f" ({b})" if b else "") +
-                   ". The checkpoints record Run A's verdict, which the selection step reads.", help=info.rule_run_b)
+        st.caption(f"By the study's final rule (Run B): {info.n_causal_run_b}.", help=info.rule_run_b)

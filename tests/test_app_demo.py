@@ -103,14 +103,23 @@ def test_home_on_the_demo_cache(monkeypatch, demo_cache):
     e2 = marker["experiment_2"]
     causal = {rec["feature"] for rec in _checkpoint_records(demo_cache) if rec["is_causal"]}
     assert causal == set(e2["causal_features"]) and len(causal) == e2["n_causal"]
-    assert metrics(at)[f"Causal features of {e2['features_tested']} tested"] == str(len(causal))
+    assert metrics(at)[f"Run A's rule of {e2['features_tested']}"] == str(len(causal))
     if causal:
-        assert "By **Run A's in-script rule**" in text
-        for f in e2["causal_features"]:
+        assert "By **Run A's in-script rule** (uncorrected" in text
+        for f in e2["causal_features"][:12]:
             assert f"`{f}`" in text
-    else:
-        assert "No feature was causal by Run A's in-script rule" in text
     assert f"By the study's final rule (Run B): {e2['n_causal_run_b']}" in text
+    # The engine's own verdict: the audit's recomputed (BH) count, from its summary file, by direction.
+    from engine.schema import AUDIT_VALIDATION
+
+    audit = json.loads((demo_cache / AUDIT_VALIDATION).read_text())["recomputed"]
+    assert metrics(at)[f"Engine verdict (BH) of {e2['features_tested']}"] == str(audit["causal"])
+    d = audit["by_direction"]
+    assert f"**{audit['causal']}** survive the engine's own verdict" in text
+    assert f"{d['safe']} safe, {d['risky']} risky, {d['mixed']} mixed" in text
+    assert "**risky** = patching it to its bankrupt-game mean" in text
+    if not causal and not audit["causal"]:
+        assert "No feature was causal by either rule" in text
 
     # The build's stage times and their total.
     stages = frame(at, "stage")
@@ -160,6 +169,7 @@ def _marker(**changes) -> dict:
         "model": {"n_layers": 3, "d_model": 32},
         "decision_rates": rates,
         "learned": {"ok": False, "p_value": 0.3125, "message": "the model did NOT learn the gamble: ..."},
+        "causal_counts": {"engine_bh": {"n": 0, "by_direction": {"safe": 0, "risky": 0, "mixed": 0}}},
         "experiment_2": {"features_tested": 9, "n_trials": 20, "n_causal": 0, "causal_features": [],
                          "n_causal_run_b": 0, "causal_features_run_b": [],
                          "rule": "Run A's in-script rule: per prompt, ...", "rule_run_b": "Run B: ..."},
@@ -189,8 +199,8 @@ def test_home_says_when_the_demo_model_did_not_learn_and_nothing_is_causal(monke
     err = " ".join(texts(at, "error"))
     assert "did NOT learn the gamble" in err and "p = 0.31" in err
     assert "stop rate 0.40 on the safe prompt vs 0.25 on the risky prompt" in err
-    assert "No feature was causal by Run A's in-script rule" in " ".join(texts(at, "warning"))
-    assert metrics(at)["Causal features of 9 tested"] == "0"
+    assert "No feature was causal by either rule" in " ".join(texts(at, "warning"))
+    assert metrics(at)["Run A's rule of 9"] == "0" and metrics(at)["Engine verdict (BH) of 9"] == "0"
     rates = frame(at, "stop_safe").set_index("model")
     for model in ("trained", "untrained"):
         r = m["decision_rates"][model]
@@ -237,6 +247,6 @@ def test_home_survives_a_corrupt_or_odd_demo_marker(monkeypatch, cache_copy, con
     else:  # readable but wrong types: shown as unknown, never as numbers
         assert "does not say how many features were causal" in warnings
         assert "does not say whether the model learned" in warnings
-        assert metrics(at)["Causal features"] == "–"
+        assert metrics(at)["Run A's rule"] == "–" and metrics(at)["Engine verdict (BH)"] == "–"
     assert set(frame(at, "step")["status"]) <= {"done", "missing", "stale", "failed"}  # the rest of the page
     check_real_data_hint(at)

@@ -258,3 +258,63 @@ def test_cli_and_ensure_demo_reuse_the_finished_demo(demo_cache, tmp_path):
     cfg2 = load_config(None, {"cache_dir": str(other)})
     assert ensure_demo(cfg2) == (None, other)
     assert not (other / DEMO_DIR).exists()
+
+
+def test_bh_counts_recomputed_from_the_response_logs(demo_cache):
+    """The engine's verdict, recomputed here from the response logs with scipy and a hand-written
+    Benjamini-Hochberg: each patched condition against its prompt's baseline (valid trials), 4 tests
+    per feature, BH over all of them, q < 0.05 and |delta| >= 0.1. It matches DEMO.json's count and
+    directions, the audit's own count, and the shortened build finds enough features in both
+    directions for the explorer to have something to show."""
+    import numpy as np
+    from scipy import stats
+
+    from engine.schema import AUDIT_VALIDATION
+
+    _, rls = _files(demo_cache)
+    trials: dict[str, list] = {}
+    for p in rls:
+        for r in json.loads(p.read_text()):
+            trials.setdefault(r["feature"], []).append(r)
+    names = sorted(trials)
+    tests = []  # (feature, patch, delta, p)
+    for f in names:
+        def count(cond):
+            v = [t["parsed"] for t in trials[f] if t["condition"] == cond and t["parsed"]["valid"]]
+            return sum(q["bet"] == 0 for q in v), len(v)
+        for prompt in ("safe", "risky"):
+            b = count(f"{prompt}_baseline")
+            for patch in ("safe", "risky"):
+                a = count(f"{prompt}_with_{patch}_patch")
+                table = np.array([[a[0], a[1] - a[0]], [b[0], b[1] - b[0]]])
+                if table.sum(0).min() == 0:
+                    p = 1.0
+                elif stats.contingency.expected_freq(table).min() < 5:
+                    p = stats.fisher_exact(table)[1]
+                else:
+                    p = stats.chi2_contingency(table)[1]
+                tests.append((f, patch, a[0] / a[1] - b[0] / b[1], p))
+    m = len(tests)
+    order = sorted(range(m), key=lambda i: tests[i][3])
+    k = max([r + 1 for r, i in enumerate(order) if tests[i][3] <= 0.05 * (r + 1) / m], default=0)
+    rejected = set(order[:k])
+    votes: dict[str, set] = {}
+    for i in rejected:
+        f, patch, delta, _ = tests[i]
+        if abs(delta) >= 0.1:
+            ok = (patch == "safe" and delta > 0) or (patch == "risky" and delta < 0)
+            votes.setdefault(f, set()).add(patch if ok else "mixed")
+    direction = {f: (next(iter(v)) if len(v) == 1 else "mixed") for f, v in votes.items()}
+    info = _demo(demo_cache)
+    e2 = info["experiment_2"]
+    assert sorted(direction) == sorted(e2["causal_features_bh"])
+    for d in ("safe", "risky", "mixed"):
+        assert e2["bh_by_direction"][d] == sum(v == d for v in direction.values()), d
+    audit = json.loads((demo_cache / AUDIT_VALIDATION).read_text())["recomputed"]
+    assert info["causal_counts"]["engine_bh"]["n"] == audit["causal"] == len(direction)
+    assert info["causal_counts"]["run_a_uncorrected"] == e2["n_causal"]
+    # The shortened build (seed 0, --minutes 1) is too small for the issue's 5: its power plan expects
+    # 2.5 and 1 survives (docs/demo.md); this asserts that the verdict is not empty.
+    assert len(direction) >= 1, direction
+    assert e2["bh_raises_stopping"] + e2["bh_raises_betting"] >= 1
+    assert e2["expected_bh_survivors"] == info["experiment_1"]["power"]["expected_bh_survivors"]

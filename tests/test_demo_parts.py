@@ -198,7 +198,7 @@ def test_causality_rules_match_scipy_by_hand():
 def test_plan_is_a_function_of_the_budget():
     assert plan_for(10) == plan_for(10.0)
     assert plan_for(1).train_steps < plan_for(10).train_steps
-    assert plan_for(10).n_trials == 50  # the paper's final trials per condition
+    assert plan_for(2).exp2_answers < plan_for(10).exp2_answers  # features and trials follow by power
     with pytest.raises(UserError):
         plan_for(0)
 
@@ -210,3 +210,149 @@ def test_pipeline_runner_knows_which_steps_exist():
     assert not step_available("engine.no_such_step")
     assert step_args("prototype", "c.yaml", "L2-7") == ["prototype", "--config", "c.yaml", "--feature", "L2-7"]
     assert step_args("audit", "c.yaml", "L2-7") == ["audit", "--config", "c.yaml"]
+
+
+def test_power_is_the_exact_rejection_probability_of_the_engines_test():
+    """A second implementation with scipy: enumerate every outcome (k1 stops of n patched, k0 of n
+    baseline), test it as the audit does (Fisher's exact test when an expected count is < 5, else
+    chi2 with Yates), and add up the binomial probabilities of the rejected ones."""
+    import numpy as np
+    from scipy import stats
+
+    from engine.demo.power import test_power
+
+    n, alpha_t, min_effect = 14, 0.02, 0.1
+    for p1, p0 in ((0.7, 0.2), (0.05, 0.4), (0.5, 0.5)):
+        ref = 0.0
+        for k1 in range(n + 1):
+            for k0 in range(n + 1):
+                table = np.array([[k1, n - k1], [k0, n - k0]])
+                if table.sum(0).min() == 0:
+                    continue  # a zero margin: p = 1 (never rejected)
+                expected = stats.contingency.expected_freq(table)
+                p = stats.fisher_exact(table)[1] if expected.min() < 5 else stats.chi2_contingency(table)[1]
+                if p <= alpha_t and abs(k1 - k0) / n >= min_effect:
+                    ref += stats.binom.pmf(k1, n, p1) * stats.binom.pmf(k0, n, p0)
+        assert test_power(p1, p0, n, alpha_t, min_effect) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert test_power(0.5, 0.5, n, alpha_t, min_effect) < alpha_t  # no effect: at most the level
+
+
+def test_power_plan_spends_the_budget_where_it_detects_most():
+    from engine.demo.power import N_GRID, plan_trials, test_power
+
+    base = {"safe": 0.6, "risky": 0.05}
+    strong = {("safe", "safe"): 0.6, ("safe", "risky"): 0.1, ("risky", "safe"): 0.05, ("risky", "risky"): 0.05}
+    weak = {("safe", "safe"): 0.6, ("safe", "risky"): 0.45, ("risky", "safe"): 0.05, ("risky", "risky"): 0.05}
+    none = {k: base[k[0]] for k in strong}
+    feats = {f"L1-{i}": strong for i in range(4)} | {f"L2-{i}": weak for i in range(4)} | {f"L3-{i}": none for i in range(4)}
+    pred = {"baseline": base, "features": feats}
+    plan = plan_trials(pred, 2400)
+    assert 6 * plan.n_trials * len(plan.features) <= 2400
+    best = max(r["expected_bh_survivors"] for r in plan.table)
+    assert round(plan.expected_survivors, 2) == best
+    assert {r["n_trials"] for r in plan.table} <= set(N_GRID)
+    # the strong features first, the null ones last; each strong one nearly sure at the chosen n
+    assert plan.features[:4] == [f"L1-{i}" for i in range(4)]
+    miss = 1.0
+    for (prompt, patch), p1 in strong.items():  # the 4 tests of the feature, independent samples
+        miss *= 1 - test_power(p1, base[prompt], plan.n_trials, plan.alpha_threshold, 0.1)
+    assert plan.detection["L1-0"] == pytest.approx(1 - miss, abs=1e-12)
+    assert plan.detection["L1-0"] > 0.95
+    with pytest.raises(ValueError):
+        plan_trials(pred, 50)
+
+
+def test_exp1_bh_runs_over_every_test_not_only_the_small_p_values():
+    """100 features at p = 0.009 among 1,000 at p = 0.5: BH over all 1,100 tests keeps none of them
+    (threshold at rank 100: 0.05 * 100 / 1100 = 0.0045); BH over the 100 alone would keep all."""
+    import numpy as np
+
+    from engine.demo.experiment import significant_features
+
+    p = np.r_[np.full(100, 0.009), np.full(1000, 0.5)]
+    d = np.r_[np.full(100, 1.0), np.zeros(1000)]
+    z = np.zeros(1100)
+    table = {1: {"cohen_d": d, "p_value": p, "bankrupt_mean": z, "safe_mean": z, "bankrupt_std": z, "safe_std": z}}
+    assert significant_features(table, [1])[1] == []
+    p2 = p.copy()
+    p2[:100] = 1e-5  # now below 0.05 * 100 / 1100
+    table[1]["p_value"] = p2
+    d2 = d.copy()
+    d2[:50] = 0.2  # below |d| > 0.3: filtered out after BH
+    table[1]["cohen_d"] = d2
+    assert [f["feature_idx"] for f in significant_features(table, [1])[1]] == sorted(range(50, 100))
+
+
+def test_engine_verdicts_by_hand():
+    """Safe prompt 30/50 stops at baseline, 8/50 with the risky patch: chi2 (Yates) p ~ 1e-5, BH over
+    the 4 tests keeps it -> causal, direction risky (the risky patch raises betting)."""
+    from scipy import stats
+
+    from engine.demo.experiment import engine_verdicts
+    from engine.schema import REAL_CONDITIONS
+
+    def feat(stops):
+        return {"conditions": {c: {"n": 50, "stops": s} for c, s in zip(REAL_CONDITIONS, stops)}}
+
+    order = list(REAL_CONDITIONS)
+    stops = dict(safe_baseline=30, safe_with_safe_patch=32, safe_with_risky_patch=8,
+                 risky_baseline=2, risky_with_safe_patch=3, risky_with_risky_patch=1)
+    both = dict(stops, risky_with_safe_patch=20)  # the safe patch also raises stopping on the risky prompt
+    v = engine_verdicts([feat([stops[c] for c in order]), feat([both[c] for c in order])])
+    p = stats.chi2_contingency([[8, 42], [30, 20]])[1]
+    assert v[0]["min_q"] == pytest.approx(p * 8 / 2, rel=1e-9)  # rank 1..2 of 8 tests (both features' smallest)
+    assert v[0]["causal"] and v[0]["direction"] == "risky" and v[0]["raises_betting"] and not v[0]["raises_stopping"]
+    assert v[1]["causal"] and v[1]["direction"] == "mixed" and v[1]["raises_betting"] and v[1]["raises_stopping"]
+
+
+TINY = dict(train_games=160, train_steps=12, sae_sequences=40, sae_steps=15, exp1_games=60, rate_trials=6,
+            exp2_answers=360, pipeline=False)
+
+
+def _artifacts(cache) -> dict:
+    """Every file of a demo build by relative path -> bytes, with the wall-clock parts taken out:
+    timestamps in file names and fields, and the measured seconds."""
+    import json
+    import re
+
+    from engine.schema import DEMO_DIR
+
+    out = {}
+    root = cache / DEMO_DIR
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = re.sub(r"\d{8}_\d{6}", "TS", str(p.relative_to(root)))
+        data = p.read_bytes()
+        if p.suffix == ".json":
+            def clean(x):
+                if isinstance(x, dict):
+                    return {k: clean(v) for k, v in x.items()
+                            if k not in ("seconds", "cpu_seconds", "timestamp", "source", "features_file", "source_file")}
+                if isinstance(x, list):
+                    return [clean(v) for v in x]
+                return re.sub(r"\d{8}_\d{6}", "TS", x) if isinstance(x, str) else x
+            data = json.dumps(clean(json.loads(data)), sort_keys=True).encode()
+        out.setdefault(rel, []).append(data)
+    return out
+
+
+@pytest.mark.slow
+def test_a_demo_is_a_pure_function_of_seed_and_budget(tmp_path):
+    """Two builds of the same (tiny) plan and seed give byte-identical model, SAEs, games, candidates,
+    power plan, checkpoints and response logs (file-name timestamps aside); another seed does not."""
+    from engine.demo import build_demo
+
+    a = build_demo(tmp_path / "a", minutes=1, seed=3, **TINY)
+    b = build_demo(tmp_path / "b", minutes=1, seed=3, **TINY)
+    fa, fb = _artifacts(tmp_path / "a"), _artifacts(tmp_path / "b")
+    assert "model/model.safetensors" in fa and any(k.startswith("saes/") for k in fa)
+    assert set(fa) == set(fb)
+    for k in fa:
+        if k != "DEMO.json":
+            assert fa[k] == fb[k], k
+    for key in ("decision_rates", "saes", "experiment_1", "experiment_2", "plan"):
+        assert a[key] == b[key], key
+    c = build_demo(tmp_path / "c", minutes=1, seed=4, **TINY)
+    assert _artifacts(tmp_path / "c")["model/model.safetensors"] != fa["model/model.safetensors"]
+    assert c["plan"] == a["plan"]

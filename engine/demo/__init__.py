@@ -68,12 +68,14 @@ class DemoPlan:
     sae_lr: float = 2e-3
     sae_l1: float = 0.02
     exp1_games: int = 400
-    per_layer: int = 6
-    n_trials: int = 30
+    pool_per_layer: int = 60  # Exp-1 significant features per layer (top |d|) whose patches are predicted
+    exp2_answers: int = 18000  # sampled answers Experiment 2 may spend; features and trials by power
     save_every: int = 2
     features_per_batch: int = 3
     max_new_tokens: int = 32
     rate_trials: int = 200
+    torch_threads: int = 1  # fixed, so results do not depend on the machine; 1 is also the fastest for
+    # this small model on 2 shared cores (docs/benchmarks.md)
     pipeline: bool = True
 
     def hash(self) -> str:
@@ -99,8 +101,7 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         sae_steps=int(round(120 + 138 * m)),
         sae_batch=512 if m < 5 else 1024,
         exp1_games=int(min(600, 200 + 20 * m)),
-        per_layer=int(max(3, min(12, round(0.8 * m)))),
-        n_trials=50 if m >= 5 else 30,  # the paper's final runs used 50
+        exp2_answers=int(min(36000, 1800 * m + 1800)),
         rate_trials=int(min(200, 80 + 12 * m)),
     )
     return DemoPlan(**{**asdict(plan), **overrides}) if overrides else plan
@@ -177,7 +178,7 @@ def build_quick_demo(cache: str | os.PathLike, seed: int = 0, **overrides) -> di
 # ---------------------------------------------------------------------------
 
 
-def _config_yaml(plan: DemoPlan) -> str:
+def _config_yaml(plan: DemoPlan, n_trials: int | None = None) -> str:
     return (
         "# The embedded demo (python -m engine demo): a small LLaMA trained to play the study's\n"
         "# slot-machine game, its residual SAEs and a miniature of Experiment 2. Not LLaMA-3.1-8B.\n"
@@ -193,7 +194,11 @@ def _config_yaml(plan: DemoPlan) -> str:
         "data:\n"
         f"  checkpoints_dir: ./{EXP2_DIR}\n"
         f"  responses_dir: ./{EXP2_DIR}/response_logs\n"
-        f"  n_trials_per_condition: {plan.n_trials}\n"
+        f"  n_trials_per_condition: {'null' if n_trials is None else n_trials}\n"
+        "select:\n"
+        "  # the engine's own verdict (BH over every test): every feature that survives it gets a\n"
+        "  # pathway and token views\n"
+        "  verdict: recomputed\n"
         "cache_dir: ..\n"
         "# circuit-tracer export: name the demo model and its SAEs, not LLaMA-3.1-8B / LlamaScope\n"
         "export:\n"
@@ -259,10 +264,30 @@ def build_demo(cache: Path, minutes: float = 10.0, seed: int = 0, force: bool = 
         shutil.rmtree(root)
         marker.unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(root, plan.hash(), seed)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(plan.torch_threads)
+    try:
+        return _build(cache, plan, seed, root, marker, t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _n_trials(root: Path) -> int | None:
+    from engine.demo.stages import EXP1_CANDIDATES
+
+    try:
+        return int(read_json(root / EXP1_CANDIDATES, "demo candidates")["power"]["n_trials"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _build(cache: Path, plan: DemoPlan, seed: int, root: Path, marker: Path, t_start: float) -> dict:
+    import torch
+
     threads = torch.get_num_threads()
+    stages = _Stages(root, plan.hash(), seed)
 
     from engine.demo import stages as st
 
@@ -278,13 +303,13 @@ def build_demo(cache: Path, minutes: float = 10.0, seed: int = 0, force: bool = 
             results[name] = got
             continue
         if name == "pipeline":
-            atomic_write_text(root / DEMO_CONFIG, _config_yaml(plan))
+            atomic_write_text(root / DEMO_CONFIG, _config_yaml(plan, _n_trials(root)))
         _log(f"{name} ...")
         t0, c0 = time.perf_counter(), time.process_time()
         res = fn(state)
         results[name] = stages.finish(name, time.perf_counter() - t0, time.process_time() - c0, res)
         _log(f"{name}: {stages.seconds[name]:.1f}s (CPU {stages.cpu_seconds[name]:.1f}s)")
-    atomic_write_text(root / DEMO_CONFIG, _config_yaml(plan))
+    atomic_write_text(root / DEMO_CONFIG, _config_yaml(plan, _n_trials(root)))
     info = _marker_record(plan, seed, results, stages, time.perf_counter() - t_start, threads)
     atomic_write_json(marker, info)
     return info
@@ -336,8 +361,24 @@ def _marker_record(plan: DemoPlan, seed: int, results: dict, stages: "_Stages", 
         "experiment_1": results.get("experiment_1", {}).get("summary", {}),
         "experiment_2": exp2.get("summary", {}),
         "n_causal_features": exp2.get("summary", {}).get("n_causal", 0),
+        "causal_counts": causal_counts(exp2.get("summary", {}), pipeline.get("audit_recomputed")),
         "pipeline": pipeline,
     })
+
+
+def causal_counts(e2: dict, audit: dict | None) -> dict:
+    """The headline: causal features by Run A's rule (uncorrected, the checkpoints' verdict) and by
+    the engine's recomputed verdict (BH over every test), as the audit computed it from the files
+    when the pipeline ran, else as the demo computed it on its own parses (the same function)."""
+    bh = {"n": e2.get("n_causal_bh"), "by_direction": e2.get("bh_by_direction"),
+          "raises_stopping": e2.get("bh_raises_stopping"), "raises_betting": e2.get("bh_raises_betting"),
+          "per_layer": e2.get("bh_per_layer"), "source": "experiment_2 (the demo's parses)"}
+    if isinstance(audit, dict) and isinstance(audit.get("causal"), int) and audit.get("tested_features"):
+        bh.update({"n": audit["causal"], "by_direction": audit.get("by_direction"),
+                   "source": "the audit (audit/data_validation.json), recomputed from the files"})
+    return {"features_tested": e2.get("features_tested"), "n_trials": e2.get("n_trials"),
+            "run_a_uncorrected": e2.get("n_causal"), "engine_bh": bh,
+            "expected_bh_survivors": e2.get("expected_bh_survivors")}
 
 
 def summary_text(info: dict) -> str:
@@ -358,6 +399,11 @@ def summary_text(info: dict) -> str:
                      f"causal (Run A's rule): {e2.get('n_causal', 0)} "
                      f"({e2.get('n_causal_safe', 0)} classified safe, {e2.get('n_causal_risky', 0)} risky); "
                      f"by the final rule of Run B: {e2.get('n_causal_run_b', 0)}")
+        bh = info.get("causal_counts", {}).get("engine_bh", {})
+        dirs = bh.get("by_direction") or {}
+        lines.append(f"  engine's BH verdict: {bh.get('n')} causal (safe {dirs.get('safe', 0)}, risky "
+                     f"{dirs.get('risky', 0)}, mixed {dirs.get('mixed', 0)}; power plan expected "
+                     f"{e2.get('expected_bh_survivors')}), from {bh.get('source')}")
     steps = info.get("pipeline", {}).get("steps", {})
     if steps:
         lines.append("  pipeline: " + ", ".join(f"{k} {v.get('status')}" for k, v in steps.items()))

@@ -45,6 +45,7 @@ ALPHA = 0.05
 MIN_EFFECT = 0.1
 EXP1_P = 0.01
 EXP1_MIN_D = 0.3
+STOP_AT_NEWLINES = 3  # answers end after their third line: the parsers read the first two
 RISKY_BET = 20  # the reparse's "bankruptcy risk": a bet of $20 (the whole balance) or more
 
 CONDITION_PROMPT = {c: c.split("_", 1)[0] for c in REAL_CONDITIONS}  # safe | risky
@@ -165,21 +166,20 @@ def benjamini_hochberg(p, alpha: float):
 
 
 def significant_features(table: dict, layers: list[int]) -> dict[int, list[dict]]:
-    """The study's Experiment-1 test: p < 0.01, |d| > 0.3, then BH-FDR over every layer."""
+    """The study's Experiment-1 test: Benjamini-Hochberg at 0.05 over every layer x feature test
+    (the study's global FDR), then p < 0.01 and |d| > 0.3 among the rejected ones."""
     import numpy as np
 
     keys, ps = [], []
     for l in layers:
-        t = table[l]
-        ok = (t["p_value"] < EXP1_P) & (np.abs(t["cohen_d"]) > EXP1_MIN_D)
-        for i in np.nonzero(ok)[0]:
-            keys.append((l, int(i)))
-            ps.append(float(t["p_value"][i]))
-    keep = benjamini_hochberg(ps, ALPHA)
+        p = np.asarray(table[l]["p_value"], dtype=float)
+        keys += [(l, i) for i in range(p.size)]
+        ps.append(np.where(np.isfinite(p), p, 1.0))
+    keep = benjamini_hochberg(np.concatenate(ps) if ps else np.zeros(0), ALPHA)
     out: dict[int, list[dict]] = {l: [] for l in layers}
     for (l, i), k in zip(keys, keep):
-        if k:
-            t = table[l]
+        t = table[l]
+        if k and t["p_value"][i] < EXP1_P and abs(t["cohen_d"][i]) > EXP1_MIN_D:
             out[l].append({"feature_idx": i, "cohen_d": float(t["cohen_d"][i]), "p_value": float(t["p_value"][i]),
                            "bankrupt_mean": float(t["bankrupt_mean"][i]), "safe_mean": float(t["safe_mean"][i]),
                            "bankrupt_std": float(t["bankrupt_std"][i]), "safe_std": float(t["safe_std"][i])})
@@ -245,7 +245,7 @@ def run_conditions(model, tok, sae, layer: int, feats: list[dict], n_trials: int
     from engine.demo.generate import generate
 
     out = generate(model, tok, ids, generator=generator, max_new_tokens=max_new_tokens, unembed=unembed,
-                   edit=patch_editor(sae, fids, values), edit_layer=layer)
+                   edit=patch_editor(sae, fids, values), edit_layer=layer, stop_at_newlines=STOP_AT_NEWLINES)
     trials = []
     for (f, cond, t), text in zip(rows, out.texts):
         parsed = parse_response(text, variable=CONDITION_PROMPT[cond] == "risky")
@@ -317,6 +317,31 @@ def causality_run_a(st: dict) -> dict:
             "safe_p_value": ps, "risky_p_value": pr,
             "classified_as": ("risky" if ds > 0 or dr > 0 else "safe") if causal else "neutral",
             "is_causal": causal}
+
+
+def engine_verdicts(feats: list[dict], alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> list[dict]:
+    """The engine's recomputed verdict (engine/audit/stats.py `effects`: each patched condition
+    against its own prompt's baseline, BH over every test of every feature, q < alpha and
+    |delta| >= min_effect) on the demo's own parses; the audit recomputes it from the files."""
+    import numpy as np
+
+    from engine.audit.stats import effects
+
+    conds = tuple(REAL_CONDITIONS)
+    n_valid = np.array([[f["conditions"][c]["n"] for c in conds] for f in feats], dtype=np.int64).reshape(-1)
+    n_stop = np.array([[f["conditions"][c]["stops"] for c in conds] for f in feats], dtype=np.int64).reshape(-1)
+    eff = effects({"n_valid": n_valid, "n_stop": n_stop}, len(feats), conds, alpha, min_effect)
+    out = []
+    for i in range(len(feats)):
+        out.append({"causal": bool(eff["recomputed_verdict"][i]), "direction": eff["recomputed_direction"][i],
+                    "min_q": None if not np.isfinite(eff["min_q"][i]) else float(eff["min_q"][i]),
+                    "raises_stopping": bool(any(
+                        eff[f"{pr}_prompt_safe_patch_q"][i] < alpha and eff[f"{pr}_prompt_safe_patch_delta"][i] >= min_effect
+                        for pr in ("safe", "risky"))),
+                    "raises_betting": bool(any(
+                        eff[f"{pr}_prompt_risky_patch_q"][i] < alpha and eff[f"{pr}_prompt_risky_patch_delta"][i] <= -min_effect
+                        for pr in ("safe", "risky")))})
+    return out
 
 
 class Clock:
@@ -401,7 +426,7 @@ def decision_rates(model, tok, n: int, seed: int, max_new_tokens: int = 32) -> d
     out = {}
     for name, text in (("safe", safe_prompt()), ("risky", risky_prompt())):
         ids = tok([text] * n, add_special_tokens=True)["input_ids"]
-        res = generate(model, tok, ids, generator=gen, max_new_tokens=max_new_tokens)
+        res = generate(model, tok, ids, generator=gen, max_new_tokens=max_new_tokens, stop_at_newlines=STOP_AT_NEWLINES)
         parsed = [parse_response(t, variable=name == "risky") for t in res.texts]
         valid = [p for p in parsed if p["valid"]]
         stops = sum(1 for p in valid if p["bet"] == 0)

@@ -245,13 +245,46 @@ def stage_experiment_1(state: State) -> dict:
     fname = f"L{layers[0]}_{layers[-1]}_features_demo_{ts}.json"
     atomic_write_json(state.root / "data" / "experiment_1" / fname,
                       ex.features_file(sig, d_sae, f"{EXP1_GAMES} ({len(kept)} games)", ts))
-    candidates = {str(l): sig[l][: p.per_layer] for l in layers}
-    atomic_write_json(state.root / EXP1_CANDIDATES, {"source": fname, "per_layer": p.per_layer, "candidates": candidates})
     n_sig = {str(l): len(sig[l]) for l in layers}
     state.log(f"experiment 1: {n_b} bankrupt vs {n_s} stopped games; significant features per layer {n_sig}")
+    candidates, power = choose_candidates(state, {l: sig[l][: p.pool_per_layer] for l in layers})
+    atomic_write_json(state.root / EXP1_CANDIDATES, {"source": fname, "pool_per_layer": p.pool_per_layer,
+                                                     "power": power, "candidates": candidates})
     return {"summary": {**summary, "significant_per_layer": n_sig, "features_file": fname,
-                        "candidates": sum(len(v) for v in candidates.values()),
+                        "candidates": sum(len(v) for v in candidates.values()), "n_trials": power["n_trials"],
+                        "power": {k: v for k, v in power.items() if k not in ("predicted", "detection_probability")},
                         "max_abs_cohen_d": max((abs(f["cohen_d"]) for v in sig.values() for f in v), default=0.0)}}
+
+
+def choose_candidates(state: State, pool: dict[int, list[dict]]) -> tuple[dict, dict]:
+    """Experiment 2's features and trial count by power (engine/demo/power.py): the exact predicted
+    stop rate of every pool feature's patches, then the plan that maximises the expected number of
+    features surviving the engine's BH verdict within the plan's budget of sampled answers."""
+    from engine.config import AuditConfig
+    from engine.demo import power as pw
+
+    p = state.plan
+    audit = AuditConfig()
+    pred = pw.predicted_stop_rates(state.model(), state.tokenizer(), state.saes(), pool)
+    if not pred["features"]:
+        return {}, {"n_trials": pw.N_GRID[0], "n_features": 0, "note": "no Exp-1 significant feature"}
+    plan = pw.plan_trials(pred, p.exp2_answers, alpha=audit.alpha, min_effect=audit.min_effect)
+    chosen = set(plan.features)
+    by_name = {f"L{l}-{f['feature_idx']}": (l, f) for l, fl in pool.items() for f in fl}
+    candidates: dict[str, list] = {}
+    for name in plan.features:  # best first
+        l, f = by_name[name]
+        candidates.setdefault(str(l), []).append(f)
+    out = plan.as_dict()
+    out["budget_answers"] = p.exp2_answers
+    out["pool"] = len(pred["features"])
+    out["predicted_baseline_stop_rate"] = {k: round(v, 4) for k, v in pred["baseline"].items()}
+    out["predicted"] = {name: pw.fmt_pred(pred, name) for name in sorted(pred["features"])}
+    out["rule"] = (f"engine verdict: BH over every patched-vs-baseline test, q < {audit.alpha}, "
+                   f"|delta| >= {audit.min_effect}")
+    state.log(f"experiment 1: power plan: {len(chosen)} of {len(pred['features'])} features x {plan.n_trials} trials, "
+              f"expected {plan.expected_survivors:.1f} surviving BH (per-test threshold {plan.alpha_threshold:.2g})")
+    return candidates, out
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +297,9 @@ def stage_experiment_2(state: State) -> dict:
 
     p = state.plan
     tok, model, saes = state.tokenizer(), state.model(), state.saes()
-    cands = read_json(state.root / EXP1_CANDIDATES, "demo candidates").get("candidates", {})
+    cand_file = read_json(state.root / EXP1_CANDIDATES, "demo candidates")
+    cands = cand_file.get("candidates", {})
+    n_trials = int(cand_file.get("power", {}).get("n_trials", 30))
     candidates = {int(l): v for l, v in cands.items() if v}
     n = sum(len(v) for v in candidates.values())
     out_dir = state.root / EXP2_DIR
@@ -275,19 +310,33 @@ def stage_experiment_2(state: State) -> dict:
     out_dir.mkdir(parents=True)
     (out_dir / "response_logs").mkdir()
     with Progress(n, "demo: experiment 2 (features)", unit="feature") as bar:
-        res = ex.run_experiment_2(model, tok, saes, candidates, n_trials=p.n_trials, seed=state.seed * 1000 + 4,
+        res = ex.run_experiment_2(model, tok, saes, candidates, n_trials=n_trials, seed=state.seed * 1000 + 4,
                                   out_dir=out_dir, save_every=p.save_every, features_per_batch=p.features_per_batch,
                                   max_new_tokens=p.max_new_tokens, clock=ex.Clock(), progress=bar)
     feats = res["features"]
+    for f, v in zip(feats, ex.engine_verdicts(feats)):
+        f["engine_verdict"] = v
+    bh = [f for f in feats if f["engine_verdict"]["causal"]]
     causal = [f for f in feats if f["is_causal"]]
     run_b = [f for f in feats if f["run_b"]["is_causal_safe"] or f["run_b"]["is_causal_risky"]]
     strongest, why = strongest_feature(feats)
     summary = {
-        "features_tested": len(feats), "n_trials": p.n_trials, "conditions": 6,
+        "features_tested": len(feats), "n_trials": n_trials, "conditions": 6,
         "n_causal": len(causal),
         "n_causal_safe": sum(f["classified_as"] == "safe" for f in causal),
         "n_causal_risky": sum(f["classified_as"] == "risky" for f in causal),
         "causal_features": [f["feature"] for f in causal],
+        "n_causal_bh": len(bh),
+        "causal_features_bh": [f["feature"] for f in bh],
+        "bh_by_direction": {d: sum(f["engine_verdict"]["direction"] == d for f in bh) for d in ("safe", "risky", "mixed")},
+        "bh_raises_stopping": sum(f["engine_verdict"]["raises_stopping"] for f in bh),
+        "bh_raises_betting": sum(f["engine_verdict"]["raises_betting"] for f in bh),
+        "bh_per_layer": {str(l): sum(f["layer"] == l for f in bh) for l in sorted(candidates)},
+        "rule_bh": "the engine's recomputed verdict (engine/audit/stats.py): each patched condition against its own "
+                   "prompt's baseline, Benjamini-Hochberg over all 4 tests of every feature, causal if q < 0.05 and "
+                   "|delta| >= 0.1; direction safe = the safe patch raises stopping, risky = the risky patch lowers "
+                   "stopping (raises betting), mixed = both, or an effect against the patch's own direction",
+        "expected_bh_survivors": cand_file.get("power", {}).get("expected_bh_survivors"),
         "n_causal_run_b": len(run_b),
         "causal_features_run_b": [f["feature"] for f in run_b],
         "rule": "Run A's in-script rule: per prompt, stop rate under the risky patch minus under the safe patch; "
@@ -301,7 +350,8 @@ def stage_experiment_2(state: State) -> dict:
         "checkpoints_dir": EXP2_DIR, "responses_dir": f"{EXP2_DIR}/response_logs",
     }
     atomic_write_json(state.root / EXP2_SUMMARY, {"summary": summary, "features": feats})
-    state.log(f"experiment 2: {len(causal)} of {len(feats)} features causal by Run A's rule "
+    state.log(f"experiment 2: {len(causal)} of {len(feats)} features causal by Run A's rule (uncorrected), "
+              f"{len(bh)} by the engine's BH verdict {summary['bh_by_direction']} "
               f"({len(run_b)} by the final rule of Run B)")
     return {"summary": summary}
 
@@ -327,8 +377,25 @@ def stage_pipeline(state: State) -> dict:
     summary = read_json(state.root / EXP2_SUMMARY, "demo experiment 2 summary")["summary"]
     state._model = None  # the steps load their own copies
     state.extra.clear()
-    return run_pipeline(state.root / DEMO_CONFIG, state.cache, summary.get("strongest_feature"),
-                        log=lambda m: state.log(m))
+    out = run_pipeline(state.root / DEMO_CONFIG, state.cache, summary.get("strongest_feature"),
+                       log=lambda m: state.log(m))
+    out["audit_recomputed"] = audit_verdict(state.cache)
+    if out["audit_recomputed"] is not None:
+        state.log(f"pipeline: the audit's recomputed (BH) verdict: {out['audit_recomputed'].get('causal')} causal "
+                  f"{out['audit_recomputed'].get('by_direction')}")
+    return out
+
+
+def audit_verdict(cache: Path) -> dict | None:
+    """The audit's own recomputed verdict (`recomputed` of audit/data_validation.json), if it ran."""
+    from engine.errors import UserError
+    from engine.schema import AUDIT_VALIDATION
+
+    try:
+        rec = read_json(Path(cache) / AUDIT_VALIDATION, "audit summary").get("recomputed")
+    except (UserError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 STAGES: list[tuple[str, Callable[[State], dict]]] = [

@@ -143,6 +143,8 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
     eval_batch = None
     if eval_seqs is not None and eval_seqs.ids:
         eval_batch = _batch(eval_seqs, list(range(len(eval_seqs.ids))), remap, prompt_weight, decision_weight)
+    attn = model.config._attn_implementation
+    model.config._attn_implementation = "sdpa"  # fused attention for training; same function as eager
     for step in range(steps):
         if len(order) < batch_size:
             more = list(range(len(seqs.ids)))
@@ -169,6 +171,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
                 curve.append(rec)
         if progress is not None:
             progress.update(1)
+    model.config._attn_implementation = attn  # saved as eager: the pathway step's vmapped backward needs it
     return model.eval(), curve
 
 
