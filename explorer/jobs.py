@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -220,13 +221,21 @@ def _update(folder: Path, **changes) -> dict:
     return job
 
 
+def reap() -> list[int]:
+    """Collect every finished process this server started (no defunct children left behind);
+    returns their pids."""
+    done = []
+    for key, proc in list(_PROCS.items()):
+        if proc.poll() is not None:
+            _PROCS.pop(key, None)
+            done.append(proc.pid)
+    return done
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
-    for key, proc in list(_PROCS.items()):
-        if proc.pid == pid and proc.poll() is not None:
-            _PROCS.pop(key, None)
-            return False
+    reap()
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -275,6 +284,8 @@ def read_job(folder: Path) -> JobStatus:
         prog = json.loads((folder / schema.JOB_PROGRESS).read_text())
     except (OSError, ValueError):
         prog = {}
+    if prog and float(prog.get("updated") or 0) < float(job.get("step_started") or 0):
+        prog = {}  # written by an earlier step of this job: not this step's progress
     state = job.get("state", "failed")
     steps = job.get("steps") or [{}]
     idx = int(job.get("step_index") or 0)
@@ -298,6 +309,7 @@ def read_job(folder: Path) -> JobStatus:
 
 def list_jobs(cache: Path, feature: str | None = None) -> list[JobStatus]:
     """Jobs in the cache, newest first."""
+    reap()
     folder = jobs_dir(cache)
     if not folder.is_dir():
         return []
@@ -368,9 +380,10 @@ def run(folder: Path) -> int:
     for i, step in enumerate(job.get("steps", [])):
         if cancelled.is_set():
             break
-        _update(folder, step_index=i)
+        (folder / schema.JOB_PROGRESS).unlink(missing_ok=True)  # the previous step's progress is not this one's
+        _update(folder, step_index=i, step_started=time.time())
         with open(folder / schema.JOB_LOG, "ab") as log:
-            log.write(f"$ {' '.join(step['argv'][1:])}\n".encode())
+            log.write(f"$ {shlex.join(step['argv'])}\n".encode())  # the whole command, interpreter included
             log.flush()
             proc = subprocess.Popen(step["argv"], cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT)

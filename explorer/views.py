@@ -300,3 +300,30 @@ def decision_tables(summary: list[dict]) -> dict[str, pd.DataFrame]:
 def low_precision(meta: dict) -> bool:
     """Whether a pathway was computed in a 16-bit dtype (its node order is approximate)."""
     return str(meta.get("dtype") or "").removeprefix("torch.") in ("bfloat16", "float16", "bf16", "fp16", "half")
+
+
+# ---------------------------------------------------------------------------
+# Tables with missing numbers
+# ---------------------------------------------------------------------------
+
+MISSING = "–"
+
+
+def numbers_as_text(df: pd.DataFrame, formats: dict[str, str], missing: str = MISSING) -> pd.DataFrame:
+    """Format the numeric columns in `formats` ("{:.3f}") as text, a missing value (None, NaN)
+    as `missing`. Streamlit's grid draws a missing number as the word "None", and ignores a
+    Styler's na_rep, so tables whose numbers may be absent show text instead."""
+    out = df.copy()
+    for col, spec in formats.items():
+        if col in out.columns:
+            out[col] = [missing if _is_missing(v) else spec.format(v) for v in out[col].tolist()]
+    return out
+
+
+def _is_missing(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(np.isnan(v))
+    except TypeError:
+        return False

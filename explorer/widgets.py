@@ -73,6 +73,12 @@ def _reset_cache() -> None:
     st.session_state["_cache_override"] = None
 
 
+def recorded_steps(steps: dict) -> int:
+    """Pipeline steps recorded as done; the manifest also holds partial runs (`pathways[features]`
+    from a live job, shards), which are not pipeline steps."""
+    return sum(1 for name in schema.STEPS if isinstance(steps.get(name), dict) and steps[name].get("status") == "done")
+
+
 def sidebar(ctx: AppContext) -> None:
     with st.sidebar:
         st.markdown("**SAE pathway explorer**")
@@ -87,7 +93,7 @@ def sidebar(ctx: AppContext) -> None:
             st.caption(":material/info: No manifest.json here yet: no step has run in this cache.")
         else:
             steps = manifest(ctx).get("steps", {})
-            done = sum(1 for s in steps.values() if isinstance(s, dict) and s.get("status") == "done")
+            done = recorded_steps(steps)
             st.caption(f":material/check_circle: {done} of {len(schema.STEPS)} steps recorded")
         if st.session_state.get("_cache_override"):
             st.button("Back to the default cache", on_click=_reset_cache, width="stretch")
@@ -346,6 +352,7 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
     from explorer import data as D
     from explorer import figures
     from explorer import graph as G
+    from explorer import views as V
 
     det = G.node_details(bundle.pathway, node_id)
     with st.container(border=True):
@@ -365,11 +372,12 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
                          "valid": "" if is_target else ("yes" if v is True else ("no" if v is False else "–"))})
         if rows:
             cols = ["prompt", "act"] if is_target else ["prompt", "act", "attr", "replay", "valid"]
-            st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, width="stretch", column_config={
+            shown = V.numbers_as_text(pd.DataFrame(rows)[cols], {"act": "{:.3f}", "attr": "{:+.3f}", "replay": "{:+.3f}"})
+            st.dataframe(shown, hide_index=True, width="stretch", column_config={  # "–": not replayed, not "None"
                 "prompt": st.column_config.TextColumn(width="small"),
-                "act": st.column_config.NumberColumn("activation", format="%.3f", help=HELP["activation"]),
-                "attr": st.column_config.NumberColumn("attrib.", format="%+.3f", help=HELP["attribution"]),
-                "replay": st.column_config.NumberColumn("replay", format="%+.3f", help=HELP["replay"]),
+                "act": st.column_config.TextColumn("activation", help=HELP["activation"]),
+                "attr": st.column_config.TextColumn("attrib.", help=HELP["attribution"]),
+                "replay": st.column_config.TextColumn("replay", help=HELP["replay"]),
                 "valid": st.column_config.TextColumn("valid.", width="small",
                                                      help=HELP["validated"] + " '–' = not replayed."),
             })

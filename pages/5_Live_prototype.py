@@ -146,9 +146,11 @@ if job.result_path is not None:
     c1, c2 = st.columns([1.4, 1])
     with c1:
         st.markdown("**Upstream candidates** (most active features of the layers below, per prompt)")
-        st.dataframe(ups, hide_index=True, width="stretch", height=300,
-                     column_config={c: st.column_config.NumberColumn(c, format="%.3f", help=f"Activation on the {c} prompt")
-                                    for c in ups.columns if c not in ("feature", "layer")})
+        vals = [c for c in ups.columns if c not in ("feature", "layer")]
+        # "–": not among that prompt's most active features (the grid would print "None")
+        st.dataframe(views.numbers_as_text(ups, {c: "{:.3f}" for c in vals}), hide_index=True, width="stretch",
+                     height=300, column_config={c: st.column_config.TextColumn(
+                         c, help=f"Activation on the {c} prompt; – = not among its most active features") for c in vals})
     with c2:
         st.markdown("**SAE fit** at the last token")
         st.dataframe(stats, hide_index=True, width="stretch", height=300, column_config={
