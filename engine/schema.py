@@ -151,6 +151,9 @@ INTEGRATED_UNION_GRAPH = "integrated/union_graph.json"
 INTEGRATED_REPORT = "integrated/report.md"
 INTEGRATED_FIGURES_DIR = "integrated/figures"
 
+INTERVENTIONS_DIR = "interventions"  # saved intervention runs (python -m engine intervene), one JSON each
+INTERVENTION_NAME_RE = re.compile(r"^[A-Za-z0-9_+.-]{1,160}$")
+
 JOBS_DIR = "jobs"
 JOB_PROGRESS = "progress.json"
 JOB_LOG = "log.txt"
@@ -187,6 +190,13 @@ def pathway_export_path(cache: Path, feature: str | FeatureId, prompt: str) -> P
     if not PROMPT_NAME_RE.match(prompt):
         raise UserError(f"prompt name {prompt!r} must be letters, digits or _")
     return Path(cache) / PATHWAYS_EXPORT_DIR / safe_feature_filename(feature, f".{prompt}.json")
+
+
+def intervention_path(cache: Path, name: str) -> Path:
+    """interventions/<name>.json (name: a job id such as intervene-L3-17-20261207-0712-ab12)."""
+    if not INTERVENTION_NAME_RE.match(name) or name.startswith("."):
+        raise UserError(f"intervention name {name!r} must be letters, digits, +, -, _ or .")
+    return Path(cache) / INTERVENTIONS_DIR / f"{name}.json"
 
 
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:
