@@ -48,6 +48,26 @@ class JobRequest:
     with_pathway: bool = False
 
 
+@dataclass(frozen=True)
+class InterventionRequest:
+    """`python -m engine intervene`: set `features` (comma-separated) to 0 or `value`."""
+    features: str
+    mode: str = "ablate"  # ablate | clamp
+    value: float | None = None
+    n: int = 50
+    prompt: str = "both"  # safe | risky | both
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def feature(self) -> str:
+        """The job's key: the features joined by '+' (one job per set)."""
+        return "+".join(self.features.split(","))
+
+
+KINDS = ("prototype", "intervention")
+
+
 @dataclass
 class JobStatus:
     job_id: str
@@ -67,6 +87,7 @@ class JobStatus:
     eta_s: float | None = None
     error: str | None = None
     result_path: Path | None = None
+    kind: str = "prototype"
 
     @property
     def active(self) -> bool:
@@ -163,6 +184,36 @@ def validate_request(cfg: Config, req: JobRequest) -> JobRequest:
     return JobRequest(str(fid), req.prompt, text, req.device, req.with_pathway)
 
 
+def validate_intervention(cfg: Config, req: InterventionRequest) -> InterventionRequest:
+    """Normalised intervention request, or UserError with one line saying what is wrong."""
+    import math
+
+    from engine.intervene import MAX_N, check_request
+
+    feats = schema.parse_feature_list(req.features or "")
+    for fid in feats:
+        validate_request(cfg, JobRequest(str(fid), "both", None, "cpu"))
+    value = None if req.value is None else float(req.value)
+    if req.mode == "ablate":
+        value = None
+    try:
+        n = int(req.n)
+    except (TypeError, ValueError):
+        raise UserError(f"the number of decisions must be a whole number, got {req.n!r}") from None
+    check_request(feats, req.mode, value, n, req.prompt)
+    if req.prompt != "both" and req.prompt not in cfg.prompts:
+        raise UserError(f"the config has no {req.prompt!r} prompt")
+    if req.device not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {req.device!r}")
+    if req.device == "cuda" and not cuda_visible():
+        raise UserError("no CUDA GPU is visible on this machine; choose cpu")
+    if not isinstance(req.seed, int) or req.seed < 0:
+        raise UserError(f"the seed must be a whole number >= 0, got {req.seed!r}")
+    assert n <= MAX_N and (value is None or math.isfinite(value))
+    return InterventionRequest(",".join(str(f) for f in feats), req.mode, value, n, req.prompt, int(req.seed),
+                               req.device)
+
+
 # ---------------------------------------------------------------------------
 # Starting, reading and cancelling
 # ---------------------------------------------------------------------------
@@ -184,19 +235,33 @@ def commands(config_path: str | None, cache: Path, req: JobRequest, folder: Path
     return out
 
 
-def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest) -> JobStatus:
-    """Validate, refuse a second job for the same feature, then start the runner."""
-    req = validate_request(cfg, req)
+def intervention_commands(config_path: str | None, cache: Path, req: InterventionRequest, folder: Path) -> list[dict]:
+    argv = [sys.executable, "-m", "engine", "intervene"] + (["--config", str(config_path)] if config_path else []) + [
+        "--cache", str(cache), "--device", req.device, "--progress-file", str(folder / schema.JOB_PROGRESS),
+        "--features", req.features, "--mode", req.mode, "--n", str(req.n), "--prompt", req.prompt,
+        "--seed", str(req.seed), "--out", str(folder / schema.JOB_RESULT)]
+    if req.mode == "clamp":
+        argv += ["--value", repr(float(req.value))]
+    return [{"name": "intervene", "argv": argv}]
+
+
+def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest | InterventionRequest) -> JobStatus:
+    """Validate, refuse a second job for the same feature (or feature set), then start the runner."""
+    kind = "intervention" if isinstance(req, InterventionRequest) else "prototype"
+    req = validate_intervention(cfg, req) if kind == "intervention" else validate_request(cfg, req)
     cache = Path(cache)
     with schema.file_lock(jobs_dir(cache) / ".lock"):
-        running = active_job(cache, req.feature)
+        running = active_job(cache, req.feature, kind)
         if running is not None:
-            raise UserError(f"a job for {req.feature} is already running ({running.job_id}); wait or cancel it")
-        job_id = f"{req.feature}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            what = "an intervention" if kind == "intervention" else "a job"
+            raise UserError(f"{what} for {req.feature} is already running ({running.job_id}); wait or cancel it")
+        prefix = "intervene-" if kind == "intervention" else ""
+        job_id = f"{prefix}{req.feature}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = jobs_dir(cache) / job_id
         folder.mkdir(parents=True)
-        job = {"job_id": job_id, "feature": req.feature, "state": "starting", "created": time.time(),
-               "request": req.__dict__, "steps": commands(config_path, cache, req, folder), "step_index": 0}
+        steps = (intervention_commands if kind == "intervention" else commands)(config_path, cache, req, folder)
+        job = {"job_id": job_id, "kind": kind, "feature": req.feature, "state": "starting", "created": time.time(),
+               "request": req.__dict__, "steps": steps, "step_index": 0}
         schema.atomic_write_json(folder / JOB_FILE, job)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "ENGINE_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
@@ -294,7 +359,7 @@ def read_job(folder: Path) -> JobStatus:
         request=job.get("request") or {}, started=job.get("created"), finished=job.get("finished"),
         step=(steps[min(idx, len(steps) - 1)] or {}).get("name"), step_index=idx, n_steps=len(steps),
         stage=prog.get("stage"), done=prog.get("done"), total=prog.get("total"), rate=prog.get("rate"),
-        eta_s=prog.get("eta_s"), error=job.get("error"),
+        eta_s=prog.get("eta_s"), error=job.get("error"), kind=job.get("kind", "prototype"),
     )
     if st.active and not _alive(job.get("pid")):
         # The runner is gone without recording an end (killed, machine restarted).
@@ -307,22 +372,25 @@ def read_job(folder: Path) -> JobStatus:
     return st
 
 
-def list_jobs(cache: Path, feature: str | None = None) -> list[JobStatus]:
-    """Jobs in the cache, newest first."""
+def list_jobs(cache: Path, feature: str | None = None, kind: str | None = "prototype") -> list[JobStatus]:
+    """Jobs in the cache (of one kind unless kind is None), newest first."""
     reap()
     folder = jobs_dir(cache)
     if not folder.is_dir():
         return []
+    prefix = "" if feature is None else ("intervene-" if kind == "intervention" else "") + f"{feature}-"
     out = []
     for d in folder.iterdir():
-        if d.is_dir() and (d / JOB_FILE).is_file() and (feature is None or d.name.startswith(f"{feature}-")):
-            out.append(read_job(d))
+        if d.is_dir() and (d / JOB_FILE).is_file() and d.name.startswith(prefix):
+            j = read_job(d)
+            if kind is None or j.kind == kind:
+                out.append(j)
     out.sort(key=lambda j: j.started or 0, reverse=True)
     return out
 
 
-def active_job(cache: Path, feature: str) -> JobStatus | None:
-    for j in list_jobs(cache, feature):
+def active_job(cache: Path, feature: str, kind: str = "prototype") -> JobStatus | None:
+    for j in list_jobs(cache, feature, kind):
         if j.active and j.feature == feature:
             return j
     return None
@@ -350,6 +418,16 @@ def save_result(cache: Path, status: JobStatus) -> Path:
         raise UserError(f"job {status.job_id} has no result to save")
     obj = schema.read_artifact(status.result_path, "job result")
     out = schema.prototype_path(cache, status.feature)
+    schema.atomic_write_json(out, obj)
+    return out
+
+
+def save_intervention(cache: Path, status: JobStatus) -> Path:
+    """Copy a finished intervention into the cache as interventions/<job id>.json."""
+    if status.result_path is None:
+        raise UserError(f"job {status.job_id} has no result to save")
+    obj = schema.read_artifact(status.result_path, "intervention result")
+    out = schema.intervention_path(cache, status.job_id)
     schema.atomic_write_json(out, obj)
     return out
 
