@@ -143,6 +143,7 @@ TOKENS_TOP_ACTIVATING = "tokens/top_activating.parquet"
 TOKENS_BEHAVIOURAL_WORDS = "tokens/behavioural_words.parquet"
 TOKENS_DECISION_TOKENS = "tokens/decision_tokens.parquet"
 TOKENS_INDEX = "tokens/index.json"
+TOKENS_NODES_DIR = "tokens/nodes"  # the lighter views of every other pathway-graph node
 
 INTEGRATED_DIR = "integrated"
 INTEGRATED_FEATURES = "integrated/features.parquet"
@@ -201,6 +202,11 @@ def intervention_path(cache: Path, name: str) -> Path:
 
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:
     return Path(cache) / TOKENS_DIR / safe_feature_filename(feature)
+
+
+def tokens_node_path(cache: Path, feature: str | FeatureId) -> Path:
+    """tokens/nodes/<feature>.json: logit lens, histogram, distinct top contexts of a graph node."""
+    return Path(cache) / TOKENS_NODES_DIR / safe_feature_filename(feature)
 
 
 # ---------------------------------------------------------------------------
