@@ -457,3 +457,28 @@ def activation_histogram_figure(hist: dict, title: str | None = None) -> go.Figu
     fig.update_xaxes(type="log", title=dict(text="activation (log scale)", font=dict(size=11)), gridcolor="#eee")
     fig.update_yaxes(title=dict(text="tokens", font=dict(size=11)), gridcolor="#eee")
     return fig
+
+
+def context_snippets_html(examples: list[dict], colour: str = style.MIXED, limit: int = 5) -> str:
+    """Top activating contexts, one line each: the activation, then the window of tokens shaded by
+    activation with the strongest token underlined; repeats of the same response noted."""
+    lines = []
+    for ex in examples[:limit]:
+        toks = [str(t) for t in ex.get("context_tokens") or []]
+        acts = [float(a) if a is not None else 0.0 for a in ex.get("context_activations") or []]
+        amax = max(acts + [0.0]) or 1.0
+        r, g, b = int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+        spans = []
+        for k, (t, a) in enumerate(zip(toks, acts)):
+            alpha = max(0.0, min(1.0, a / amax))
+            deco = "text-decoration:underline;font-weight:600;" if k == ex.get("center") else ""
+            spans.append(f'<span title="activation {a:.3f}" style="background:rgba({r},{g},{b},{alpha:.2f});{deco}'
+                         f'border-radius:3px">{html.escape(t)}</span>')
+        rep = int(ex.get("repeats") or 1)
+        note = f' <span style="color:#888">×{rep}</span>' if rep > 1 else ""
+        src = html.escape(str(ex.get("prompt") or ""))
+        lines.append(f'<div style="margin:2px 0"><span style="color:#666;display:inline-block;min-width:3.6em">'
+                     f'{float(ex.get("activation") or 0):.2f}</span>{"&#8203;".join(spans)}{note}'
+                     f'<span style="color:#aaa;font-size:0.75rem"> {src}</span></div>')
+    return ('<div style="font-family:ui-monospace,monospace;font-size:0.8rem;line-height:1.7;overflow-wrap:anywhere;'
+            'border:1px solid #e6e6e6;border-radius:6px;padding:6px 8px">' + "".join(lines) + "</div>")

@@ -397,35 +397,56 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
                                  "attr": st.column_config.NumberColumn("attrib.", format="%+.3f",
                                                                        help="Attribution from this position")})
         try:
-            toks = D.tokens(ctx, node_id)
+            toks, kind = D.node_meaning(ctx, node_id)
         except D.CacheProblem as exc:
-            toks = None
+            toks, kind = None, None
             st.caption(f":material/warning: {exc.message}")
         if toks:
-            lens = toks.get("logit_lens") or {}
-            promoted = [figures.clean_token(t.get("token")) for t in (lens.get("promoted") or [])[:8]]
-            suppressed = [figures.clean_token(t.get("token")) for t in (lens.get("suppressed") or [])[:5]]
-            if promoted:
-                st.markdown("**Output tokens** (logit lens): " + ", ".join(f"`{t}`" for t in promoted))
-            if suppressed:
-                st.caption("suppresses: " + ", ".join(f"`{t}`" for t in suppressed))
-            inputs = []
-            for pname, pv in (toks.get("prompt_activations") or {}).items():
-                arg = pv.get("argmax_position")
-                tk = pv.get("tokens") or []
-                if arg is not None and 0 <= arg < len(tk):
-                    inputs.append(f"`{figures.clean_token(tk[arg])}` ({pname})")
-            tops = [figures.clean_token(t.get("token")) for t in (toks.get("top_activating") or [])[:5] if t.get("token")]
-            if inputs or tops:
-                st.markdown("**Input tokens**: " + ", ".join(inputs + [f"`{t}`" for t in dict.fromkeys(tops)]))
-            st.page_link(PAGES["tokens"], label=f"Token views of {node_id}", icon=":material/text_fields:",
-                         query_params={"feature": node_id})
+            _node_meaning(toks, node_id, key)
+            if kind == "full":
+                st.page_link(PAGES["tokens"], label=f"Token views of {node_id}", icon=":material/text_fields:",
+                             query_params={"feature": node_id})
+        elif kind is None:
+            st.caption(f"No token views of {node_id} yet: `python -m engine tokens` gives every graph node its "
+                       "logit lens, activation histogram and top contexts.")
         if not is_target and node_id in files:
             st.button(f"Open the pathway of {node_id}", key=f"{key}_open_{node_id}", on_click=open_feature,
                       args=(node_id,), icon=":material/account_tree:", width="stretch")
         elif not is_target and info is not None:
             st.caption(f"{node_id} is a selected causal feature without a pathway yet:")
             st.code(D.pathway_command(ctx, node_id), language="bash")
+
+
+def _node_meaning(toks: dict, node_id: str, key: str) -> None:
+    """What a node means: logit-lens tokens, where it fires on the prompts, its activation
+    histogram and its distinct top activating contexts (tokens step, node or selected feature)."""
+    from explorer import figures
+
+    lens = toks.get("logit_lens") or {}
+    promoted = [figures.clean_token(t.get("token")) for t in (lens.get("promoted") or [])[:8]]
+    suppressed = [figures.clean_token(t.get("token")) for t in (lens.get("suppressed") or [])[:5]]
+    if promoted:
+        st.markdown("**Output tokens** (logit lens): " + ", ".join(f"`{t}`" for t in promoted))
+    if suppressed:
+        st.caption("suppresses: " + ", ".join(f"`{t}`" for t in suppressed))
+    inputs = []
+    for pname, pv in (toks.get("prompt_activations") or {}).items():
+        arg = pv.get("argmax_position")
+        tk = pv.get("tokens") or []
+        if arg is not None and 0 <= arg < len(tk) and (pv.get("max") or 0) > 0:
+            inputs.append(f"`{figures.clean_token(tk[arg])}` ({pname}, {fmt(pv.get('max'))})")
+    if inputs:
+        st.markdown("**Strongest on the prompts**: " + ", ".join(inputs))
+    hist = toks.get("activation_histogram")
+    fig = figures.activation_histogram_figure(hist) if hist else None
+    if fig is not None:
+        st.plotly_chart(fig, key=f"{key}_hist_{node_id}", config={"displayModeBar": False})
+    top = toks.get("top_activating") or []
+    if top:
+        st.markdown("**Top activating contexts** (distinct, sampled responses)")
+        st.html(figures.context_snippets_html(top))
+    elif hist is None:
+        st.caption("No sampled responses: the audit's trials table was missing when the tokens step ran.")
 
 
 def _valid_feature(value: Any) -> str | None:
