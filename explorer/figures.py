@@ -454,7 +454,7 @@ def activation_histogram_figure(hist: dict, title: str | None = None) -> go.Figu
     fig.update_layout(**_BASE_LAYOUT, height=200, bargap=0.05, showlegend=False,
                       title=dict(text=f"{head}<br><sup>{sub}</sup>", font=dict(size=13), x=0, xanchor="left"))
     fig.update_layout(margin=dict(l=10, r=10, t=55, b=10))
-    fig.update_xaxes(type="log", title=dict(text="activation (log scale)", font=dict(size=11)), gridcolor="#eee")
+    fig.update_xaxes(type="log", dtick=1, title=dict(text="activation (log scale)", font=dict(size=11)), gridcolor="#eee")
     fig.update_yaxes(title=dict(text="tokens", font=dict(size=11)), gridcolor="#eee")
     return fig
 
