@@ -185,7 +185,7 @@ def _max_seen(feature: str) -> float | None:
     """The feature's largest activation the tokens step saw (a scale for the clamp value)."""
     try:
         toks = data.tokens(ctx, feature)
-    except data.CacheProblem:
+    except (data.CacheProblem, UserError):  # unreadable file, or not a feature id (said by the request check)
         return None
     stats = (toks or {}).get("activation_stats") or {}
     vals = [v for v in (stats.get("max_activation_sample"), stats.get("max_activation_prompts"))
