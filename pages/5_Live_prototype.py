@@ -282,6 +282,12 @@ def intervention_tab(features: str) -> None:
     if acts:
         st.caption("Activation at the last prompt token before the patch: "
                    + "; ".join(f"{f}: {', '.join(v)}" for f, v in acts.items()))
+    unread = [f"{p} ({'unpatched' if arm == 'baseline' else 'patched'})"
+              for p, rec in (result.get("prompts") or {}).items() for arm in ("baseline", "patched")
+              if not (rec.get(arm) or {}).get("valid")]
+    if unread:
+        st.warning("No reply the parser could read as a bet or a stop on " + ", ".join(unread) + ": those rates are "
+                   "undefined (see the sampled replies below).", icon=":material/help:")
     st.plotly_chart(figures.intervention_figure(result), key=f"int_fig_{job.job_id}", config={"displaylogo": False})
     st.dataframe(views.intervention_table(result), hide_index=True, width="stretch", column_config={
         "stop rate": st.column_config.TextColumn(help="Stops among the valid decisions"),

@@ -599,7 +599,7 @@ def _top_view(text, top, j, sample, sample_ids, sample_prompt_len, c, k: int | N
         if k is not None and len(out) >= k:
             break
         v = float(top.values[j, rank])
-        if not _m.isfinite(v):
+        if not _m.isfinite(v) or v <= 0:  # a response where the feature never fires is no example of it
             continue
         s = int(top.samples[j, rank])
         p = int(top.positions[j, rank])
