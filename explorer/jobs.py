@@ -58,6 +58,7 @@ class InterventionRequest:
     prompt: str = "both"  # safe | risky | both
     seed: int = 0
     device: str = "cpu"
+    max_new_tokens: int = 32
 
     @property
     def feature(self) -> str:
@@ -209,9 +210,11 @@ def validate_intervention(cfg: Config, req: InterventionRequest) -> Intervention
         raise UserError("no CUDA GPU is visible on this machine; choose cpu")
     if not isinstance(req.seed, int) or req.seed < 0:
         raise UserError(f"the seed must be a whole number >= 0, got {req.seed!r}")
+    if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= 400:
+        raise UserError(f"tokens per reply must be between 1 and 400, got {req.max_new_tokens!r}")
     assert n <= MAX_N and (value is None or math.isfinite(value))
     return InterventionRequest(",".join(str(f) for f in feats), req.mode, value, n, req.prompt, int(req.seed),
-                               req.device)
+                               req.device, req.max_new_tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +242,7 @@ def intervention_commands(config_path: str | None, cache: Path, req: Interventio
     argv = [sys.executable, "-m", "engine", "intervene"] + (["--config", str(config_path)] if config_path else []) + [
         "--cache", str(cache), "--device", req.device, "--progress-file", str(folder / schema.JOB_PROGRESS),
         "--features", req.features, "--mode", req.mode, "--n", str(req.n), "--prompt", req.prompt,
-        "--seed", str(req.seed), "--out", str(folder / schema.JOB_RESULT)]
+        "--seed", str(req.seed), "--max-new-tokens", str(req.max_new_tokens), "--out", str(folder / schema.JOB_RESULT)]
     if req.mode == "clamp":
         argv += ["--value", repr(float(req.value))]
     return [{"name": "intervene", "argv": argv}]

@@ -218,15 +218,18 @@ def intervention_tab(features: str) -> None:
                             help="Replies sampled per prompt, for each of the unpatched and patched arms")
         seed = c4.number_input("Seed", min_value=0, value=0, step=1, key="int_seed",
                                help="The same seed gives the same replies; both arms share it")
-        c5, c6 = st.columns([2.4, 1])
+        c5, c6, c7 = st.columns([2.5, 1, 1])
         prompt = c5.radio("Prompts", ["both", "safe", "risky"], horizontal=True, key="int_prompt",
                           format_func=lambda p: {"both": "safe and risky"}.get(p, p))
-        device = c6.radio("Device", ["cuda", "cpu"] if gpu else ["cpu"], horizontal=True, key="int_device")
+        tokens = c6.number_input("Tokens per reply", min_value=1, max_value=400, value=32, step=8, key="int_tokens",
+                                 help="Most tokens generated per reply (a reply also ends after three lines, all the "
+                                      "parser reads); the study generated up to 100")
+        device = c7.radio("Device", ["cuda", "cpu"] if gpu else ["cpu"], horizontal=True, key="int_device")
         request, error = None, None
         if features:
             try:
                 request = jobs.validate_intervention(cfg, jobs.InterventionRequest(
-                    features, mode, value, int(n), prompt, int(seed), device))
+                    features, mode, value, int(n), prompt, int(seed), device, int(tokens)))
             except UserError as exc:
                 error = str(exc)
         else:
@@ -254,7 +257,8 @@ def intervention_tab(features: str) -> None:
     if job is None:
         return
     r = job.request
-    what = f"{'clamp to ' + fmt(r.get('value')) if r.get('mode') == 'clamp' else 'ablate'} · n {r.get('n')} · seed {r.get('seed')}"
+    what = (f"{'clamp to ' + fmt(r.get('value')) if r.get('mode') == 'clamp' else 'ablate'} · n {r.get('n')} per prompt "
+            f"· seed {r.get('seed')} · up to {r.get('max_new_tokens', 32)} tokens per reply")
     st.subheader(f"Intervention on {job.feature}")
     st.caption(what)
     if job.active:

@@ -75,6 +75,7 @@ def test_live_intervention_runs_shows_rates_and_saves(monkeypatch, fixture_dir, 
     at.number_input(key="int_value_L2-5").set_value(2.5).run()
     at.number_input(key="int_n").set_value(2).run()
     at.radio(key="int_prompt").set_value("safe").run()
+    at.number_input(key="int_tokens").set_value(6).run()
     no_exception(at)
     assert not texts(at, "error")
     at.button(key="int_run").click().run()
@@ -93,7 +94,8 @@ def test_live_intervention_runs_shows_rates_and_saves(monkeypatch, fixture_dir, 
     shown = next(d.value for d in at.dataframe if "stop 95% CI" in d.value.columns)
     assert shown.astype(str).to_dict("records") == views.intervention_table(result).astype(str).to_dict("records")
     log = (job / "log.txt").read_text()
-    assert "-m engine intervene" in log and "--value 2.5" in log
+    assert "-m engine intervene" in log and "--value 2.5" in log and "--max-new-tokens 6" in log
+    assert all(len(r["response"]) < 200 for r in result["samples"]["safe"]["baseline"])
     save = next(b for b in at.button if b.key == f"int_save_{job.name}")
     save.click().run()
     no_exception(at)

@@ -129,3 +129,54 @@ def test_run_is_seeded_and_rates_are_recomputed_from_the_samples(fixture_config)
         assert a["prompts"]["safe"][arm] == intervene.arm_stats(rows)
     with pytest.raises(UserError, match="layer 9 is outside the model"):
         intervene.run_intervention(cfg, [FeatureId(9, 5)], "ablate", None, 3)
+
+
+def test_on_the_demo_model_rates_are_the_parsed_replies_and_a_zero_patch_changes_nothing(demo_cache):
+    """On the demo's trained model (it plays the game, so replies parse): ablating a feature that is
+    0 at the last token leaves every reply as it was (same seed, zero delta); every rate and interval
+    is recomputed from the replies with the audit parser and a hand-written Wilson formula; the
+    activation reported before the patch is the SAE's on an independent forward pass; reruns agree."""
+    from engine.audit.parser import parse_decision
+    from engine.config import load_config
+    from engine.model import forward_resid_post, load_model, load_tokenizer
+    from engine.sae import load_sae
+
+    cfg = load_config(demo_cache / "demo" / "config.yaml", {"cache_dir": str(demo_cache)})
+    model, tok = load_model(cfg.model, "cpu"), load_tokenizer(cfg.model)
+    layer = 2
+    sae = load_sae(cfg.sae, layer)
+    codes = {}
+    for p in ("safe", "risky"):
+        ids = torch.tensor([tok(cfg.prompts[p])["input_ids"]])
+        codes[p] = sae.encode(forward_resid_post(model, ids, [layer])[layer][0, -1].float())
+    inactive = int(torch.nonzero((codes["safe"] == 0) & (codes["risky"] == 0))[0, 0])
+    active = int(torch.argmax(codes["risky"]))
+    kw = dict(n=6, prompt="both", seed=3, batch_size=6, max_new_tokens=12)
+    zero = intervene.run_intervention(cfg, [FeatureId(layer, inactive)], "ablate", None, **kw)
+    for p in ("safe", "risky"):
+        assert zero["prompts"][p]["activation"] == {f"L{layer}-{inactive}": 0.0}
+        assert zero["samples"][p]["patched"] == zero["samples"][p]["baseline"]
+    assert sum(zero["prompts"][p]["baseline"]["valid"] for p in ("safe", "risky")) > 0, "the demo model wrote no decision"
+    z = 1.96
+    for p, rec in zero["prompts"].items():
+        for arm in ("baseline", "patched"):
+            parsed = [parse_decision(r["response"], p) for r in zero["samples"][p][arm]]
+            valid = [d for d in parsed if d.valid]
+            stops = sum(d.action == "stop" for d in valid)
+            bets = sum(d.action == "bet" for d in valid)
+            s = rec[arm]
+            assert (s["n"], s["valid"], s["stops"], s["bets"]) == (6, len(valid), stops, bets)
+            if valid:
+                n = len(valid)
+                for k, rate, ci in ((stops, s["stop_rate"], s["stop_ci"]), (bets, s["bet_rate"], s["bet_ci"])):
+                    q = k / n
+                    centre = (q + z * z / (2 * n)) / (1 + z * z / n)
+                    half = z * math.sqrt(q * (1 - q) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+                    assert rate == q and ci == pytest.approx([max(0, centre - half), min(1, centre + half)], abs=1e-12)
+        assert rec["delta_stop_rate"] in (0.0, None)
+    again = intervene.run_intervention(cfg, [FeatureId(layer, inactive)], "ablate", None, **kw)
+    assert {k: v for k, v in again.items() if k != "metadata"} == {k: v for k, v in zero.items() if k != "metadata"}
+    clamp = intervene.run_intervention(cfg, [FeatureId(layer, active)], "clamp", 25.0, n=2, prompt="risky", seed=3,
+                                       batch_size=2, max_new_tokens=4)
+    assert clamp["prompts"]["risky"]["activation"][f"L{layer}-{active}"] == pytest.approx(float(codes["risky"][active]),
+                                                                                         rel=1e-5)
