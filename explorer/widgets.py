@@ -52,6 +52,9 @@ def page_setup(title: str, icon: str) -> AppContext:
     st.set_page_config(page_title=f"{title} · SAE pathway explorer", page_icon=icon, layout="wide")
     ctx = context()
     sidebar(ctx)
+    from explorer.jobs import reap
+
+    reap()  # live jobs that ended since the last page draw leave no defunct process behind
     return ctx
 
 
