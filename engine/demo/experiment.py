@@ -241,7 +241,7 @@ def set_editor(sae, feature_ids, values):
     def edit(h):
         x = h.float()
         a = sae.gate(x @ enc.to(x.dtype).T + bias.to(x.dtype))  # (B, F)
-        return (x + (v.to(x.dtype) - a) @ dec.to(x.dtype)).to(h.dtype)
+        return (x + (v.to(x.device, x.dtype) - a) @ dec.to(x.dtype)).to(h.dtype)
 
     return edit
 
