@@ -7,7 +7,7 @@ Pages live in pages/; their logic in explorer/. No torch in this process.
 import pandas as pd
 import streamlit as st
 
-from explorer import data
+from explorer import data, views
 from explorer.demo import demo_info
 from explorer.widgets import PAGES, demo_panel, fmt, page_setup
 
@@ -59,13 +59,15 @@ rows = [{
     "writes": s.artifact,
     "note": (s.error if s.status == "failed" else s.note) or "",
 } for s in statuses]
-table = pd.DataFrame(rows).style.map(lambda v: f"background-color: {STATUS_COLOURS.get(v, '')}", subset=["status"])
+# a step that never ran has no time or memory: "–", not the grid's "None"
+frame = views.numbers_as_text(pd.DataFrame(rows), {"time": "{:.1f}", "peak memory (GB)": "{:.2f}"})
+table = frame.style.map(lambda v: f"background-color: {STATUS_COLOURS.get(v, '')}", subset=["status"])
 st.dataframe(
     table, hide_index=True, width="stretch",
     column_config={
-        "time": st.column_config.NumberColumn("time (s)", format="%.1f", help="Wall-clock seconds of the step's last run"),
-        "peak memory (GB)": st.column_config.NumberColumn(
-            format="%.2f", help="Peak resident memory on CPU, or peak allocated CUDA memory on a GPU, of the last run"),
+        "time": st.column_config.TextColumn("time (s)", help="Wall-clock seconds of the step's last run"),
+        "peak memory (GB)": st.column_config.TextColumn(
+            help="Peak resident memory on CPU, or peak allocated CUDA memory on a GPU, of the last run"),
         "status": st.column_config.TextColumn(
             help="done: output present; stale: a step it reads ran after it; failed: last run raised an error; "
                  "missing: no output yet"),

@@ -24,6 +24,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("prototype", "engine.prototype", "step 2: single-feature prototype (activations and upstream candidates)"),
     ("pathways", "engine.pathways", "step 3: gradient attribution + replay validation pathway graphs"),
     ("tokens", "engine.tokens", "step 4: token associations (logit lens, input tokens, behavioural words)"),
+    ("intervene", "engine.intervene",
+     "clamp or ablate features and sample decisions on the safe and risky prompts against the unpatched model"),
     ("integrate", "engine.integrate", "step 5: integrate all results into one table, union graph and report"),
     ("run", "engine.orchestrator", "run steps 0-5 in order, skipping steps whose inputs have not changed"),
     ("status", "engine.status", "print each step's status, time and peak memory from the manifest"),

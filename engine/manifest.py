@@ -256,7 +256,8 @@ def step_config_sections(cfg, step: str) -> dict[str, str]:
 
 def step_input_paths(cfg, step: str) -> dict[str, tuple[list, tuple[str, ...]]]:
     """Named inputs of a step: (files or folders, glob patterns for folders)."""
-    from engine.schema import AUDIT_DIR, AUDIT_TRIALS, CAUSAL_FEATURES, FEATURES_DIR, PATHWAYS_DIR, TOKENS_DIR
+    from engine.schema import (AUDIT_DIR, AUDIT_TRIALS, CAUSAL_FEATURES, FEATURES_DIR, PATHWAYS_DIR, PATHWAYS_NODES,
+                               TOKENS_DIR)
 
     cache = Path(cfg.cache)
     every = ("*",)
@@ -282,7 +283,8 @@ def step_input_paths(cfg, step: str) -> dict[str, tuple[list, tuple[str, ...]]]:
         return {"selection": selection, "model": model, "sae": sae}
     if step == "tokens":
         patch = getattr(cfg.tokens, "patch_values_file", None)
-        out = {"selection": selection, "trials": ([cache / AUDIT_TRIALS], every), "model": model, "sae": sae}
+        out = {"selection": selection, "trials": ([cache / AUDIT_TRIALS], every), "model": model, "sae": sae,
+               "graph_nodes": ([cache / PATHWAYS_NODES], every)}  # every pathway node gets its views too
         if patch:
             out["patch_values"] = ([Path(patch)], every)
         return out

@@ -153,6 +153,7 @@ TOKENS_TOP_ACTIVATING = "tokens/top_activating.parquet"
 TOKENS_BEHAVIOURAL_WORDS = "tokens/behavioural_words.parquet"
 TOKENS_DECISION_TOKENS = "tokens/decision_tokens.parquet"
 TOKENS_INDEX = "tokens/index.json"
+TOKENS_NODES_DIR = "tokens/nodes"  # the lighter views of every other pathway-graph node
 
 INTEGRATED_DIR = "integrated"
 INTEGRATED_FEATURES = "integrated/features.parquet"
@@ -160,6 +161,9 @@ INTEGRATED_FEATURES_JSON = "integrated/features.json"
 INTEGRATED_UNION_GRAPH = "integrated/union_graph.json"
 INTEGRATED_REPORT = "integrated/report.md"
 INTEGRATED_FIGURES_DIR = "integrated/figures"
+
+INTERVENTIONS_DIR = "interventions"  # saved intervention runs (python -m engine intervene), one JSON each
+INTERVENTION_NAME_RE = re.compile(r"^[A-Za-z0-9_+.-]{1,160}$")
 
 JOBS_DIR = "jobs"
 JOB_PROGRESS = "progress.json"
@@ -217,8 +221,20 @@ def annotations_path(cache: Path, feature: str | FeatureId) -> Path:
     return Path(cache) / ANNOTATIONS_DIR / safe_feature_filename(feature)
 
 
+def intervention_path(cache: Path, name: str) -> Path:
+    """interventions/<name>.json (name: a job id such as intervene-L3-17-20261207-0712-ab12)."""
+    if not INTERVENTION_NAME_RE.match(name) or name.startswith("."):
+        raise UserError(f"intervention name {name!r} must be letters, digits, +, -, _ or .")
+    return Path(cache) / INTERVENTIONS_DIR / f"{name}.json"
+
+
 def tokens_path(cache: Path, feature: str | FeatureId) -> Path:
     return Path(cache) / TOKENS_DIR / safe_feature_filename(feature)
+
+
+def tokens_node_path(cache: Path, feature: str | FeatureId) -> Path:
+    """tokens/nodes/<feature>.json: logit lens, histogram, distinct top contexts of a graph node."""
+    return Path(cache) / TOKENS_NODES_DIR / safe_feature_filename(feature)
 
 
 # ---------------------------------------------------------------------------

@@ -658,6 +658,25 @@ def tokens(ctx: AppContext, feature: str) -> dict | None:
     return obj
 
 
+def node_tokens(ctx: AppContext, feature: str) -> dict | None:
+    """tokens/nodes/<feature>.json (a pathway-graph node's lighter views), or None."""
+    rel = Path(schema.TOKENS_NODES_DIR) / schema.safe_feature_filename(feature)
+    if stamp(ctx.cache / rel) is None:
+        return None
+    return read_artifact(ctx, rel, f"The token views of graph node {feature}",
+                         engine_command(ctx, "tokens"))
+
+
+def node_meaning(ctx: AppContext, feature: str) -> tuple[dict | None, str | None]:
+    """What the tokens step wrote about a feature: (doc, "full") for a selected feature,
+    (doc, "node") for another graph node, (None, None) when it has not covered it."""
+    doc = tokens(ctx, feature)
+    if doc is not None:
+        return doc, "full"
+    doc = node_tokens(ctx, feature)
+    return (doc, "node") if doc is not None else (None, None)
+
+
 # ---------------------------------------------------------------------------
 # Step 0: audit
 # ---------------------------------------------------------------------------

@@ -637,3 +637,105 @@ def prototype_figure(result: dict) -> go.Figure:
                       yaxis=dict(title="layer", tickvals=layers, ticktext=[f"L{l}" for l in layers]),
                       legend=dict(orientation="h", y=1.08, x=1, xanchor="right"))
     return fig
+
+
+# ---------------------------------------------------------------------------
+# Intervention runs (python -m engine intervene) and node activation histograms
+# ---------------------------------------------------------------------------
+
+ARM_COLOURS = {"baseline": style.NEUTRAL, "patched": style.MIXED}
+
+
+def intervention_figure(result: dict) -> go.Figure:
+    """Stop and bet rates with Wilson 95% intervals, unpatched versus patched, per prompt."""
+    from plotly.subplots import make_subplots
+
+    prompts = list((result.get("prompts") or {}).keys())
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Stop rate", "Bet rate"), horizontal_spacing=0.12)
+    label = {"baseline": "unpatched", "patched": _arm_label(result)}
+    for col, what in enumerate(("stop", "bet"), start=1):
+        for k, arm in enumerate(("baseline", "patched")):
+            xs, ys, lo, hi, text = [], [], [], [], []
+            for p in prompts:
+                s = (result["prompts"][p] or {}).get(arm) or {}
+                rate, ci = s.get(f"{what}_rate"), s.get(f"{what}_ci") or [None, None]
+                if rate is None:
+                    continue
+                xs.append(p)
+                ys.append(rate)
+                lo.append(rate - ci[0])
+                hi.append(ci[1] - rate)
+                text.append(f"{s.get(what + 's', 0)}/{s.get('valid', 0)} valid ({s.get('invalid', 0)} invalid)<br>"
+                            f"95% CI {ci[0]:.2f}–{ci[1]:.2f}")
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, mode="markers", name=label[arm], legendgroup=arm, showlegend=col == 1,
+                marker=dict(size=13, color=ARM_COLOURS[arm], symbol="circle" if arm == "baseline" else "diamond"),
+                error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, thickness=2, width=8),
+                offsetgroup=arm, customdata=text,
+                hovertemplate=f"{label[arm]} · %{{x}}: %{{y:.2f}}<br>%{{customdata}}<extra></extra>"), row=1, col=col)
+    fig.update_layout(**_BASE_LAYOUT, height=340, scattermode="group", scattergap=0.6,
+                      legend=dict(orientation="h", y=-0.15, x=0.5, xanchor="center"))
+    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_yaxes(range=[-0.03, 1.03], tickformat=".0%", gridcolor="#eee", zeroline=False)
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=prompts)
+    return fig
+
+
+def _arm_label(result: dict) -> str:
+    feats = "+".join(result.get("features") or [])
+    if result.get("mode") == "clamp":
+        return f"{feats} clamped to {_fmt(result.get('value'), 3)}"
+    return f"{feats} ablated"
+
+
+def activation_histogram_figure(hist: dict, title: str | None = None) -> go.Figure | None:
+    """Bars of a node's activation histogram over the sampled response tokens (log-spaced bins,
+    tokens where the feature is 0 stated in the title)."""
+    edges = hist.get("edges") or []
+    counts = hist.get("counts") or []
+    if len(edges) != len(counts) + 1 or not any(counts):
+        return None
+    lo, hi = np.asarray(edges[:-1], float), np.asarray(edges[1:], float)
+    keep = np.nonzero(np.asarray(counts) > 0)[0]
+    first, last = int(keep.min()), int(keep.max())
+    sl = slice(first, last + 1)
+    centres = np.sqrt(lo[sl] * hi[sl])
+    widths = hi[sl] - lo[sl]
+    fig = go.Figure(go.Bar(
+        x=centres, y=counts[sl], width=widths, marker=dict(color=style.MIXED, line=dict(width=0)),
+        customdata=np.stack([lo[sl], hi[sl]], axis=1),
+        hovertemplate="%{customdata[0]:.3g}–%{customdata[1]:.3g}: %{y} tokens<extra></extra>"))
+    zeros, total = hist.get("zero", 0), hist.get("total", 0)
+    head = title or "Activation over sampled response tokens"
+    sub = f"{total - zeros:,} of {total:,} tokens active" if total else ""
+    fig.update_layout(**_BASE_LAYOUT, height=200, bargap=0.05, showlegend=False,
+                      title=dict(text=f"{head}<br><sup>{sub}</sup>", font=dict(size=13), x=0, xanchor="left"))
+    fig.update_layout(margin=dict(l=10, r=10, t=55, b=10))
+    fig.update_xaxes(type="log", dtick=1, title=dict(text="activation (log scale)", font=dict(size=11)), gridcolor="#eee")
+    fig.update_yaxes(title=dict(text="tokens", font=dict(size=11)), gridcolor="#eee")
+    return fig
+
+
+def context_snippets_html(examples: list[dict], colour: str = style.MIXED, limit: int = 5) -> str:
+    """Top activating contexts, one line each: the activation, then the window of tokens shaded by
+    activation with the strongest token underlined; repeats of the same response noted."""
+    lines = []
+    for ex in examples[:limit]:
+        toks = [str(t) for t in ex.get("context_tokens") or []]
+        acts = [float(a) if a is not None else 0.0 for a in ex.get("context_activations") or []]
+        amax = max(acts + [0.0]) or 1.0
+        r, g, b = int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+        spans = []
+        for k, (t, a) in enumerate(zip(toks, acts)):
+            alpha = max(0.0, min(1.0, a / amax))
+            deco = "text-decoration:underline;font-weight:600;" if k == ex.get("center") else ""
+            spans.append(f'<span title="activation {a:.3f}" style="background:rgba({r},{g},{b},{alpha:.2f});{deco}'
+                         f'border-radius:3px">{html.escape(t)}</span>')
+        rep = int(ex.get("repeats") or 1)
+        note = f' <span style="color:#888">×{rep}</span>' if rep > 1 else ""
+        src = html.escape(str(ex.get("prompt") or ""))
+        lines.append(f'<div style="margin:2px 0"><span style="color:#666;display:inline-block;min-width:3.6em">'
+                     f'{float(ex.get("activation") or 0):.2f}</span>{"&#8203;".join(spans)}{note}'
+                     f'<span style="color:#aaa;font-size:0.75rem"> {src}</span></div>')
+    return ('<div style="font-family:ui-monospace,monospace;font-size:0.8rem;line-height:1.7;overflow-wrap:anywhere;'
+            'border:1px solid #e6e6e6;border-radius:6px;padding:6px 8px">' + "".join(lines) + "</div>")

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,27 @@ class JobRequest:
     with_pathway: bool = False
 
 
+@dataclass(frozen=True)
+class InterventionRequest:
+    """`python -m engine intervene`: set `features` (comma-separated) to 0 or `value`."""
+    features: str
+    mode: str = "ablate"  # ablate | clamp
+    value: float | None = None
+    n: int = 50
+    prompt: str = "both"  # safe | risky | both
+    seed: int = 0
+    device: str = "cpu"
+    max_new_tokens: int = 32
+
+    @property
+    def feature(self) -> str:
+        """The job's key: the features joined by '+' (one job per set)."""
+        return "+".join(self.features.split(","))
+
+
+KINDS = ("prototype", "intervention")
+
+
 @dataclass
 class JobStatus:
     job_id: str
@@ -66,6 +88,7 @@ class JobStatus:
     eta_s: float | None = None
     error: str | None = None
     result_path: Path | None = None
+    kind: str = "prototype"
 
     @property
     def active(self) -> bool:
@@ -178,6 +201,38 @@ def validate_request(cfg: Config, req: JobRequest) -> JobRequest:
     return JobRequest(str(fid), req.prompt, text, req.device, req.with_pathway)
 
 
+def validate_intervention(cfg: Config, req: InterventionRequest) -> InterventionRequest:
+    """Normalised intervention request, or UserError with one line saying what is wrong."""
+    import math
+
+    from engine.intervene import MAX_N, check_request
+
+    feats = schema.parse_feature_list(req.features or "")
+    for fid in feats:
+        validate_request(cfg, JobRequest(str(fid), "both", None, "cpu"))
+    value = None if req.value is None else float(req.value)
+    if req.mode == "ablate":
+        value = None
+    try:
+        n = int(req.n)
+    except (TypeError, ValueError):
+        raise UserError(f"the number of decisions must be a whole number, got {req.n!r}") from None
+    check_request(feats, req.mode, value, n, req.prompt)
+    if req.prompt != "both" and req.prompt not in cfg.prompts:
+        raise UserError(f"the config has no {req.prompt!r} prompt")
+    if req.device not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {req.device!r}")
+    if req.device == "cuda" and not cuda_visible():
+        raise UserError("no CUDA GPU is visible on this machine; choose cpu")
+    if not isinstance(req.seed, int) or req.seed < 0:
+        raise UserError(f"the seed must be a whole number >= 0, got {req.seed!r}")
+    if not isinstance(req.max_new_tokens, int) or not 1 <= req.max_new_tokens <= 400:
+        raise UserError(f"tokens per reply must be between 1 and 400, got {req.max_new_tokens!r}")
+    assert n <= MAX_N and (value is None or math.isfinite(value))
+    return InterventionRequest(",".join(str(f) for f in feats), req.mode, value, n, req.prompt, int(req.seed),
+                               req.device, req.max_new_tokens)
+
+
 # ---------------------------------------------------------------------------
 # Starting, reading and cancelling
 # ---------------------------------------------------------------------------
@@ -199,19 +254,33 @@ def commands(config_path: str | None, cache: Path, req: JobRequest, folder: Path
     return out
 
 
-def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest) -> JobStatus:
-    """Validate, refuse a second job for the same feature, then start the runner."""
-    req = validate_request(cfg, req)
+def intervention_commands(config_path: str | None, cache: Path, req: InterventionRequest, folder: Path) -> list[dict]:
+    argv = [sys.executable, "-m", "engine", "intervene"] + (["--config", str(config_path)] if config_path else []) + [
+        "--cache", str(cache), "--device", req.device, "--progress-file", str(folder / schema.JOB_PROGRESS),
+        "--features", req.features, "--mode", req.mode, "--n", str(req.n), "--prompt", req.prompt,
+        "--seed", str(req.seed), "--max-new-tokens", str(req.max_new_tokens), "--out", str(folder / schema.JOB_RESULT)]
+    if req.mode == "clamp":
+        argv += ["--value", repr(float(req.value))]
+    return [{"name": "intervene", "argv": argv}]
+
+
+def start_job(cfg: Config, config_path: str | None, cache: Path, req: JobRequest | InterventionRequest) -> JobStatus:
+    """Validate, refuse a second job for the same feature (or feature set), then start the runner."""
+    kind = "intervention" if isinstance(req, InterventionRequest) else "prototype"
+    req = validate_intervention(cfg, req) if kind == "intervention" else validate_request(cfg, req)
     cache = Path(cache)
     with schema.file_lock(jobs_dir(cache) / ".lock"):
-        running = active_job(cache, req.feature)
+        running = active_job(cache, req.feature, kind)
         if running is not None:
-            raise UserError(f"a job for {req.feature} is already running ({running.job_id}); wait or cancel it")
-        job_id = f"{req.feature}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            what = "an intervention" if kind == "intervention" else "a job"
+            raise UserError(f"{what} for {req.feature} is already running ({running.job_id}); wait or cancel it")
+        prefix = "intervene-" if kind == "intervention" else ""
+        job_id = f"{prefix}{req.feature}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = jobs_dir(cache) / job_id
         folder.mkdir(parents=True)
-        job = {"job_id": job_id, "feature": req.feature, "state": "starting", "created": time.time(),
-               "request": req.__dict__, "steps": commands(config_path, cache, req, folder), "step_index": 0}
+        steps = (intervention_commands if kind == "intervention" else commands)(config_path, cache, req, folder)
+        job = {"job_id": job_id, "kind": kind, "feature": req.feature, "state": "starting", "created": time.time(),
+               "request": req.__dict__, "steps": steps, "step_index": 0}
         schema.atomic_write_json(folder / JOB_FILE, job)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "ENGINE_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
@@ -233,13 +302,21 @@ def _update(folder: Path, **changes) -> dict:
     return job
 
 
+def reap() -> list[int]:
+    """Collect every finished process this server started (no defunct children left behind);
+    returns their pids."""
+    done = []
+    for key, proc in list(_PROCS.items()):
+        if proc.poll() is not None:
+            _PROCS.pop(key, None)
+            done.append(proc.pid)
+    return done
+
+
 def _alive(pid: int | None) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
-    for key, proc in list(_PROCS.items()):
-        if proc.pid == pid and proc.poll() is not None:
-            _PROCS.pop(key, None)
-            return False
+    reap()
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -309,6 +386,10 @@ def read_job(folder: Path) -> JobStatus:
         job = {"state": "failed", "error": f"{why}; the job cannot be followed"}
     prog, _ = _read_object(folder / schema.JOB_PROGRESS)  # absent until the engine reports
     prog = prog or {}
+    upd, began = prog.get("updated"), job.get("step_started")
+    if (isinstance(upd, (int, float)) and isinstance(began, (int, float)) and not isinstance(upd, bool)
+            and upd < began):
+        prog = {}  # written by an earlier step of this job: not this step's progress
     jf, pf = f"{folder.name}/{JOB_FILE}", f"{folder.name}/{schema.JOB_PROGRESS}"
     state = _typed(job, "state", str, problems, jf) or "failed"
     if state not in (*ACTIVE, "done", "failed", "cancelled"):
@@ -329,6 +410,7 @@ def read_job(folder: Path) -> JobStatus:
         stage=_typed(prog, "stage", str, problems, pf), done=_typed(prog, "done", int, problems, pf),
         total=_typed(prog, "total", int, problems, pf), rate=_typed(prog, "rate", (int, float), problems, pf),
         eta_s=_typed(prog, "eta_s", (int, float), problems, pf), error=_typed(job, "error", str, problems, jf),
+        kind=_typed(job, "kind", str, problems, jf) or "prototype",
     )
     if st.active and not _alive(job.get("pid")):
         # The runner is gone without recording an end (killed, machine restarted).
@@ -346,21 +428,25 @@ def read_job(folder: Path) -> JobStatus:
     return st
 
 
-def list_jobs(cache: Path, feature: str | None = None) -> list[JobStatus]:
-    """Jobs in the cache, newest first."""
+def list_jobs(cache: Path, feature: str | None = None, kind: str | None = "prototype") -> list[JobStatus]:
+    """Jobs in the cache (of one kind unless kind is None), newest first."""
+    reap()
     folder = jobs_dir(cache)
     if not folder.is_dir():
         return []
+    prefix = "" if feature is None else ("intervene-" if kind == "intervention" else "") + f"{feature}-"
     out = []
     for d in folder.iterdir():
-        if d.is_dir() and (d / JOB_FILE).is_file() and (feature is None or d.name.startswith(f"{feature}-")):
-            out.append(read_job(d))  # never raises: one damaged job does not hide the others
+        if d.is_dir() and (d / JOB_FILE).is_file() and d.name.startswith(prefix):
+            j = read_job(d)  # never raises: one damaged job does not hide the others
+            if kind is None or j.kind == kind:
+                out.append(j)
     out.sort(key=lambda j: j.started if isinstance(j.started, (int, float)) else 0, reverse=True)
     return out
 
 
-def active_job(cache: Path, feature: str) -> JobStatus | None:
-    for j in list_jobs(cache, feature):
+def active_job(cache: Path, feature: str, kind: str = "prototype") -> JobStatus | None:
+    for j in list_jobs(cache, feature, kind):
         if j.active and j.feature == feature:
             return j
     return None
@@ -391,6 +477,16 @@ def save_result(cache: Path, status: JobStatus) -> Path:
     return out
 
 
+def save_intervention(cache: Path, status: JobStatus) -> Path:
+    """Copy a finished intervention into the cache as interventions/<job id>.json."""
+    if status.result_path is None:
+        raise UserError(f"job {status.job_id} has no result to save")
+    obj = schema.read_artifact(status.result_path, "intervention result")
+    out = schema.intervention_path(cache, status.job_id)
+    schema.atomic_write_json(out, obj)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The runner (a subprocess of the UI, in its own session)
 # ---------------------------------------------------------------------------
@@ -417,9 +513,10 @@ def run(folder: Path) -> int:
     for i, step in enumerate(job.get("steps", [])):
         if cancelled.is_set():
             break
-        _update(folder, step_index=i)
+        (folder / schema.JOB_PROGRESS).unlink(missing_ok=True)  # the previous step's progress is not this one's
+        _update(folder, step_index=i, step_started=time.time())
         with open(folder / schema.JOB_LOG, "ab") as log:
-            log.write(f"$ {' '.join(step['argv'][1:])}\n".encode())
+            log.write(f"$ {shlex.join(step['argv'])}\n".encode())  # the whole command, interpreter included
             log.flush()
             proc = subprocess.Popen(step["argv"], cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT)

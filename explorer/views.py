@@ -378,3 +378,88 @@ def decision_tables(summary: list[dict]) -> dict[str, pd.DataFrame]:
 def low_precision(meta: dict) -> bool:
     """Whether a pathway was computed in a 16-bit dtype (its node order is approximate)."""
     return str(meta.get("dtype") or "").removeprefix("torch.") in ("bfloat16", "float16", "bf16", "fp16", "half")
+
+
+# ---------------------------------------------------------------------------
+# Tables with missing numbers
+# ---------------------------------------------------------------------------
+
+MISSING = "–"
+
+
+def numbers_as_text(df: pd.DataFrame, formats: dict[str, str], missing: str = MISSING) -> pd.DataFrame:
+    """Format the numeric columns in `formats` ("{:.3f}") as text, a missing value (None, NaN)
+    as `missing`. Streamlit's grid draws a missing number as the word "None", and ignores a
+    Styler's na_rep, so tables whose numbers may be absent show text instead."""
+    out = df.copy()
+    for col, spec in formats.items():
+        if col in out.columns:
+            out[col] = [missing if _is_missing(v) else spec.format(v) for v in out[col].tolist()]
+    return out
+
+
+def _is_missing(v) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(np.isnan(v))
+    except TypeError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Intervention runs
+# ---------------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+    return MISSING if _is_missing(x) else f"{100 * x:.0f}%"
+
+
+def _ci(ci) -> str:
+    if not ci or any(_is_missing(c) for c in ci):
+        return MISSING
+    return f"{100 * ci[0]:.0f}–{100 * ci[1]:.0f}%"
+
+
+def intervention_table(result: dict) -> pd.DataFrame:
+    """One row per prompt and arm: decisions, valid, stop and bet rates with Wilson 95% intervals,
+    mean bet, and on the patched row the change and its p-value."""
+    rows = []
+    for prompt, rec in (result.get("prompts") or {}).items():
+        for arm in ("baseline", "patched"):
+            s = rec.get(arm) or {}
+            row = {"prompt": prompt, "arm": "unpatched" if arm == "baseline" else result.get("mode", "patched"),
+                   "decisions": s.get("n"), "valid": s.get("valid"),
+                   "stop rate": _pct(s.get("stop_rate")), "stop 95% CI": _ci(s.get("stop_ci")),
+                   "bet rate": _pct(s.get("bet_rate")), "bet 95% CI": _ci(s.get("bet_ci")),
+                   "mean bet": MISSING if s.get("mean_bet") is None else f"${s['mean_bet']:.1f}",
+                   "Δ stop": MISSING, "p (stop)": MISSING}
+            if arm == "patched":
+                d, p = rec.get("delta_stop_rate"), rec.get("stop_p_value")
+                row["Δ stop"] = MISSING if d is None else f"{100 * d:+.0f} pts"
+                row["p (stop)"] = MISSING if p is None else f"{p:.3g}"
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["prompt", "arm", "decisions", "valid", "stop rate", "stop 95% CI", "bet rate",
+                                       "bet 95% CI", "mean bet", "Δ stop", "p (stop)"])
+
+
+def intervention_samples(result: dict, prompt: str, limit: int = 200) -> pd.DataFrame:
+    """The sampled replies side by side (same seed: row i of both arms drew the same random numbers)."""
+    arms = (result.get("samples") or {}).get(prompt) or {}
+    base, patched = arms.get("baseline") or [], arms.get("patched") or []
+    rows = []
+    for i in range(min(limit, max(len(base), len(patched)))):
+        b = base[i] if i < len(base) else {}
+        p = patched[i] if i < len(patched) else {}
+        rows.append({"#": i + 1, "unpatched": _decision(b), "unpatched reply": (b.get("response") or "").strip(),
+                     "patched": _decision(p), "patched reply": (p.get("response") or "").strip()})
+    return pd.DataFrame(rows, columns=["#", "unpatched", "unpatched reply", "patched", "patched reply"])
+
+
+def _decision(d: dict) -> str:
+    if not d:
+        return ""
+    if d.get("action") == "bet":
+        return f"bet ${d['bet']}" if d.get("bet") is not None else "bet"
+    return d.get("action") or ""

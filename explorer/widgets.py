@@ -54,6 +54,9 @@ def page_setup(title: str, icon: str) -> AppContext:
     ctx = context()
     sidebar(ctx)
     check_feature_link(ctx)
+    from explorer.jobs import reap
+
+    reap()  # live jobs that ended since the last page draw leave no defunct process behind
     return ctx
 
 
@@ -120,6 +123,12 @@ def _reset_cache() -> None:
     st.session_state["_cache_override"] = None
 
 
+def recorded_steps(steps: dict) -> int:
+    """Pipeline steps recorded as done; the manifest also holds partial runs (`pathways[features]`
+    from a live job, shards), which are not pipeline steps."""
+    return sum(1 for name in schema.STEPS if isinstance(steps.get(name), dict) and steps[name].get("status") == "done")
+
+
 def sidebar(ctx: AppContext) -> None:
     with st.sidebar:
         st.markdown("**SAE pathway explorer**")
@@ -134,7 +143,7 @@ def sidebar(ctx: AppContext) -> None:
             st.caption(":material/info: No manifest.json here yet: no step has run in this cache.")
         else:
             steps = manifest(ctx).get("steps", {})
-            done = sum(1 for s in steps.values() if isinstance(s, dict) and s.get("status") == "done")
+            done = recorded_steps(steps)
             st.caption(f":material/check_circle: {done} of {len(schema.STEPS)} steps recorded")
         if st.session_state.get("_cache_override"):
             st.button("Back to the default cache", on_click=_reset_cache, width="stretch")
@@ -695,6 +704,7 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
     from explorer import data as D
     from explorer import figures
     from explorer import graph as G
+    from explorer import views as V
 
     det = G.node_details(bundle.pathway, node_id)
     with st.container(border=True):
@@ -716,11 +726,12 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
                              "pre-act. only" if pre_only else ("no" if v is False else "–")))})
         if rows:
             cols = ["prompt", "act"] if is_target else ["prompt", "act", "attr", "replay", "valid"]
-            st.dataframe(pd.DataFrame(rows)[cols], hide_index=True, width="stretch", column_config={
+            shown = V.numbers_as_text(pd.DataFrame(rows)[cols], {"act": "{:.3f}", "attr": "{:+.3f}", "replay": "{:+.3f}"})
+            st.dataframe(shown, hide_index=True, width="stretch", column_config={  # "–": not replayed, not "None"
                 "prompt": st.column_config.TextColumn(width="small"),
-                "act": st.column_config.NumberColumn("activation", format="%.3f", help=HELP["activation"]),
-                "attr": st.column_config.NumberColumn("attrib.", format="%+.3f", help=HELP["attribution"]),
-                "replay": st.column_config.NumberColumn("replay", format="%+.3f", help=HELP["replay"]),
+                "act": st.column_config.TextColumn("activation", help=HELP["activation"]),
+                "attr": st.column_config.TextColumn("attrib.", help=HELP["attribution"]),
+                "replay": st.column_config.TextColumn("replay", help=HELP["replay"]),
                 "valid": st.column_config.TextColumn("valid.", width="small",
                                                      help=HELP["validated"] + " '–' = not replayed."),
             })
@@ -740,35 +751,56 @@ def node_card(ctx: AppContext, bundle, node_id: str, causal: dict[str, dict], fi
                                  "attr": st.column_config.NumberColumn("attrib.", format="%+.3f",
                                                                        help="Attribution from this position")})
         try:
-            toks = D.tokens(ctx, node_id)
+            toks, kind = D.node_meaning(ctx, node_id)
         except D.CacheProblem as exc:
-            toks = None
+            toks, kind = None, None
             st.caption(f":material/warning: {exc.message}")
         if toks:
-            lens = toks.get("logit_lens") or {}
-            promoted = [figures.clean_token(t.get("token")) for t in (lens.get("promoted") or [])[:8]]
-            suppressed = [figures.clean_token(t.get("token")) for t in (lens.get("suppressed") or [])[:5]]
-            if promoted:
-                st.markdown("**Output tokens** (logit lens): " + ", ".join(f"`{t}`" for t in promoted))
-            if suppressed:
-                st.caption("suppresses: " + ", ".join(f"`{t}`" for t in suppressed))
-            inputs = []
-            for pname, pv in (toks.get("prompt_activations") or {}).items():
-                arg = pv.get("argmax_position")
-                tk = pv.get("tokens") or []
-                if arg is not None and 0 <= arg < len(tk):
-                    inputs.append(f"`{figures.clean_token(tk[arg])}` ({pname})")
-            tops = [figures.clean_token(t.get("token")) for t in (toks.get("top_activating") or [])[:5] if t.get("token")]
-            if inputs or tops:
-                st.markdown("**Input tokens**: " + ", ".join(inputs + [f"`{t}`" for t in dict.fromkeys(tops)]))
-            st.page_link(PAGES["tokens"], label=f"Token views of {node_id}", icon=":material/text_fields:",
-                         query_params={"feature": node_id})
+            _node_meaning(toks, node_id, key)
+            if kind == "full":
+                st.page_link(PAGES["tokens"], label=f"Token views of {node_id}", icon=":material/text_fields:",
+                             query_params={"feature": node_id})
+        elif kind is None:
+            st.caption(f"No token views of {node_id} yet: `python -m engine tokens` gives every graph node its "
+                       "logit lens, activation histogram and top contexts.")
         if not is_target and node_id in files:
             st.button(f"Open the pathway of {node_id}", key=f"{key}_open_{node_id}", on_click=open_feature,
                       args=(node_id,), icon=":material/account_tree:", width="stretch")
         elif not is_target and info is not None:
             st.caption(f"{node_id} is a selected causal feature without a pathway yet:")
             st.code(D.pathway_command(ctx, node_id), language="bash")
+
+
+def _node_meaning(toks: dict, node_id: str, key: str) -> None:
+    """What a node means: logit-lens tokens, where it fires on the prompts, its activation
+    histogram and its distinct top activating contexts (tokens step, node or selected feature)."""
+    from explorer import figures
+
+    lens = toks.get("logit_lens") or {}
+    promoted = [figures.clean_token(t.get("token")) for t in (lens.get("promoted") or [])[:8]]
+    suppressed = [figures.clean_token(t.get("token")) for t in (lens.get("suppressed") or [])[:5]]
+    if promoted:
+        st.markdown("**Output tokens** (logit lens): " + ", ".join(f"`{t}`" for t in promoted))
+    if suppressed:
+        st.caption("suppresses: " + ", ".join(f"`{t}`" for t in suppressed))
+    inputs = []
+    for pname, pv in (toks.get("prompt_activations") or {}).items():
+        arg = pv.get("argmax_position")
+        tk = pv.get("tokens") or []
+        if arg is not None and 0 <= arg < len(tk) and (pv.get("max") or 0) > 0:
+            inputs.append(f"`{figures.clean_token(tk[arg])}` ({pname}, {fmt(pv.get('max'))})")
+    if inputs:
+        st.markdown("**Strongest on the prompts**: " + ", ".join(inputs))
+    hist = toks.get("activation_histogram")
+    fig = figures.activation_histogram_figure(hist) if hist else None
+    if fig is not None:
+        st.plotly_chart(fig, key=f"{key}_hist_{node_id}", config={"displayModeBar": False})
+    top = toks.get("top_activating") or []
+    if top:
+        st.markdown("**Top activating contexts** (distinct, sampled responses)")
+        st.html(figures.context_snippets_html(top))
+    elif hist is None:
+        st.caption("No sampled responses: the audit's trials table was missing when the tokens step ran.")
 
 
 def _valid_feature(value: Any) -> str | None:

@@ -60,3 +60,44 @@ def test_live_prototype_with_pathway(monkeypatch, fixture_dir, fixture_model, tm
     saved = cache / "prototype" / f"{feature}.json"
     assert json.loads(saved.read_text()) == result
     assert any("Saved prototype/" in t for t in texts(at, "success"))
+
+
+@pytest.mark.slow
+def test_live_intervention_runs_shows_rates_and_saves(monkeypatch, fixture_dir, tmp_path):
+    """The Intervention tab: Run starts `python -m engine intervene` as a job, the page polls it to
+    the end, the table is the result file's numbers, Save writes interventions/<job>.json."""
+    from explorer import views
+
+    cache = tmp_path / "cache"
+    at = app_test(monkeypatch, fixture_dir / "config.yaml", cache, "pages/5_Live_prototype.py", timeout=60,
+                  feature="L2-5,L3-7").run()
+    at.radio(key="int_mode").set_value("clamp").run()
+    at.number_input(key="int_value_L2-5").set_value(2.5).run()
+    at.number_input(key="int_n").set_value(2).run()
+    at.radio(key="int_prompt").set_value("safe").run()
+    at.number_input(key="int_tokens").set_value(6).run()
+    no_exception(at)
+    assert not texts(at, "error")
+    at.button(key="int_run").click().run()
+    no_exception(at)
+    assert at.button(key="int_run").disabled  # one intervention per feature set at a time
+    deadline = time.time() + 240
+    while time.time() < deadline and not (texts(at, "success") or texts(at, "error")):
+        time.sleep(0.5)
+        at.run()
+    assert any(t.startswith("Done in") for t in texts(at, "success")), (texts(at, "error"), texts(at, "code"))
+    job = next(p for p in (cache / "jobs").iterdir() if p.is_dir())
+    assert job.name.startswith("intervene-L2-5+L3-7-")
+    result = json.loads((job / "result.json").read_text())
+    assert (result["features"], result["mode"], result["value"], result["n"]) == (["L2-5", "L3-7"], "clamp", 2.5, 2)
+    assert list(result["prompts"]) == ["safe"]
+    shown = next(d.value for d in at.dataframe if "stop 95% CI" in d.value.columns)
+    assert shown.astype(str).to_dict("records") == views.intervention_table(result).astype(str).to_dict("records")
+    log = (job / "log.txt").read_text()
+    assert "-m engine intervene" in log and "--value 2.5" in log and "--max-new-tokens 6" in log
+    assert all(len(r["response"]) < 200 for r in result["samples"]["safe"]["baseline"])
+    save = next(b for b in at.button if b.key == f"int_save_{job.name}")
+    save.click().run()
+    no_exception(at)
+    saved = cache / "interventions" / f"{job.name}.json"
+    assert json.loads(saved.read_text()) == result

@@ -227,6 +227,25 @@ def patch_editor(sae, feature_ids, values):
     return edit
 
 
+def set_editor(sae, feature_ids, values):
+    """edit(h_last) that sets each of `feature_ids` (one layer) to its value in every row:
+    h + sum_i (v_i - a_i(h)) d_i, SAE error kept (ablation: v_i = 0). The features are
+    encoded from the unpatched h, each as the SAE would read it alone."""
+    import torch
+
+    idx = torch.as_tensor(feature_ids, dtype=torch.long)
+    v = torch.as_tensor(values, dtype=torch.float32)
+    enc, bias = sae.encoder_rows(idx)
+    dec = sae.decoder_rows(idx)
+
+    def edit(h):
+        x = h.float()
+        a = sae.gate(x @ enc.to(x.dtype).T + bias.to(x.dtype))  # (B, F)
+        return (x + (v.to(x.device, x.dtype) - a) @ dec.to(x.dtype)).to(h.dtype)
+
+    return edit
+
+
 def run_conditions(model, tok, sae, layer: int, feats: list[dict], n_trials: int, generator, unembed,
                    max_new_tokens: int) -> list[dict]:
     """Sample every (feature, condition, trial) of `feats` (all at `layer`) in one batch."""

@@ -76,7 +76,8 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
     """Sample one continuation per prompt (token id lists, BOS included), left-padded in one batch.
 
     `edit(h_last) -> h_last` (with `edit_layer`) rewrites resid_post of that block at the last
-    prompt token during the prefill only (the generated tokens are not patched). Rows stop
+    prompt token during the prefill only (the generated tokens are not patched); `edit` may
+    also be a dict {layer: edit} to rewrite several blocks. Rows stop
     at EOS, or after `stop_at_newlines` newlines when given."""
     import torch
 
@@ -95,12 +96,13 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     inner = model.model
     armed = {"on": True}
+    edits = edit if isinstance(edit, dict) else ({edit_layer: edit} if edit is not None else {})
 
     def _edit(layer, h):
         if not armed["on"]:
             return None
         h = h.clone()
-        h[:, -1] = edit(h[:, -1])
+        h[:, -1] = edits[layer](h[:, -1])
         return h
 
     table = newline_table(tok) if stop_at_newlines else None
@@ -108,8 +110,8 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
     finished = torch.zeros(B, dtype=torch.bool)
     newlines = torch.zeros(B, dtype=torch.long)
     with torch.no_grad():
-        if edit is not None:
-            ctx = capture_resid_post(model, [edit_layer], detach=True, stop_after_last=False, edit=_edit)
+        if edits:
+            ctx = capture_resid_post(model, list(edits), detach=True, stop_after_last=False, edit=_edit)
         else:
             ctx = _nullcontext()
         with ctx:

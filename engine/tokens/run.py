@@ -20,6 +20,7 @@ from engine.errors import UserError
 from engine.schema import (
     AUDIT_TRIALS,
     CAUSAL_FEATURES,
+    PATHWAYS_NODES,
     TOKENS_BEHAVIOURAL_WORDS,
     TOKENS_DECISION_TOKENS,
     TOKENS_INDEX,
@@ -31,10 +32,13 @@ from engine.schema import (
     atomic_write_parquet,
     read_artifact,
     read_json,
+    tokens_node_path,
     tokens_path,
     with_schema,
 )
 
+#: Candidates kept per feature for the top examples before identical contexts are merged.
+TOP_POOL_FACTOR = 3
 MAX_RESPONSE_TOKENS = 160  # responses were generated with max_new_tokens=100; re-tokenising may differ a little
 TRIAL_COLUMNS = ["feature", "condition", "prompt", "patch", "trial", "response"]
 
@@ -85,6 +89,41 @@ def validate_targets(cfg: Config, targets: list[Target]) -> int:
             if t.feature.layer == layer and not 0 <= t.feature.feature_id < d_sae:
                 raise UserError(f"feature {t.feature}: index {t.feature.feature_id} is outside the SAE (0..{d_sae - 1})")
     return depth
+
+
+def graph_nodes(cfg: Config, exclude: set[str], depth: int | None = None) -> tuple[list[FeatureId], list[str]]:
+    """Every upstream node of the pathway graphs (pathways/nodes.parquet) not in `exclude`, in
+    (layer, index) order, and notes on what was left out (a node outside the SAE or the model:
+    a pathway computed with other weights)."""
+    from engine.sae import sae_width
+
+    path = cfg.cache / PATHWAYS_NODES
+    if not path.is_file():
+        return [], []
+    import pandas as pd
+
+    try:
+        ids = pd.read_parquet(path, columns=["id"])["id"].astype(str).unique().tolist()
+    except Exception as exc:  # noqa: BLE001  (one unreadable table is a note, not the step's failure)
+        return [], [f"graph nodes table {path} cannot be read ({exc}); only the selected features get views"]
+    out, bad, widths = [], [], {}
+    for name in ids:
+        if name in exclude:
+            continue
+        try:
+            fid = FeatureId.parse(name)
+            if depth is not None and not 0 <= fid.layer < depth:
+                raise UserError(f"layer {fid.layer} is outside the model")
+            if fid.layer not in widths:
+                widths[fid.layer] = sae_width(cfg.sae, fid.layer)[1]
+            if not 0 <= fid.feature_id < widths[fid.layer]:
+                raise UserError(f"index {fid.feature_id} is outside the SAE")
+        except UserError:
+            bad.append(name)
+            continue
+        out.append(fid)
+    notes = [f"{len(bad)} graph node(s) do not fit the model or SAEs and were left out: {', '.join(bad[:5])}"] if bad else []
+    return sorted(set(out)), notes
 
 
 def read_patch_values(path: str | None) -> dict[str, dict[str, float]]:
@@ -222,7 +261,23 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
     out_dir = Path(out_dir) if out_dir else cfg.cache / "tokens"
     if not targets:
         return _write_outputs(cfg, [], {}, out_dir, write_tables, timings, meta={"note": "no selected features"})
-    validate_targets(cfg, targets)
+    depth = validate_targets(cfg, targets)
+    # The full step also gives every other pathway-graph node its lighter views (logit lens,
+    # histogram, distinct top contexts), from the same forward passes; a rerun skips nodes
+    # whose file was written from the same inputs.
+    nodes: list[FeatureId] = []
+    node_notes: list[str] = []
+    node_stamp = None
+    if only is None and write_tables:
+        from engine.manifest import step_fingerprints
+
+        nodes, node_notes = graph_nodes(cfg, {str(t.feature) for t in targets}, depth)
+        inputs_now, hash_now = step_fingerprints(cfg, "tokens")
+        node_stamp = {"config_hash": hash_now, "inputs": {k: v for k, v in inputs_now.items() if k != "graph_nodes"}}
+        todo = [f for f in nodes if not _node_done(cfg, f, node_stamp)]
+        node_notes.append(f"{len(nodes)} other graph node(s): {len(nodes) - len(todo)} already written from the same "
+                          f"inputs, {len(todo)} computed")
+        nodes = todo
     dev = resolve_device(device or cfg.model.device)
     reset_peak(dev)
     extra_values = read_patch_values(tcfg.patch_values_file)
@@ -232,8 +287,15 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.feature.layer, []).append(t)
+    node_layer: dict[int, list[FeatureId]] = {}
+    for f in nodes:
+        node_layer.setdefault(f.layer, []).append(f)
+    for l in node_layer:
+        by_layer.setdefault(l, [])
     layers = sorted(by_layer)
     names = [str(t.feature) for t in targets]
+    # bank rows per layer: the layer's targets first (the interventions index them), then its nodes
+    members = {l: [str(t.feature) for t in by_layer[l]] + [str(f) for f in node_layer.get(l, [])] for l in layers}
 
     with timings.phase("load_tokenizer"):
         tok = load_tokenizer(cfg.model)
@@ -263,7 +325,7 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
     with timings.phase("load_saes"), torch.no_grad():
         for layer in layers:
             sae = load_sae(cfg.sae, layer, device=dev)
-            banks[layer] = FeatureBank.from_sae(sae, [t.feature.feature_id for t in by_layer[layer]], dev)
+            banks[layer] = FeatureBank.from_sae(sae, [FeatureId.parse(n).feature_id for n in members[layer]], dev)
             del sae
             if dev.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -272,14 +334,14 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
     with timings.phase("load_model"):
         model = load_model(cfg.model, dev)
 
-    result: dict[str, dict] = {n: {} for n in names}
+    result: dict[str, dict] = {n: {} for l in layers for n in members[l]}
     with torch.no_grad():
         # --- logit lens ----------------------------------------------------
         with timings.phase("logit_lens"):
             g, W_U = unembedding(model)
             dirs = torch.cat([banks[l].dec for l in layers])
             lens = logit_lens(dirs, g, W_U, tcfg.top_n)
-            for row, name in enumerate([str(t.feature) for l in layers for t in by_layer[l]]):
+            for row, name in enumerate([n for l in layers for n in members[l]]):
                 result[name]["logit_lens"] = {
                     "promoted": _token_list(text, lens["top_ids"][row], lens["top_values"][row]),
                     "suppressed": _token_list(text, lens["bottom_ids"][row], lens["bottom_values"][row]),
@@ -304,9 +366,11 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                     resid_ext[pname] = forward_resid_post(model, ext, layers)
 
         # --- top activations over the sampled responses ----------------------
-        tops = {l: TopActivations(len(by_layer[l]), tcfg.top_examples, tcfg.context_tokens) for l in layers}
+        tops = {l: TopActivations(len(members[l]), TOP_POOL_FACTOR * tcfg.top_examples, tcfg.context_tokens)
+                for l in layers}
         sample_ids: list[list[int]] = []
         sample_prompt_len: list[int] = []
+        repeats: dict[int, int] = {}  # first sample index of each distinct token sequence -> its count
         with timings.phase("sample_forward"):
             if sample is not None and len(sample):
                 resp_ids = tok(sample["response"].tolist(), add_special_tokens=False)["input_ids"]
@@ -314,7 +378,11 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                     p_ids = prompt_ids[sample["prompt"].iat[i]]
                     sample_ids.append(p_ids + list(r[:MAX_RESPONSE_TOKENS]))
                     sample_prompt_len.append(len(p_ids))
-                order = sorted(range(len(sample_ids)), key=lambda i: len(sample_ids[i]))  # little padding
+                first: dict[tuple, int] = {}
+                for i, ids_i in enumerate(sample_ids):  # identical responses run once, weighted by their count
+                    j = first.setdefault(tuple(ids_i), i)
+                    repeats[j] = repeats.get(j, 0) + 1
+                order = sorted(repeats, key=lambda i: len(sample_ids[i]))  # little padding
                 pad = tok.pad_token_id if tok.pad_token_id is not None else 0
                 for s in range(0, len(order), tcfg.batch_size):
                     idx = order[s:s + tcfg.batch_size]
@@ -328,13 +396,17 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                     valid = (pos >= torch.as_tensor([sample_prompt_len[i] for i in idx])[:, None]) & mask.bool()
                     res = forward_resid_post(model, ids.to(dev), layers, attention_mask=mask.to(dev))
                     for l in layers:
-                        tops[l].add(banks[l].encode(res[l]), valid.to(dev), lengths, torch.as_tensor(idx))
+                        tops[l].add(banks[l].encode(res[l]), valid.to(dev), lengths, torch.as_tensor(idx),
+                                    torch.as_tensor([repeats[i] for i in idx], dtype=torch.float32))
                     del res
                     bar.update()
 
         # --- interventions and decision tokens -------------------------------
         with timings.phase("decision_tokens"):
             for l in layers:
+                if not by_layer[l]:  # a layer holding only graph nodes: no interventions
+                    bar.update()
+                    continue
                 _decisions_for_layer(model, l, by_layer[l], banks[l], tops[l], prompt_ids, prompt_acts, resid,
                                      resid_ext, choice_texts, choice_ids, amount_texts, amount_ids, tcfg, result)
                 bar.update()
@@ -360,7 +432,9 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                 rec["prompt_activations"] = {
                     p: _prompt_view(text, prompt_ids[p], prompt_acts[p][l][:, j]) for p in cfg.prompts
                 }
-                rec["top_activating"] = _top_view(text, top, j, sample, sample_ids, sample_prompt_len, tcfg.context_tokens)
+                rec["top_activating"] = _top_view(text, top, j, sample, sample_ids, sample_prompt_len,
+                                                  tcfg.context_tokens, tcfg.top_examples, repeats)
+                rec["activation_histogram"] = top.histogram(j)
                 n_tok = top.n_tokens
                 rec["activation_stats"] = {
                     **sample_meta,
@@ -372,6 +446,22 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                 }
                 rec["behavioural_words"] = _word_view(words_of.get(name), tcfg.top_n)
                 rec["behavioural_summary"] = word_summary.get(name, [])
+            for j in range(len(by_layer[l]), len(members[l])):  # the layer's graph nodes
+                name = members[l][j]
+                rec = result[name]
+                rec["prompt_activations"] = {
+                    p: _prompt_view(text, prompt_ids[p], prompt_acts[p][l][:, j]) for p in cfg.prompts
+                }
+                rec["top_activating"] = _top_view(text, top, j, sample, sample_ids, sample_prompt_len,
+                                                  tcfg.context_tokens, tcfg.top_examples, repeats)
+                rec["activation_histogram"] = top.histogram(j)
+                n_tok = top.n_tokens
+                rec["activation_stats"] = {
+                    **sample_meta, "n_response_tokens": n_tok, "active_tokens": int(top.active_tokens[j]),
+                    "density": (int(top.active_tokens[j]) / n_tok) if n_tok else None,
+                    "max_activation_sample": float(top.max_activation[j]),
+                    "max_activation_prompts": max(v["max"] for v in rec["prompt_activations"].values()),
+                }
     bar.update()
     bar.close()
     meta = {
@@ -386,13 +476,42 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
         "skipped_tokens": skipped_choice + skipped_amount,
         "amplify_factor": tcfg.amplify_factor,
         "sample": sample_meta,
-        "notes": notes,
+        "notes": notes + node_notes,
+        "graph_nodes": len(nodes),
         "memory_usage_gb": round(peak_memory_gb(dev), 4),
         "memory_kind": "cuda_max_memory_allocated" if dev.startswith("cuda") else "peak_rss",
     }
     tables = {"words": word_rows}
+    with timings.phase("write_nodes"):
+        for f in nodes:
+            _write_node(cfg, f, result[str(f)], meta, node_stamp)
     return _write_outputs(cfg, targets, result, out_dir, write_tables, timings, meta=meta, tables=tables,
                           sample=sample)
+
+
+def _node_done(cfg: Config, feature: FeatureId, stamp: dict) -> bool:
+    """Whether the node's file exists and was written from the same inputs and config."""
+    import json
+
+    try:
+        doc = json.loads(tokens_node_path(cfg.cache, feature).read_text())
+    except (OSError, ValueError):
+        return False
+    return doc.get("schema_version") == 1 and doc.get("inputs_stamp") == stamp
+
+
+def _write_node(cfg: Config, feature: FeatureId, rec: dict, meta: dict, stamp: dict) -> None:
+    doc = with_schema({
+        "feature": str(feature), "layer": feature.layer, "feature_id": feature.feature_id, "kind": "graph_node",
+        "inputs_stamp": stamp,
+        "metadata": {k: meta[k] for k in ("model", "sae_source", "encode_convention", "device", "dtype", "sample")},
+        "logit_lens": {k: rec["logit_lens"][k] for k in ("promoted", "suppressed", "vocab_mean", "vocab_std")},
+        "prompt_activations": rec["prompt_activations"],
+        "top_activating": rec["top_activating"],
+        "activation_histogram": rec["activation_histogram"],
+        "activation_stats": rec["activation_stats"],
+    })
+    atomic_write_json(tokens_node_path(cfg.cache, feature), doc, fsync=False)
 
 
 def _decisions_for_layer(model, layer, targets, bank, top, prompt_ids, prompt_acts, resid, resid_ext,
@@ -490,20 +609,30 @@ def _prompt_view(text, ids: list[int], acts) -> dict:
     }
 
 
-def _top_view(text, top, j, sample, sample_ids, sample_prompt_len, c) -> list[dict]:
+def _top_view(text, top, j, sample, sample_ids, sample_prompt_len, c, k: int | None = None,
+              repeats: dict[int, int] | None = None) -> list[dict]:
+    """The k strongest examples with distinct contexts: identical responses were run once; of
+    candidates whose context window (the tokens shown) is the same, only the strongest stays."""
     import math as _m
 
     out = []
     if sample is None or top.values.shape[1] == 0:
         return out
+    seen: set[tuple] = set()
     for rank in range(top.values.shape[1]):
+        if k is not None and len(out) >= k:
+            break
         v = float(top.values[j, rank])
-        if not _m.isfinite(v):
+        if not _m.isfinite(v) or v <= 0:  # a response where the feature never fires is no example of it
             continue
         s = int(top.samples[j, rank])
         p = int(top.positions[j, rank])
         ids = sample_ids[s]
         lo, hi = max(0, p - c), min(len(ids), p + c + 1)
+        key = (tuple(ids[lo:hi]), p - lo)
+        if key in seen:
+            continue
+        seen.add(key)
         win = top.windows[j, rank].tolist()
         row = sample.iloc[s]
         out.append({
@@ -521,6 +650,7 @@ def _top_view(text, top, j, sample, sample_ids, sample_prompt_len, c) -> list[di
             "context_tokens": [text.shown(i) for i in ids[lo:hi]],
             "context_activations": [None if _m.isnan(x) else float(x) for x in win[lo - (p - c):hi - (p - c)]],
             "center": p - lo,
+            "repeats": (repeats or {}).get(s, 1),
         })
     return out
 
@@ -573,6 +703,7 @@ def _write_outputs(cfg: Config, targets, result, out_dir: Path, write_tables: bo
             "prompt_activations": rec["prompt_activations"],
             "top_activating": rec["top_activating"],
             "activation_stats": rec["activation_stats"],
+            "activation_histogram": rec.get("activation_histogram"),
             "behavioural_words": rec["behavioural_words"],
             "behavioural_summary": rec["behavioural_summary"],
         })

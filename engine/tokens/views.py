@@ -121,12 +121,28 @@ def patched_log_probs(model, resid: torch.Tensor, layer: int, position: int, del
 # ---------------------------------------------------------------------------
 
 
+#: Activation histogram bins: log-spaced, HIST_PER_DECADE per decade over [HIST_LO, HIST_HI];
+#: a positive activation below HIST_LO counts in the first bin, one above HIST_HI in the last.
+HIST_LO, HIST_HI, HIST_PER_DECADE = 1e-2, 1e3, 10
+
+
+def histogram_edges() -> torch.Tensor:
+    decades = round(torch.log10(torch.tensor(HIST_HI / HIST_LO)).item())
+    return torch.logspace(torch.log10(torch.tensor(HIST_LO)).item(), torch.log10(torch.tensor(HIST_HI)).item(),
+                          decades * HIST_PER_DECADE + 1, dtype=torch.float64)
+
+
 class TopActivations:
     """Per feature: the k responses with the highest activation on one of their response
-    tokens (one example per response), with a window of activations around that token."""
+    tokens (one example per response), with a window of activations around that token, and
+    a histogram of the activation over every response token (a response that occurs w times
+    in the sample counts w times: identical responses are run once, with weight w)."""
 
     def __init__(self, n_features: int, k: int, context: int):
         self.k, self.c = k, context
+        self.edges = histogram_edges()
+        self.hist = torch.zeros(n_features, len(self.edges) - 1, dtype=torch.float64)
+        self.zero = torch.zeros(n_features, dtype=torch.float64)
         self.values = torch.full((n_features, 0), float("-inf"))
         self.samples = torch.zeros((n_features, 0), dtype=torch.long)
         self.positions = torch.zeros((n_features, 0), dtype=torch.long)
@@ -135,14 +151,19 @@ class TopActivations:
         self.max_activation = torch.zeros(n_features)
         self.n_tokens = 0
 
-    def add(self, acts: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, sample_index: torch.Tensor) -> None:
+    def add(self, acts: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, sample_index: torch.Tensor,
+            weights: torch.Tensor | None = None) -> None:
         """acts (B, T, F); valid (B, T) marks response tokens; lengths (B,) real tokens per row
-        (the rest is padding); sample_index (B,) numbers the responses."""
+        (the rest is padding); sample_index (B,) numbers the responses; weights (B,) how many
+        sampled responses each row stands for (default 1)."""
         acts = acts.float()
         B, T, F = acts.shape
+        w = torch.ones(B, device=acts.device) if weights is None else weights.to(acts.device, torch.float32)
+        wt = valid.float() * w[:, None]  # (B, T) weight of each response token, 0 for prompt and padding
         masked = torch.where(valid[..., None], acts, torch.full((), float("-inf"), device=acts.device))
-        self.active_tokens += ((acts > 0) & valid[..., None]).sum(dim=(0, 1)).cpu()
-        self.n_tokens += int(valid.sum())
+        self.active_tokens += torch.einsum("bt,btf->f", wt, (acts > 0).float()).round().long().cpu()
+        self.n_tokens += int(round(float(wt.sum())))
+        self._histogram(acts, wt)
         best, pos = masked.max(dim=1)  # (B, F)
         self.max_activation = torch.maximum(self.max_activation, best.clamp_min(0).max(dim=0).values.cpu())
         offs = torch.arange(-self.c, self.c + 1, device=acts.device)
@@ -160,3 +181,26 @@ class TopActivations:
         self.samples = torch.gather(samp, 1, top)
         self.positions = torch.gather(posn, 1, top)
         self.windows = torch.gather(win, 1, top[..., None].expand(-1, -1, win.shape[2]))
+
+    def _histogram(self, acts: torch.Tensor, wt: torch.Tensor) -> None:
+        """Add the weighted response tokens of (B, T, F) activations to the per-feature histogram."""
+        F = acts.shape[2]
+        keep = wt > 0
+        x = acts[keep]  # (N, F)
+        w = wt[keep].double()  # (N,)
+        if not x.shape[0]:
+            return
+        pos = x > 0
+        self.zero += ((~pos).double() * w[:, None]).sum(0).cpu()
+        edges = self.edges.to(x.device, torch.float32)
+        nb = len(edges) - 1
+        b = (torch.bucketize(x.clamp_min(float(edges[0])), edges, right=True) - 1).clamp(0, nb - 1)  # (N, F)
+        flat = (b + torch.arange(F, device=x.device)[None, :] * nb)[pos]
+        ww = w[:, None].expand(-1, F)[pos]
+        self.hist += torch.zeros(F * nb, dtype=torch.float64, device=x.device).index_add_(0, flat, ww).view(F, nb).cpu()
+
+    def histogram(self, j: int) -> dict:
+        counts = [int(round(c)) for c in self.hist[j].tolist()]
+        return {"edges": [float(e) for e in self.edges.tolist()], "counts": counts,
+                "zero": int(round(float(self.zero[j]))), "total": int(self.n_tokens),
+                "scale": "log", "weighting": "response tokens of the sample (repeated responses counted each time)"}
