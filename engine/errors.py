@@ -12,6 +12,23 @@ class UserError(Exception):
     exit_code = 2
 
 
+def shown_value(value) -> str:
+    """A value as it reads in a one-line message: JSON, cut at 40 characters."""
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line, cut at `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def write_traceback(text: str, cache: str | os.PathLike | None, label: str) -> Path | None:
     """Keep an internal error's traceback in a new per-run file and return its path.
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from engine.errors import shown_value
 from engine.schema import MANIFEST, SCHEMA_VERSION, atomic_write_json, file_lock, read_json
 
 
@@ -72,16 +73,6 @@ _TEXT_FIELDS = ("status", "error", "started", "memory_kind", "device", "command"
 _NUMBER_FIELDS = ("seconds", "peak_memory_gb")
 
 
-def _shown(value) -> str:
-    import json
-
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        text = type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _text_map(value) -> bool:
     return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
 
@@ -100,24 +91,24 @@ def clean_manifest(data, where: str = MANIFEST) -> dict:
     steps: dict[str, dict] = {}
     for step, entry in data["steps"].items():
         if not isinstance(entry, dict):
-            problems.append(f"steps.{step} is {_shown(entry)}, not an object")
+            problems.append(f"steps.{step} is {shown_value(entry)}, not an object")
             continue
         clean = dict(entry)
         for key in _TEXT_FIELDS:
             if clean.get(key) is not None and not isinstance(clean[key], str):
-                problems.append(f"steps.{step}.{key} is {_shown(clean[key])}, not text")
+                problems.append(f"steps.{step}.{key} is {shown_value(clean[key])}, not text")
                 clean[key] = None
         for key in _NUMBER_FIELDS:
             v = clean.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or v < 0):
-                problems.append(f"steps.{step}.{key} is {_shown(v)}, not a number of 0 or more")
+                problems.append(f"steps.{step}.{key} is {shown_value(v)}, not a number of 0 or more")
                 clean[key] = None
         for key, ok, default in (("summary", lambda v: isinstance(v, dict), {}),
                                  ("inputs", _text_map, {}),
                                  ("outputs", lambda v: isinstance(v, list), [])):
             if key in clean and not ok(clean[key]):
-                problems.append(f"steps.{step}.{key} is {_shown(clean[key])}, not the expected "
+                problems.append(f"steps.{step}.{key} is {shown_value(clean[key])}, not the expected "
                                 f"{'list' if key == 'outputs' else 'object'}")
                 clean[key] = default
         rec = clean.get("pipeline")

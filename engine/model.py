@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from engine.config import ModelConfig
-from engine.errors import UserError
+from engine.errors import UserError, one_line, shown_value
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
            "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -63,19 +63,6 @@ OPTIONAL_INT_KEYS = {"num_key_value_heads": 2**16, "head_dim": 2**16, "max_posit
 OPTIONAL_NUMBER_KEYS = ("rms_norm_eps", "rope_theta")
 
 
-def _shown(value) -> str:
-    import json
-
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        text = type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_model_config(folder: Path) -> dict:
@@ -97,7 +84,7 @@ def check_model_config(folder: Path) -> dict:
     except RecursionError:
         raise UserError(f"model config {path} is not valid JSON: nested too deeply") from None
     except ValueError as exc:
-        raise UserError(f"model config {path} is not valid JSON: {_one_line(exc)}") from None
+        raise UserError(f"model config {path} is not valid JSON: {one_line(exc)}") from None
     if not isinstance(conf, dict):
         raise UserError(f"model config {path} must be a JSON object, not {type(conf).__name__}")
     for key, hi in {**REQUIRED_INT_KEYS, **OPTIONAL_INT_KEYS}.items():
@@ -107,12 +94,12 @@ def check_model_config(folder: Path) -> dict:
             continue
         v = conf[key]
         if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
-            raise UserError(f"model config {path}: {key} is {_shown(v)}, not an integer in 1..{hi}")
+            raise UserError(f"model config {path}: {key} is {shown_value(v)}, not an integer in 1..{hi}")
     for key in OPTIONAL_NUMBER_KEYS:
         if key in conf:
             v = conf[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise UserError(f"model config {path}: {key} is {_shown(v)}, not a positive finite number")
+                raise UserError(f"model config {path}: {key} is {shown_value(v)}, not a positive finite number")
     if "head_dim" not in conf and conf["hidden_size"] % conf["num_attention_heads"]:
         raise UserError(f"model config {path}: hidden_size {conf['hidden_size']} is not a multiple of "
                         f"num_attention_heads {conf['num_attention_heads']}")
@@ -145,7 +132,7 @@ def check_model_weights(folder: Path, conf: dict) -> None:
                     elif key == "model.embed_tokens.weight":
                         embed = tuple(fh.get_slice(key).get_shape())
         except Exception as exc:  # noqa: BLE001  (SafetensorError for a truncated or damaged file)
-            raise UserError(f"model weights {shard} cannot be read as safetensors: {_one_line(exc)}") from None
+            raise UserError(f"model weights {shard} cannot be read as safetensors: {one_line(exc)}") from None
     want = (conf["vocab_size"], conf["hidden_size"])
     if embed is not None and embed != want:
         raise UserError(f"model folder {folder}: model.embed_tokens.weight has shape {embed}, but config.json says "
@@ -177,7 +164,7 @@ def load_config_only(cfg: ModelConfig):
         return AutoConfig.from_pretrained(src, trust_remote_code=False, **kw)
     except Exception as exc:  # noqa: BLE001  (transformers raises many types for a bad folder)
         if is_local_model(cfg.name_or_path):
-            raise UserError(f"model folder {src} has no usable config.json ({type(exc).__name__}: {_one_line(exc)})") from None
+            raise UserError(f"model folder {src} has no usable config.json ({type(exc).__name__}: {one_line(exc)})") from None
         if isinstance(exc, (OSError, ValueError)):
             raise _hub_error(cfg, exc) from None
         raise
@@ -191,7 +178,7 @@ def load_tokenizer(cfg: ModelConfig):
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False, clean_up_tokenization_spaces=False, **kw)
     except Exception as exc:  # noqa: BLE001  (tokenizers raises a bare Exception for a bad tokenizer.json)
         if is_local_model(cfg.name_or_path):
-            raise UserError(f"model folder {src} has no readable tokenizer ({type(exc).__name__}: {_one_line(exc)})") from None
+            raise UserError(f"model folder {src} has no readable tokenizer ({type(exc).__name__}: {one_line(exc)})") from None
         if isinstance(exc, (OSError, ValueError)):
             raise _hub_error(cfg, exc) from None
         raise
@@ -219,7 +206,7 @@ def load_model(cfg: ModelConfig, device: str, dtype: str | None = None):
         )
     except Exception as exc:  # noqa: BLE001  (a truncated safetensors, shapes that disagree with config.json)
         if is_local_model(cfg.name_or_path):
-            raise UserError(f"model folder {src} cannot be loaded: {type(exc).__name__}: {_one_line(exc)}") from None
+            raise UserError(f"model folder {src} cannot be loaded: {type(exc).__name__}: {one_line(exc)}") from None
         if isinstance(exc, (OSError, ValueError)):
             raise _hub_error(cfg, exc) from None
         raise

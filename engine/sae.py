@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import SAEConfig
-from engine.errors import UserError
+from engine.errors import UserError, one_line, shown_value
 
 WEIGHT_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 
@@ -188,23 +188,12 @@ def read_hyperparams(path: Path) -> dict:
     except RecursionError:
         raise UserError(f"SAE hyperparameters {path} are not valid JSON: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
-        raise UserError(f"SAE hyperparameters {path} are not valid JSON: {_one_line(exc)}") from None
+        raise UserError(f"SAE hyperparameters {path} are not valid JSON: {one_line(exc)}") from None
     if not isinstance(hp, dict):
         raise UserError(f"SAE hyperparameters {path} must be a JSON object, not {type(hp).__name__}")
     return hp
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _shown(value: Any) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(type(value).__name__)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 #: Widths beyond this are not an SAE of a language model (and would not fit in memory).
@@ -219,19 +208,19 @@ def _hp_dim(hp: dict, key: str, path: Path) -> int | None:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_DIM:
-        raise UserError(f"SAE hyperparameters {path}: {key} is {_shown(hp[key])}, not a positive integer")
+        raise UserError(f"SAE hyperparameters {path}: {key} is {shown_value(hp[key])}, not a positive integer")
     return v
 
 
 def _hp_number(value: Any, key: str, path: Path, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"SAE hyperparameters {path}: {key} is {_shown(value)}, not a number")
+        raise UserError(f"SAE hyperparameters {path}: {key} is {shown_value(value)}, not a number")
     try:
         out = float(value)
     except OverflowError:
         out = math.inf
     if not math.isfinite(out) or (positive and not out > 0):
-        raise UserError(f"SAE hyperparameters {path}: {key} is {_shown(value)}, not a "
+        raise UserError(f"SAE hyperparameters {path}: {key} is {shown_value(value)}, not a "
                         f"{'positive ' if positive else ''}finite number")
     return out
 
@@ -252,7 +241,7 @@ def _norms(hp: dict, path: Path) -> tuple[float, float]:
         n_in = n_out = _hp_number(norm, key, path, positive=True)
     else:
         raise UserError(f"SAE hyperparameters {path} lack dataset_average_activation_norm.in"
-                        + (f" (it is {_shown(norm)})" if norm is not None else ""))
+                        + (f" (it is {shown_value(norm)})" if norm is not None else ""))
     return n_in, n_out
 
 
@@ -273,7 +262,7 @@ def sae_width(cfg: SAEConfig, layer: int) -> tuple[int, int]:
     except UserError:
         raise
     except Exception as exc:  # SafetensorError, OSError: the file is this layer's problem
-        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {_one_line(exc)}") from None
+        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {one_line(exc)}") from None
     if len(shape) != 2:
         raise UserError(f"SAE weights {files.weights}: encoder.weight has shape {tuple(shape)}, expected (d_sae, d_model)")
     return int(shape[1]), int(shape[0])
@@ -301,7 +290,7 @@ def load_sae(cfg: SAEConfig, layer: int, device: str = "cpu", dtype: str | None 
         # straight onto the target device (memory-mapped read), no host copy of a GPU SAE
         tensors = load_file(str(files.weights), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {_one_line(exc)}") from None
+        raise UserError(f"SAE weights {files.weights} cannot be read as safetensors: {one_line(exc)}") from None
     missing = [k for k in WEIGHT_KEYS if k not in tensors]
     if missing:
         found = ", ".join(sorted(tensors)[:8]) + (" ..." if len(tensors) > 8 else "")
