@@ -426,8 +426,8 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
         words_of = dict(tuple(word_rows.groupby("feature", sort=False))) if word_rows is not None and len(word_rows) else {}
         for l in layers:
             top = tops[l]
-            for j, t in enumerate(by_layer[l]):
-                name = str(t.feature)
+            n_selected = len(by_layer[l])
+            for j, name in enumerate(members[l]):  # the selected features, then the layer's graph nodes
                 rec = result[name]
                 rec["prompt_activations"] = {
                     p: _prompt_view(text, prompt_ids[p], prompt_acts[p][l][:, j]) for p in cfg.prompts
@@ -444,24 +444,9 @@ def run_tokens(cfg: Config, device: str | None = None, only: list[FeatureId] | N
                     "max_activation_sample": float(top.max_activation[j]),
                     "max_activation_prompts": max(v["max"] for v in rec["prompt_activations"].values()),
                 }
-                rec["behavioural_words"] = _word_view(words_of.get(name), tcfg.top_n)
-                rec["behavioural_summary"] = word_summary.get(name, [])
-            for j in range(len(by_layer[l]), len(members[l])):  # the layer's graph nodes
-                name = members[l][j]
-                rec = result[name]
-                rec["prompt_activations"] = {
-                    p: _prompt_view(text, prompt_ids[p], prompt_acts[p][l][:, j]) for p in cfg.prompts
-                }
-                rec["top_activating"] = _top_view(text, top, j, sample, sample_ids, sample_prompt_len,
-                                                  tcfg.context_tokens, tcfg.top_examples, repeats)
-                rec["activation_histogram"] = top.histogram(j)
-                n_tok = top.n_tokens
-                rec["activation_stats"] = {
-                    **sample_meta, "n_response_tokens": n_tok, "active_tokens": int(top.active_tokens[j]),
-                    "density": (int(top.active_tokens[j]) / n_tok) if n_tok else None,
-                    "max_activation_sample": float(top.max_activation[j]),
-                    "max_activation_prompts": max(v["max"] for v in rec["prompt_activations"].values()),
-                }
+                if j < n_selected:  # behavioural words are a selected feature's view only
+                    rec["behavioural_words"] = _word_view(words_of.get(name), tcfg.top_n)
+                    rec["behavioural_summary"] = word_summary.get(name, [])
     bar.update()
     bar.close()
     meta = {
