@@ -467,24 +467,21 @@ def cancel_job(folder: Path) -> None:
         _update(folder, state="cancelled", finished=time.time(), error="cancelled by the user")
 
 
-def save_result(cache: Path, status: JobStatus) -> Path:
-    """Copy a finished prototype into the cache as prototype/<feature>.json."""
+def _save(status: JobStatus, out: Path, what: str) -> Path:
     if status.result_path is None:
         raise UserError(f"job {status.job_id} has no result to save")
-    obj = schema.read_artifact(status.result_path, "job result")
-    out = schema.prototype_path(cache, status.feature)
-    schema.atomic_write_json(out, obj)
+    schema.atomic_write_json(out, schema.read_artifact(status.result_path, what))
     return out
+
+
+def save_result(cache: Path, status: JobStatus) -> Path:
+    """Copy a finished prototype into the cache as prototype/<feature>.json."""
+    return _save(status, schema.prototype_path(cache, status.feature), "job result")
 
 
 def save_intervention(cache: Path, status: JobStatus) -> Path:
     """Copy a finished intervention into the cache as interventions/<job id>.json."""
-    if status.result_path is None:
-        raise UserError(f"job {status.job_id} has no result to save")
-    obj = schema.read_artifact(status.result_path, "intervention result")
-    out = schema.intervention_path(cache, status.job_id)
-    schema.atomic_write_json(out, obj)
-    return out
+    return _save(status, schema.intervention_path(cache, status.job_id), "intervention result")
 
 
 # ---------------------------------------------------------------------------

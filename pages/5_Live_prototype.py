@@ -60,6 +60,22 @@ def job_panel(folder: str) -> None:
         st.code(tail, language=None)
 
 
+def job_outcome(job, noun: str) -> bool:
+    """A running job's live panel (False: nothing more to show yet), or how it ended and its log."""
+    if job.active:
+        st.fragment(run_every=1.0)(job_panel)(str(job.folder))
+        return False
+    if job.state == "failed":
+        st.error(f"The {noun} failed: {job.error}", icon=":material/error:")
+    elif job.state == "cancelled":
+        st.warning(f"The {noun} was cancelled.", icon=":material/stop_circle:")
+    else:
+        st.success(f"Done in {job.elapsed or 0:.1f}s.", icon=":material/task_alt:")
+    with st.expander("Log"):
+        st.code(jobs.log_tail(job.folder, 40) or "(empty)", language=None)
+    return True
+
+
 
 
 def prototype_tab(feature: str) -> None:
@@ -114,18 +130,8 @@ def prototype_tab(feature: str) -> None:
 
 
     st.subheader(f"Job for {job.feature}")
-    if job.active:
-        st.fragment(run_every=1.0)(job_panel)(str(job.folder))
+    if not job_outcome(job, "job"):
         return
-
-    if job.state == "failed":
-        st.error(f"The job failed: {job.error}", icon=":material/error:")
-    elif job.state == "cancelled":
-        st.warning("The job was cancelled.", icon=":material/stop_circle:")
-    else:
-        st.success(f"Done in {job.elapsed or 0:.1f}s.", icon=":material/task_alt:")
-    with st.expander("Log"):
-        st.code(jobs.log_tail(job.folder, 40) or "(empty)", language=None)
 
     if job.result_path is not None:
         try:
@@ -261,17 +267,8 @@ def intervention_tab(features: str) -> None:
             f"· seed {r.get('seed')} · up to {r.get('max_new_tokens', 32)} tokens per reply")
     st.subheader(f"Intervention on {job.feature}")
     st.caption(what)
-    if job.active:
-        st.fragment(run_every=1.0)(job_panel)(str(job.folder))
+    if not job_outcome(job, "intervention"):
         return
-    if job.state == "failed":
-        st.error(f"The intervention failed: {job.error}", icon=":material/error:")
-    elif job.state == "cancelled":
-        st.warning("The intervention was cancelled.", icon=":material/stop_circle:")
-    else:
-        st.success(f"Done in {job.elapsed or 0:.1f}s.", icon=":material/task_alt:")
-    with st.expander("Log"):
-        st.code(jobs.log_tail(job.folder, 40) or "(empty)", language=None)
     if job.result_path is None:
         return
     try:
