@@ -49,11 +49,13 @@ NAV = [
 FEATURE_PAGES = {"pathway", "tokens", "live", "features"}
 
 
-def page_setup(title: str, icon: str) -> AppContext:
+def page_setup(title: str, icon: str, many_features: bool = False) -> AppContext:
+    """`many_features`: the page takes a comma-separated list in ?feature= (the Live page's
+    intervention on a set), each id checked like a single one."""
     st.set_page_config(page_title=f"{title} · SAE pathway explorer", page_icon=icon, layout="wide")
     ctx = context()
     sidebar(ctx)
-    check_feature_link(ctx)
+    check_feature_link(ctx, many_features)
     from explorer.jobs import reap
 
     reap()  # live jobs that ended since the last page draw leave no defunct process behind
@@ -91,15 +93,17 @@ def bad_link_message(value: str, why: str) -> str:
     return f"Ignored the link's feature `{shown}`: {why}. It has been removed from the address."
 
 
-def check_feature_link(ctx: AppContext) -> None:
+def check_feature_link(ctx: AppContext, many: bool = False) -> None:
     """Every page: a ?feature= that is not a feature of this model gets one message (the
     same on every page) and leaves the address, so the page opens as if it had no link."""
     raw = st.query_params.get("feature")
     if raw is None:
         return
-    why = feature_link_problem(ctx.cfg, raw)
-    if why is None:
+    parts = [p.strip() for p in raw.split(",")] if many else [raw]
+    bad = next(((p, w) for p in parts if (w := feature_link_problem(ctx.cfg, p))), None)
+    if bad is None:
         return
+    raw, why = bad  # the message names the id that is wrong
     del st.query_params["feature"]
     st.session_state.pop("_bad_link", None)
     st.warning(bad_link_message(raw, why), icon=":material/link_off:")

@@ -10,7 +10,7 @@ from explorer import data, figures, jobs, views
 from explorer.widgets import (HELP, feature_text_input, fmt, metric_row, page_setup, pathway_panel,
                               show_problem)
 
-ctx = page_setup("Live prototype", ":material/play_circle:")
+ctx = page_setup("Live prototype", ":material/play_circle:", many_features=True)
 cfg = ctx.cfg
 st.title("Live prototype")
 st.caption("Any feature, now, in the background (you can leave this page and come back): **Prototype** runs "

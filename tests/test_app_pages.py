@@ -298,18 +298,20 @@ def test_tokens_views(monkeypatch, small_cache):
     assert any("python -m engine tokens" in c for c in texts(at, "code"))
 
 
-@pytest.mark.parametrize("feature, message", [
-    ("L99-1", "the model has layers 0 to 31"),
-    ("L3-99999", "the layer-3 SAE has features 0 to 32,767"),
-    ("L3x17", "it is not a feature id (L<layer>-<index>, e.g. L12-3456)"),
+@pytest.mark.parametrize("feature, bad, message", [
+    ("L99-1", "L99-1", "the model has layers 0 to 31"),
+    ("L3-99999", "L3-99999", "the layer-3 SAE has features 0 to 32,767"),
+    ("L3x17", "L3x17", "it is not a feature id (L<layer>-<index>, e.g. L12-3456)"),
+    # the Live page takes a set for an intervention: the message names the id that is wrong
+    ("L3-17,L99-1", "L99-1", "the model has layers 0 to 31"),
 ])
-def test_live_refuses_a_bad_feature_link_before_starting(monkeypatch, cache_copy, feature, message):
+def test_live_refuses_a_bad_feature_link_before_starting(monkeypatch, cache_copy, feature, bad, message):
     """A bad ?feature= gets the link message every page gives (tests/test_app_pages.py
     test_bad_feature_links_...) and leaves the address; nothing can start."""
     at = app_test(monkeypatch, cache_copy.config, cache_copy.cache, "pages/5_Live_prototype.py", feature=feature)
     at.run()
     no_exception(at)
-    assert texts(at, "warning")[0] == f"Ignored the link's feature `{feature}`: {message}. It has been removed from the address."
+    assert texts(at, "warning")[0] == f"Ignored the link's feature `{bad}`: {message}. It has been removed from the address."
     assert "feature" not in at.query_params
     assert at.button(key="live_run").disabled
     assert not (cache_copy.cache / "jobs").exists()

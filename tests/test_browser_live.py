@@ -77,7 +77,7 @@ def test_upstream_node_card_shows_its_meaning(live_site):
         expect(page.get_by_role("heading", name=node)).to_be_visible(timeout=30_000)
         doc = nodes[node]
         card = page.get_by_test_id("stMain")
-        expect(card.get_by_text("Output tokens")).to_be_visible()
+        expect(card.get_by_text("Output tokens", exact=True)).to_be_visible()
         expect(card.locator(".gtitle", has_text="Activation over sampled response tokens")).to_be_visible()
         hist = doc["activation_histogram"]
         active = hist["total"] - hist["zero"]

@@ -20,7 +20,8 @@ import yaml
 from engine.config import ExportConfig, config_from_dict
 from engine.pathways import graph as G
 from engine.pathways.index import rebuild, write_export
-from engine.schema import PATHWAYS_EXPORT_LISTING, atomic_write_json, pathway_export_path, pathway_path, with_schema
+from engine.schema import (PATHWAY_SCHEMA_VERSION, PATHWAYS_EXPORT_LISTING, atomic_write_json, pathway_export_path,
+                           pathway_path, with_schema)
 from helpers import ROOT, run_cli
 
 TOKENS = ["<|begin_of_text|>", "Bet", " $", "10", " or", " stop", "?", " Choice", ":", " "]
@@ -64,7 +65,7 @@ def hand_result(feature="L3-427", prompts=("safe", "risky")) -> dict:
                         "agreement": {"pearson_r": None, "sign_agreement": None, "n": 0},
                         "coverage": {"attribution_total": 0.5, "attribution_in_graph": 0.4}}
     return with_schema({"feature": feature, "layer": layer, "feature_id": fid,
-                        "metadata": {"method_hash": "0" * 16}, "prompts": recs})
+                        "metadata": {"method_hash": "0" * 16}, "prompts": recs}, version=PATHWAY_SCHEMA_VERSION)
 
 
 # ---------------------------------------------------------------------------
