@@ -669,7 +669,10 @@ def node_tokens(ctx: AppContext, feature: str) -> dict | None:
 
 def node_meaning(ctx: AppContext, feature: str) -> tuple[dict | None, str | None]:
     """What the tokens step wrote about a feature: (doc, "full") for a selected feature,
-    (doc, "node") for another graph node, (None, None) when it has not covered it."""
+    (doc, "node") for another graph node, (None, None) when it has not covered it or the node
+    is not a feature (a layer's SAE-error or bias node)."""
+    if not schema.FEATURE_ID_RE.fullmatch(feature):
+        return None, None
     doc = tokens(ctx, feature)
     if doc is not None:
         return doc, "full"

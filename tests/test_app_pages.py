@@ -216,6 +216,15 @@ def test_pathway_numbers_pruning_and_node_click(monkeypatch, small_cache):
     no_exception(at)
     assert at.query_params["feature"] in (target_node["id"], [target_node["id"]])
     assert f"### {target_node['id']}" in " ".join(texts(at, "markdown"))
+    # A layer's SAE-error node is not a feature: its card draws (no token views looked up) and the
+    # tabs below still render.
+    at = app_test(monkeypatch, small_cache.config, small_cache.cache, "pages/3_Pathway.py", feature=feature).run()
+    err = next(n for n in safe["nodes"] if n.get("kind") == "error")
+    at.query_params["node"] = err["id"]
+    at.run()
+    no_exception(at)
+    assert f"#### {err['id']}" in texts(at, "markdown")
+    assert [t.label for t in at.tabs][-1] == "Downloads"
 
 
 def test_pathway_difference_and_query_params(monkeypatch, small_cache):
