@@ -189,6 +189,8 @@ def demo_site(demo_cache, tmp_path_factory):
         "feature": feature,
         "row": overview.index[overview["feature"] == feature][0],
         "direction": overview.loc[overview["feature"] == feature, "direction"].iloc[0],
+        # the prompt the preview and its link open: where the feature is more active
+        "preview_prompt": views.preview_prompt(overview.loc[overview["feature"] == feature].iloc[0].to_dict()),
         "pathway_features": data.pathway_features(ctx),
         "token_features": data.token_features(ctx),
     }
@@ -234,11 +236,11 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
         no_error_boxes(page)
         shot(page, "features")
 
-        # Its "Open pathway" link opens the Pathway page on that feature and its direction's prompt.
+        # Its "Open pathway" link opens the Pathway page on that feature and the prompt it is more active on.
         page.get_by_role("link", name="Open pathway").click()
         page.wait_for_url(f"**/Pathway?feature={feature}*")
         wait_app(page)
-        prompt = "risky" if info["direction"] == "risky" else "safe"
+        prompt = info["preview_prompt"]
         graph_title(page, f"Pathway of {feature} · {prompt} prompt")
 
         # A deep link to the other prompt; a click on a node shows its card: a node with its own
