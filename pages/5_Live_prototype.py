@@ -60,6 +60,20 @@ def job_panel(folder: str) -> None:
         st.code(tail, language=None)
 
 
+def shown_job(state_key: str, request, kind: str = "prototype") -> jobs.JobStatus | None:
+    """The job a tab shows: its own last one when it is for the requested feature, else that
+    feature's latest job of `kind`."""
+    mine = st.session_state.get(state_key)
+    if mine and Path(mine, jobs.JOB_FILE).is_file():
+        job = jobs.read_job(Path(mine))
+        if request is None or job.feature == request.feature:
+            return job
+    if request is None:
+        return None
+    history = jobs.list_jobs(ctx.cache, request.feature, kind)
+    return history[0] if history else None
+
+
 def job_outcome(job, noun: str) -> bool:
     """A running job's live panel (False: nothing more to show yet), or how it ended and its log."""
     if job.active:
@@ -116,15 +130,7 @@ def prototype_tab(feature: str) -> None:
                   disabled=request is None or running is not None)
 
     # --- which job to show: this tab's last one for this feature, else the feature's latest ---------
-    job = None
-    mine = st.session_state.get("live_job")
-    if mine and Path(mine, jobs.JOB_FILE).is_file():
-        job = jobs.read_job(Path(mine))
-        if request is not None and job.feature != request.feature:
-            job = None
-    if job is None and request is not None:
-        history = jobs.list_jobs(ctx.cache, request.feature)
-        job = history[0] if history else None
+    job = shown_job("live_job", request)
     if job is None:
         return
 
@@ -251,15 +257,7 @@ def intervention_tab(features: str) -> None:
         st.button("Run intervention", type="primary", icon=":material/play_arrow:", key="int_run", on_click=_start,
                   args=(request, "int_job"), disabled=request is None or running is not None)
 
-    job = None
-    mine = st.session_state.get("int_job")
-    if mine and Path(mine, jobs.JOB_FILE).is_file():
-        job = jobs.read_job(Path(mine))
-        if request is not None and job.feature != request.feature:
-            job = None
-    if job is None and request is not None:
-        history = jobs.list_jobs(ctx.cache, request.feature, "intervention")
-        job = history[0] if history else None
+    job = shown_job("int_job", request, "intervention")
     if job is None:
         return
     r = job.request
