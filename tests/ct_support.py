@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from helpers import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 CT_DIR = ROOT / "tests" / "ct_viewer"
 NODE_MODULES = CT_DIR / "node_modules"
@@ -71,11 +73,7 @@ def ct_server(folder: Path):
         assert line.strip() == "ready", f"circuit-tracer's server did not start: {line}{proc.stderr.read()[-3000:]}"
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def _read(*rel: str) -> str:
