@@ -356,3 +356,76 @@ def test_a_demo_is_a_pure_function_of_seed_and_budget(tmp_path):
     c = build_demo(tmp_path / "c", minutes=1, seed=4, **TINY)
     assert _artifacts(tmp_path / "c")["model/model.safetensors"] != fa["model/model.safetensors"]
     assert c["plan"] == a["plan"]
+
+
+def _tiny_trained_like_model():
+    """A small full-vocabulary model with random weights (used ids only), and the tokenizer."""
+    from engine.fixtures import load_llama3_tokenizer
+
+    tok = load_llama3_tokenizer()
+    ids = tok([format_prompt(list(SAFE_HISTORY), 140, False), format_prompt(list(RISKY_HISTORY), 20, True)],
+              add_special_tokens=True)["input_ids"]
+    used = sorted({t for s in ids for t in s} | set(tok(["1\n2\n$5 $10 Bet Stop"], add_special_tokens=False)["input_ids"][0])
+                  | {tok.eos_token_id})
+    torch.manual_seed(0)
+    model = expand_to_full_vocab(small_model(2, 32, len(used), seed=0).eval(), used, seed=0)
+    with torch.no_grad():  # larger weights: rows of different prompts differ and stop at different steps
+        for name, w in model.named_parameters():
+            if "norm" not in name:
+                w.mul_(6.0)
+    return model, tok
+
+
+def test_generation_shortcuts_change_nothing():
+    """The shared-prefix prefill (identical prompts) and the dropping of finished rows give exactly
+    the continuations of plain batched decoding: compared under greedy decoding (temperature
+    1e-6), with a per-row patch on the shared path and rows that stop at different steps."""
+    from engine.demo.generate import generate
+    from engine.sae import build_sae
+
+    model, tok = _tiny_trained_like_model()
+    g = torch.Generator().manual_seed(1)
+    d, m = 32, 24
+    sae = build_sae(torch.randn(m, d, generator=g), torch.zeros(m), torch.randn(d, m, generator=g), torch.zeros(d),
+                    {"dataset_average_activation_norm": {"in": 5.0}}, layer=1, convention="study")
+    prompt = tok(format_prompt(list(SAFE_HISTORY), 140, False), add_special_tokens=True)["input_ids"]
+    values = [float("nan"), 0.0, 3.0, 8.0, 20.0, 40.0]
+    edit = patch_editor(sae, [3, 3, 3, 5, 5, 7], values)
+    kw = dict(max_new_tokens=12, temperature=1e-6, stop_at_newlines=2, edit=edit, edit_layer=1)
+    shared = generate(model, tok, [prompt] * 6, generator=torch.Generator().manual_seed(0), **kw)
+    plain = generate(model, tok, [prompt] * 6, generator=torch.Generator().manual_seed(0), share_prefix=False, **kw)
+    assert shared.token_ids == plain.token_ids
+    assert len(set(map(tuple, shared.token_ids))) > 1  # the patches change the answers
+    # rows of different prompts, each decoded alone (nothing to drop) and all in one batch
+    games = [format_prompt([Round(10, i % 2 == 0, 100 + 10 * i)] * 3, 100 + 10 * i, i % 3 == 0) for i in range(7)]
+    ids = tok(games, add_special_tokens=True)["input_ids"]
+    batch = generate(model, tok, ids, generator=torch.Generator().manual_seed(0), max_new_tokens=12,
+                     temperature=1e-6, stop_at_newlines=2)
+    alone = [generate(model, tok, [s], generator=torch.Generator().manual_seed(0), max_new_tokens=12,
+                      temperature=1e-6, stop_at_newlines=2).token_ids[0] for s in ids]
+    assert batch.token_ids == alone
+    assert len({len(t) for t in alone}) > 1  # rows finished at different steps
+
+
+def test_training_without_a_padding_mask_is_exact_for_right_padding():
+    """Training runs the right-padded batch without an attention mask (causal attention already
+    hides the pads from every real token): the logits of real tokens equal the masked run's."""
+    from engine.demo.train import _batch, encode_transcripts, used_vocabulary
+    from engine.fixtures import load_llama3_tokenizer
+
+    tok = load_llama3_tokenizer()
+    pairs = [(format_prompt(list(SAFE_HISTORY), 140, False), "2\nStop"),
+             (format_prompt(list(RISKY_HISTORY)[:2], 30, True), "1\nBet $25\nRound 3: Bet $25, Loss, Balance $5")]
+    seqs = encode_transcripts(tok, pairs)
+    used = used_vocabulary(seqs)
+    remap = torch.full((FULL_VOCAB,), -1, dtype=torch.long)
+    remap[torch.tensor(used)] = torch.arange(len(used))
+    x, mask, w = _batch(seqs, [0, 1], remap, 0.1, 5.0)
+    assert bool((mask == 0).any())  # the shorter row is padded
+    model = small_model(2, 32, len(used), seed=0).eval()
+    with torch.no_grad():
+        masked = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        plain = model(input_ids=x, use_cache=False).logits
+    real = mask.bool()
+    assert torch.allclose(masked[real], plain[real], atol=1e-5)
+    assert float(w[~real].abs().sum()) == 0.0  # pads carry no loss

@@ -74,8 +74,8 @@ class DemoPlan:
     features_per_batch: int = 3
     max_new_tokens: int = 32
     rate_trials: int = 200
-    torch_threads: int = 1  # fixed, so results do not depend on the machine; 1 is also the fastest for
-    # this small model on 2 shared cores (docs/benchmarks.md)
+    torch_threads: int = 2  # fixed, so results do not depend on the machine's core count; 2 is the
+    # fastest on an idle 2-core machine (docs/benchmarks.md, "Demo training step")
     pipeline: bool = True
 
     def hash(self) -> str:

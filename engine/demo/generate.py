@@ -72,13 +72,14 @@ class Batch:
 def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens: int = 32,
              temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
              edit=None, edit_layer: int | None = None, unembed: Unembedding | None = None,
-             stop_at_newlines: int | None = None) -> Batch:
+             stop_at_newlines: int | None = None, share_prefix: bool = True) -> Batch:
     """Sample one continuation per prompt (token id lists, BOS included), left-padded in one batch.
 
     `edit(h_last) -> h_last` (with `edit_layer`) rewrites resid_post of that block at the last
     prompt token during the prefill only (the generated tokens are not patched); `edit` may
     also be a dict {layer: edit} to rewrite several blocks. Rows stop
-    at EOS, or after `stop_at_newlines` newlines when given."""
+    at EOS, or after `stop_at_newlines` newlines when given. When every row has the same prompt
+    (`share_prefix`), the prompt minus its last token is run once and its cache shared."""
     import torch
 
     from engine.model import capture_resid_post
@@ -107,7 +108,6 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
 
     table = newline_table(tok) if stop_at_newlines else None
     out_ids = torch.zeros(B, 0, dtype=torch.long)
-    finished = torch.zeros(B, dtype=torch.bool)
     newlines = torch.zeros(B, dtype=torch.long)
     with torch.no_grad():
         if edits:
@@ -115,22 +115,43 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
         else:
             ctx = _nullcontext()
         with ctx:
-            o = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            if share_prefix and T >= 2 and all(p == prompts[0] for p in prompts[1:]):
+                # one prompt for every row: its prefix is computed once and shared; only the last
+                # token (where the edit applies) runs per row
+                armed["on"] = False
+                o = inner(input_ids=ids[:1, :-1], use_cache=True)
+                o.cache.batch_repeat_interleave(B)
+                armed["on"] = True
+                o = inner(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], cache=o.cache,
+                          use_cache=True)
+            else:
+                o = inner(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             armed["on"] = False
             past = o.cache
             h = o.last_hidden_state[:, -1]
+            rows = torch.arange(B)  # the original row of each row still in the batch
+            done = torch.zeros(B, dtype=torch.bool)  # per batch row
             for _ in range(max_new_tokens):
                 col = sample_next(unembed(h), generator, temperature, top_k, top_p)
                 nxt = unembed.all_ids[col]
-                nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
-                out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
-                finished |= nxt == eos
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                step_ids = torch.full((B,), eos, dtype=torch.long)
+                step_ids[rows] = nxt
+                out_ids = torch.cat([out_ids, step_ids[:, None]], dim=1)
+                done |= nxt == eos
                 if table is not None:
-                    newlines += table[nxt]
-                    finished |= newlines >= stop_at_newlines
-                if bool(finished.all()):
+                    newlines[rows] += table[nxt]
+                    done |= newlines[rows] >= stop_at_newlines
+                if bool(done.all()):
                     break
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+                if int(done.sum()) * 4 >= len(rows):
+                    # drop finished rows once they are a quarter of the batch: their cache is
+                    # copied out once, instead of being attended to at every later step
+                    keep = torch.nonzero(~done)[:, 0]
+                    past.batch_select_indices(keep)
+                    rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
+                    done = done[keep]
+                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
                 pos = pos[:, -1:] + 1
                 o = inner(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=past,
                           use_cache=True)

@@ -150,11 +150,15 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
             more = list(range(len(seqs.ids)))
             rng.shuffle(more)
             order += more
+        # random batches: sorting them by length (less padding) was 1.4x faster per step, but
+        # the quick plan's model then failed to learn the decision (docs/benchmarks.md)
         idx, order = order[:batch_size], order[batch_size:]
-        x, mask, w = _batch(seqs, idx, remap, prompt_weight, decision_weight)
+        x, _, w = _batch(seqs, idx, remap, prompt_weight, decision_weight)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        # right padding under a causal mask: no real token sees a pad, so no padding mask is
+        # needed (the pads' loss weight is 0), and attention takes its faster causal path
+        logits = model(input_ids=x, use_cache=False).logits
         loss, nll = full_vocab_loss(logits[:, :-1], x[:, 1:], w[:, 1:], n_unused)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,10 +182,10 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
 def _eval(model, batch, n_unused: int) -> float:
     import torch
 
-    x, mask, w = batch
+    x, _, w = batch
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=x, use_cache=False).logits
         _, nll = full_vocab_loss(logits[:, :-1], x[:, 1:], w[:, 1:], n_unused)
         resp = (w[:, 1:] >= 1.0).float()
         out = float((nll * resp).sum() / resp.sum())
