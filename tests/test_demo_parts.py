@@ -254,12 +254,20 @@ def test_power_plan_spends_the_budget_where_it_detects_most():
     # the strong features first, the null ones last; each strong one nearly sure at the chosen n
     assert plan.features[:4] == [f"L1-{i}" for i in range(4)]
     miss = 1.0
-    for (prompt, patch), p1 in strong.items():  # the 4 tests of the feature, independent samples
-        miss *= 1 - test_power(p1, base[prompt], plan.n_trials, plan.alpha_threshold, 0.1)
+    for (prompt, patch), p1 in strong.items():  # the tests of a real effect, independent samples
+        if abs(p1 - base[prompt]) >= 0.05:  # half the minimum effect: null tests find only false positives
+            miss *= 1 - test_power(p1, base[prompt], plan.n_trials, plan.alpha_threshold, 0.1)
     assert plan.detection["L1-0"] == pytest.approx(1 - miss, abs=1e-12)
     assert plan.detection["L1-0"] > 0.95
     with pytest.raises(ValueError):
         plan_trials(pred, 50)
+    # a budget that fits every feature: the null ones (no power, 4 more tests each in BH's
+    # denominator) are left out and their answers not spent
+    big = plan_trials(pred, 40000)
+    assert not any(f.startswith("L3-") for f in big.features)
+    assert 6 * big.n_trials * len(big.features) < 40000
+    everything = plan_trials(pred, 40000, n_grid=(big.n_trials,), min_features=12)
+    assert big.expected_survivors > everything.expected_survivors
 
 
 def test_exp1_bh_runs_over_every_test_not_only_the_small_p_values():
@@ -394,7 +402,9 @@ def test_generation_shortcuts_change_nothing():
     kw = dict(max_new_tokens=12, temperature=1e-6, stop_at_newlines=2, edit=edit, edit_layer=1)
     shared = generate(model, tok, [prompt] * 6, generator=torch.Generator().manual_seed(0), **kw)
     plain = generate(model, tok, [prompt] * 6, generator=torch.Generator().manual_seed(0), share_prefix=False, **kw)
-    assert shared.token_ids == plain.token_ids
+    kept = generate(model, tok, [prompt] * 6, generator=torch.Generator().manual_seed(0), share_prefix=False,
+                    drop_finished=False, **kw)
+    assert shared.token_ids == plain.token_ids == kept.token_ids
     assert len(set(map(tuple, shared.token_ids))) > 1  # the patches change the answers
     # rows of different prompts, each decoded alone (nothing to drop) and all in one batch
     games = [format_prompt([Round(10, i % 2 == 0, 100 + 10 * i)] * 3, 100 + 10 * i, i % 3 == 0) for i in range(7)]
@@ -403,7 +413,9 @@ def test_generation_shortcuts_change_nothing():
                      temperature=1e-6, stop_at_newlines=2)
     alone = [generate(model, tok, [s], generator=torch.Generator().manual_seed(0), max_new_tokens=12,
                       temperature=1e-6, stop_at_newlines=2).token_ids[0] for s in ids]
-    assert batch.token_ids == alone
+    kept = generate(model, tok, ids, generator=torch.Generator().manual_seed(0), max_new_tokens=12,
+                    temperature=1e-6, stop_at_newlines=2, drop_finished=False)
+    assert batch.token_ids == alone == kept.token_ids
     assert len({len(t) for t in alone}) > 1  # rows finished at different steps
 
 

@@ -72,14 +72,17 @@ class Batch:
 def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens: int = 32,
              temperature: float = TEMPERATURE, top_k: int = TOP_K, top_p: float = TOP_P,
              edit=None, edit_layer: int | None = None, unembed: Unembedding | None = None,
-             stop_at_newlines: int | None = None, share_prefix: bool = True) -> Batch:
+             stop_at_newlines: int | None = None, share_prefix: bool = True,
+             drop_finished: bool = True) -> Batch:
     """Sample one continuation per prompt (token id lists, BOS included), left-padded in one batch.
 
     `edit(h_last) -> h_last` (with `edit_layer`) rewrites resid_post of that block at the last
     prompt token during the prefill only (the generated tokens are not patched); `edit` may
     also be a dict {layer: edit} to rewrite several blocks. Rows stop
     at EOS, or after `stop_at_newlines` newlines when given. When every row has the same prompt
-    (`share_prefix`), the prompt minus its last token is run once and its cache shared."""
+    (`share_prefix`), the prompt minus its last token is run once and its cache shared; finished
+    rows leave the batch (`drop_finished`). Both change only the cost, never the continuations
+    (tests/test_demo_parts.py compares them under greedy decoding)."""
     import torch
 
     from engine.model import capture_resid_post
@@ -144,7 +147,7 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
                     done |= newlines[rows] >= stop_at_newlines
                 if bool(done.all()):
                     break
-                if int(done.sum()) * 4 >= len(rows):
+                if drop_finished and int(done.sum()) * 4 >= len(rows):
                     # drop finished rows once they are a quarter of the batch: their cache is
                     # copied out once, instead of being attended to at every later step
                     keep = torch.nonzero(~done)[:, 0]

@@ -14,7 +14,8 @@ The BH threshold depends on how many tests end up significant: with m tests of w
 expected to be rejected, a test passes BH at about p <= alpha * R / m. R and the threshold are
 solved together (a fixed point, starting from R = 1). The budget is a number of sampled answers;
 for every trial count n of a grid, the K = budget / (6 n) features with the highest detection
-probability are kept, and the n with the largest expected number of BH-surviving features wins.
+probability are considered (and fewer, when the weak tail would only dilute BH), and the n with the
+largest expected number of BH-surviving features wins.
 
 The trials themselves are sampled afterwards with their own random numbers: the prediction only
 decides where the budget goes, never the verdict, so the tests keep their level.
@@ -137,46 +138,73 @@ class PowerPlan:
 
 
 def _detect(pred: dict, names: list[str], n: int, alpha_t: float, min_effect: float) -> tuple[dict, float]:
-    """Per feature P(some test significant) (tests treated as independent), and expected significant tests."""
+    """Per feature P(some test of a real effect is significant) (tests treated as independent; a test
+    whose predicted effect is under half the minimum effect counts as null), and the expected number
+    of significant tests (all of them: BH's threshold depends on every rejection)."""
     det, tests = {}, 0.0
     for name in names:
         miss = 1.0
         for prompt, patch in PATCHED:
-            pw = test_power(pred["features"][name][(prompt, patch)], pred["baseline"][prompt], n, alpha_t, min_effect)
-            tests += pw
-            miss *= 1 - pw
+            p1, p0 = pred["features"][name][(prompt, patch)], pred["baseline"][prompt]
+            pw = test_power(p1, p0, n, alpha_t, min_effect)
+            tests += pw  # every expected rejection moves BH's threshold
+            if abs(p1 - p0) >= min_effect / 2:  # a test of a (nearly) null effect only finds false positives
+                miss *= 1 - pw
         det[name] = 1 - miss
     return det, tests
+
+
+def _solve(pred: dict, chosen: list[str], n: int, alpha: float, min_effect: float) -> tuple[dict, float]:
+    """BH's per-test threshold for the chosen features at n trials (a fixed point) and each
+    feature's detection probability at it."""
+    m = 4 * len(chosen)
+    alpha_t = alpha / m
+    for _ in range(6):
+        det_c, tests = _detect(pred, chosen, n, alpha_t, min_effect)
+        new = alpha * max(1.0, tests) / m
+        if abs(new - alpha_t) <= 1e-3 * alpha_t:
+            break
+        alpha_t = new
+    else:
+        det_c, _ = _detect(pred, chosen, n, alpha_t, min_effect)
+    return det_c, alpha_t
+
+
+K_FRACTIONS = (1.0, 0.75, 0.5, 0.35, 0.25)
+DET_CUTS = (0.5, 0.2, 0.1, 0.05, 0.02)
 
 
 def plan_trials(pred: dict, budget_answers: int, *, alpha: float = 0.05, min_effect: float = 0.1,
                 n_grid=N_GRID, min_features: int = 1, must_include: list[str] = ()) -> PowerPlan:
     """The trial count and the features to test that maximise the expected number of features
-    surviving the engine's BH verdict within `budget_answers` sampled answers (6 conditions each)."""
+    surviving the engine's BH verdict within `budget_answers` sampled answers (6 conditions each).
+
+    For each n, up to K = budget / (6 n) features fit; fewer may be better, since every feature
+    tested adds 4 tests to BH's denominator, so K, 3/4 K, 1/2 K, ... and the counts of features
+    above a few detection probabilities are compared, and the budget a weak tail would only
+    dilute the verdict with is not spent."""
     names = sorted(pred["features"])
     table, best = [], None
     for n in n_grid:
-        K = min(len(names), budget_answers // (6 * n))
-        if K < min_features:
+        K_max = min(len(names), budget_answers // (6 * n))
+        if K_max < min_features:
             continue
-        # rank by a first guess of the threshold (alpha / number of tests), then solve BH's fixed point
-        m = 4 * K
-        alpha_t = alpha / m
-        det, _ = _detect(pred, names, n, alpha_t, min_effect)
+        # rank by a first guess of the threshold (alpha / number of tests)
+        det, _ = _detect(pred, names, n, alpha / (4 * K_max), min_effect)
         rank = sorted(names, key=lambda f: (-det[f], f))
-        chosen = [f for f in must_include if f in det][:K]
-        chosen += [f for f in rank if f not in chosen][: K - len(chosen)]
-        for _ in range(6):
-            det_c, tests = _detect(pred, chosen, n, alpha_t, min_effect)
-            new = alpha * max(1.0, tests) / m
-            if abs(new - alpha_t) <= 1e-3 * alpha_t:
-                break
-            alpha_t = new
-        else:
-            det_c, _ = _detect(pred, chosen, n, alpha_t, min_effect)
-        expected = sum(det_c.values())
-        table.append({"n_trials": n, "n_features": K, "answers": 6 * n * K, "bh_threshold": float(f"{alpha_t:.3g}"),
-                      "expected_bh_survivors": round(expected, 2)})
+        row = None
+        # candidate sizes: fractions of K_max, and the cut points of the ranking's detection probabilities
+        sizes = {int(round(K_max * f)) for f in K_FRACTIONS} | {sum(det[f] >= c for f in names) for c in DET_CUTS}
+        for K in sorted({min(K_max, max(min_features, k)) for k in sizes}, reverse=True):
+            chosen = [f for f in must_include if f in det][:K]
+            chosen += [f for f in rank if f not in chosen][: K - len(chosen)]
+            det_c, alpha_t = _solve(pred, chosen, n, alpha, min_effect)
+            expected = sum(det_c.values())
+            if row is None or expected > row[0] + 1e-9:
+                row = (expected, chosen, det_c, alpha_t)
+        expected, chosen, det_c, alpha_t = row
+        table.append({"n_trials": n, "n_features": len(chosen), "answers": 6 * n * len(chosen),
+                      "bh_threshold": float(f"{alpha_t:.3g}"), "expected_bh_survivors": round(expected, 2)})
         if best is None or expected > best.expected_survivors + 1e-9:
             order = sorted(chosen, key=lambda f: (-det_c[f], f))
             best = PowerPlan(n, order, expected, alpha_t, table, det_c)
