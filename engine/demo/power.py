@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 STOP_TOKEN = "2"
 BET_TOKEN = "1"
-N_GRID = (20, 30, 40, 50, 60, 80, 100, 120, 150)
+N_GRID = (20, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300)
 PATCHED = (("safe", "safe"), ("safe", "risky"), ("risky", "safe"), ("risky", "risky"))  # (prompt, patch)
 
 
