@@ -101,7 +101,8 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         sae_steps=int(round(120 + 138 * m)),
         sae_batch=512 if m < 5 else 1024,
         exp1_games=int(min(600, 200 + 20 * m)),
-        exp2_answers=int(min(36000, 1800 * m + 1800)),
+        exp2_answers=int(min(10800, 1800 * m + 1800)),  # the default model's expected BH survivors: 5.2 at
+        # 10,800 answers, 6.1 at 19,800 (docs/demo.md); the cap keeps the default build within 5 minutes
         rate_trials=int(min(200, 80 + 12 * m)),
     )
     return DemoPlan(**{**asdict(plan), **overrides}) if overrides else plan
