@@ -441,3 +441,33 @@ def test_training_without_a_padding_mask_is_exact_for_right_padding():
     real = mask.bool()
     assert torch.allclose(masked[real], plain[real], atol=1e-5)
     assert float(w[~real].abs().sum()) == 0.0  # pads carry no loss
+
+
+def test_logit_lens_loss_against_hidden_states_by_hand():
+    """The training's logit-lens term (the choice read at the last prompt token from every block but
+    the first and the last, through the final norm and unembedding, full-vocabulary cross-entropy)
+    equals the same computed from transformers' own hidden_states on the untrained model."""
+    from engine.demo.train import encode_transcripts, train, used_vocabulary
+    from engine.fixtures import load_llama3_tokenizer
+
+    tok = load_llama3_tokenizer()
+    pairs = [(format_prompt(list(SAFE_HISTORY), 140, False), "2\nStop"),
+             (format_prompt(list(RISKY_HISTORY), 20, True), "1\nBet $20"),
+             (format_prompt(list(RISKY_HISTORY)[:2], 30, True), "1, $30\nRound 3: Bet $30, Loss, Balance $0")]
+    seqs = encode_transcripts(tok, pairs)
+    used = used_vocabulary(seqs)
+    _, curve = train(seqs, used, n_layers=3, d_model=32, steps=1, batch_size=3, lr=1e-3, prompt_weight=0.1, seed=5,
+                     lens_weight=2.0, log_every=1)
+    model = small_model(3, 32, len(used), 5).train()  # the same initial weights (same seed)
+    remap = {t: i for i, t in enumerate(used)}
+    ces = {1: []}
+    with torch.no_grad():
+        for ids, n_prompt in zip(seqs.ids, seqs.n_prompt):
+            x = torch.tensor([[remap[t] for t in ids]])
+            hs = model(input_ids=x, output_hidden_states=True).hidden_states  # [embeddings, block 0, ...]
+            for l in (1,):
+                logits = model.lm_head(model.model.norm(hs[l + 1][0, n_prompt - 1])).double()
+                lse = torch.logsumexp(torch.cat([logits, torch.tensor([math.log(FULL_VOCAB - len(used))]).double()]), 0)
+                ces[l].append(float(lse - logits[x[0, n_prompt]]))
+    expected = sum(ces[1]) / len(ces[1])
+    assert curve[0]["lens_loss"] == pytest.approx(expected, abs=2e-5)

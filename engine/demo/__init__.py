@@ -62,11 +62,15 @@ class DemoPlan:
     lr: float = 5e-3
     prompt_weight: float = 0.1
     decision_weight: float = 5.0
+    lens_weight: float = 5.0  # logit-lens loss on the choice at every block but the last (train.py): every
+    # layer then holds the decision at the last prompt token, and single features there move it
     sae_sequences: int = 600
     sae_steps: int = 1500
     sae_batch: int = 1024
     sae_lr: float = 2e-3
     sae_l1: float = 0.02
+    sae_decision_fraction: float = 0.75  # share of each SAE batch from the decision token (saes.py)
+    sae_decision_prompts: int = 3000
     exp1_games: int = 400
     pool_per_layer: int = 60  # Exp-1 significant features per layer (top |d|) whose patches are predicted
     exp2_answers: int = 18000  # sampled answers Experiment 2 may spend; features and trials by power

@@ -59,15 +59,43 @@ def collect_resid_post(model, token_lists: list[list[int]], layers: list[int], b
     return {l: torch.cat(v) for l, v in out.items()}, where
 
 
-def train_sae(X, d_sae: int, *, steps: int, batch_size: int, lr: float, l1: float, seed: int):
-    """Train one SAE on raw resid_post rows X (N, d); returns weights and the measured norm."""
+def collect_last_token(model, tok, prompts: list[str], layers: list[int], batch_size: int = 64):
+    """{layer: (n_prompts, d_model)} resid_post at each prompt's last token (the decision token)."""
+    import torch
+
+    from engine.model import forward_resid_post
+
+    out: dict[int, list] = {l: [] for l in layers}
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            ids_list = tok(prompts[start:start + batch_size], add_special_tokens=True)["input_ids"]
+            ids, mask = pad_right(ids_list)
+            last = torch.tensor([len(s) - 1 for s in ids_list])
+            res = forward_resid_post(model, ids, layers, attention_mask=mask)
+            rows = torch.arange(len(ids_list))
+            for l in layers:
+                out[l].append(res[l][rows, last].float())
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def train_sae(X, d_sae: int, *, steps: int, batch_size: int, lr: float, l1: float, seed: int,
+              focus=None, focus_fraction: float = 0.0):
+    """Train one SAE on raw resid_post rows X (N, d); returns weights and the measured norm.
+
+    With `focus` rows (the decision token), each batch takes `focus_fraction` of its rows from them
+    and the rest from X; the norm is measured on that mixture, the SAE's training distribution."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     N, d = X.shape
+    n_focus = int(round(batch_size * focus_fraction)) if focus is not None and len(focus) else 0
     norm_in = float(X.norm(dim=-1).mean())
+    if n_focus:
+        f = n_focus / batch_size
+        norm_in = f * float(focus.norm(dim=-1).mean()) + (1 - f) * norm_in
     s_in = math.sqrt(d) / norm_in
     Xs = X * s_in
+    Fs = focus * s_in if n_focus else None
     W_D = torch.randn(d, d_sae, generator=g)
     W_D = W_D / W_D.norm(dim=0, keepdim=True) * 0.5
     W_D = torch.nn.Parameter(W_D)
@@ -78,8 +106,10 @@ def train_sae(X, d_sae: int, *, steps: int, batch_size: int, lr: float, l1: floa
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     curve = []
     for step in range(steps):
-        idx = torch.randint(0, N, (batch_size,), generator=g)
+        idx = torch.randint(0, N, (batch_size - n_focus,), generator=g)
         x = Xs[idx]
+        if n_focus:
+            x = torch.cat([x, Fs[torch.randint(0, len(Fs), (n_focus,), generator=g)]])
         a = torch.relu(x @ W_E.T + b_E)
         x_hat = a @ W_D.T + b_D
         mse = ((x - x_hat) ** 2).sum(-1).mean() / d

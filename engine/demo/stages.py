@@ -97,7 +97,7 @@ def stage_train(state: State) -> dict:
         small, curve = tr.train(seqs, used, n_layers=p.n_layers, d_model=p.d_model, steps=p.train_steps,
                                 batch_size=p.batch_size, lr=p.lr, prompt_weight=p.prompt_weight, seed=state.seed,
                                 eval_seqs=held, numbers=tr.number_values(tok, used), decision_weight=p.decision_weight,
-                                log_every=max(1, p.train_steps // 40), progress=bar)
+                                lens_weight=p.lens_weight, log_every=max(1, p.train_steps // 40), progress=bar)
     model = tr.expand_to_full_vocab(small, used, state.seed)
     model.requires_grad_(False)
     out = state.root / MODEL_DIR
@@ -174,6 +174,10 @@ def stage_saes(state: State) -> dict:
     layers = list(range(model.config.num_hidden_layers))
     X, _ = sa.collect_resid_post(model, fit, layers)
     Xe, _ = sa.collect_resid_post(model, ev, layers)
+    # the decision token (each prompt's last token, where the study reads and patches features)
+    dstep = max(1, len(train_pairs) // p.sae_decision_prompts)
+    D = sa.collect_last_token(model, tok, [a for a, _ in train_pairs[::dstep][: p.sae_decision_prompts]], layers)
+    De = sa.collect_last_token(model, tok, [a for a, _ in _pairs(held_games)], layers)
     atomic_write_json(state.root / SAE_EVAL, {"transcripts": [{"prompt": a, "response": b} for a, b in eval_pairs],
                                               "positions": "every token of BOS + prompt + response + EOS but BOS (prompt and response tokenised apart)"})
     out = {}
@@ -181,11 +185,14 @@ def stage_saes(state: State) -> dict:
     with Progress(len(layers), "demo: SAEs", unit="layer") as bar:
         for l in layers:
             weights, norm_in, curve = sa.train_sae(X[l], p.d_sae, steps=p.sae_steps, batch_size=p.sae_batch,
-                                                   lr=p.sae_lr, l1=p.sae_l1, seed=state.seed * 100 + l)
+                                                   lr=p.sae_lr, l1=p.sae_l1, seed=state.seed * 100 + l,
+                                                   focus=D[l], focus_fraction=p.sae_decision_fraction)
             hp = {"d_model": p.d_model, "d_sae": p.d_sae, "dataset_average_activation_norm": {"in": norm_in, "out": norm_in}}
             theta, th_eval = sa.calibrate_threshold(weights, hp, Xe[l])
             sa.write_sae(folder, l, weights, norm_in, theta, {
-                "training": {"tokens": int(X[l].shape[0]), "steps": p.sae_steps, "batch_size": p.sae_batch,
+                "training": {"tokens": int(X[l].shape[0]), "decision_tokens": int(D[l].shape[0]),
+                             "decision_fraction_of_each_batch": p.sae_decision_fraction,
+                             "steps": p.sae_steps, "batch_size": p.sae_batch,
                              "lr": p.sae_lr, "l1_coefficient": p.sae_l1, "space": "study (x * sqrt(d_model)/norm_in, ReLU)",
                              "curve": curve},
                 "threshold_calibration": {"rule": f"largest theta with FVU <= ReLU FVU + {sa.THRESHOLD_FVU_SLACK}",
@@ -193,11 +200,14 @@ def stage_saes(state: State) -> dict:
             })
             sae = load_sae(SAEConfig(source=str(folder), convention="study"), l)
             ev_stats = sa.evaluate(sae, Xe[l])
+            dec_stats = sa.evaluate(sae, De[l])
             out[str(l)] = {k: round(v, 6) for k, v in ev_stats.items()} | {
+                "decision_token": {k: round(v, 6) for k, v in dec_stats.items()}, "eval_decision_tokens": int(De[l].shape[0]),
                 "jump_relu_threshold": round(theta, 6), "dataset_average_activation_norm": round(norm_in, 6),
                 "eval_tokens": int(Xe[l].shape[0])}
             state.log(f"SAE L{l}: L0 {ev_stats['l0']:.1f}, relative error {ev_stats['relative_error']:.3f}, "
-                      f"FVU {ev_stats['fvu']:.3f}, dead {ev_stats['dead_fraction']:.2f}")
+                      f"FVU {ev_stats['fvu']:.3f}, dead {ev_stats['dead_fraction']:.2f}; at the decision token "
+                      f"L0 {dec_stats['l0']:.1f}, FVU {dec_stats['fvu']:.3f}")
             bar.update(1)
     state.extra.pop("saes", None)
     return {"layers": out, "eval_transcripts": SAE_EVAL}

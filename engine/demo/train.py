@@ -73,7 +73,9 @@ def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float, decisio
         mask[row, : len(s)] = 1
         w[row, 1 : seqs.n_prompt[i]] = prompt_weight  # predicting prompt tokens (not BOS)
         w[row, seqs.n_prompt[i] : len(s)] = 1.0  # predicting response tokens and EOS
-        w[row, seqs.n_prompt[i]] = decision_weight  # the choice, "1" or "2"
+        # the choice ("1" or "2") and the next two tokens (the newline, "Bet"/"Stop"/...): the answer
+        # must follow the choice it sampled, not only the state the prompt shows
+        w[row, seqs.n_prompt[i] : min(len(s), seqs.n_prompt[i] + 3)] = decision_weight
     return x, mask, w
 
 
@@ -118,9 +120,16 @@ def init_number_embeddings(model, values: dict[int, int], seed: int, scale: floa
 def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, steps: int, batch_size: int,
           lr: float, prompt_weight: float, seed: int, eval_seqs: Sequences | None = None,
           numbers: dict[int, int] | None = None, decision_weight: float = 1.0, log_every: int = 10,
-          progress=None) -> tuple[object, list[dict]]:
-    """Train the small-vocabulary model; returns (model, loss curve records)."""
+          lens_weight: float = 0.0, progress=None) -> tuple[object, list[dict]]:
+    """Train the small-vocabulary model; returns (model, loss curve records).
+
+    `lens_weight` > 0 adds, for every block but the first and the last (the last is the model's own
+    output; the study never tests the first), the cross-entropy of the choice token read
+    from that block's resid_post at the last prompt token through the model's own final norm and
+    unembedding (the logit lens), so every layer holds the decision at that token."""
     import torch
+
+    from engine.model import capture_resid_post
 
     torch.manual_seed(seed)
     V = len(used)
@@ -158,10 +167,22 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
             g["lr"] = lr_at(step)
         # right padding under a causal mask: no real token sees a pad, so no padding mask is
         # needed (the pads' loss weight is 0), and attention takes its faster causal path
-        logits = model(input_ids=x, use_cache=False).logits
+        lens_layers = list(range(1, n_layers - 1)) if lens_weight > 0 else []  # the blocks the study tests
+        with capture_resid_post(model, lens_layers, detach=False, stop_after_last=False) as cap:
+            logits = model(input_ids=x, use_cache=False).logits
         loss, nll = full_vocab_loss(logits[:, :-1], x[:, 1:], w[:, 1:], n_unused)
+        lens_loss = torch.zeros(())
+        if lens_layers:
+            rows = torch.arange(len(idx))
+            last = torch.tensor([seqs.n_prompt[i] - 1 for i in idx])
+            choice = x[rows, last + 1]
+            for l in lens_layers:
+                lens = model.lm_head(model.model.norm(cap.resid[l][rows, last]))
+                extra = torch.full((len(idx), 1), math.log(n_unused), dtype=lens.dtype)
+                ce = torch.logsumexp(torch.cat([lens, extra], -1), -1) - lens.gather(-1, choice[:, None])[:, 0]
+                lens_loss = lens_loss + ce.mean() / len(lens_layers)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + lens_weight * lens_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % log_every == 0 or step == steps - 1:
@@ -170,6 +191,8 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
                 rec = {"step": step, "loss": round(float(loss), 5),
                        "response_loss": round(float((nll * resp).sum() / resp.sum()), 5),
                        "lr": round(lr_at(step), 6)}
+                if lens_layers:
+                    rec["lens_loss"] = round(float(lens_loss), 5)  # mean over the blocks, per transcript
                 if eval_batch is not None:
                     rec["eval_response_loss"] = round(_eval(model, eval_batch, n_unused), 5)
                 curve.append(rec)
