@@ -60,7 +60,8 @@ def small_model(n_layers: int, d_model: int, vocab: int, seed: int):
     return LlamaForCausalLM(cfg)
 
 
-def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float, decision_weight: float = 1.0):
+def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float, decision_weight: float = 1.0,
+           head: int = 1):
     import torch
 
     L = max(len(seqs.ids[i]) for i in idx)
@@ -73,9 +74,9 @@ def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float, decisio
         mask[row, : len(s)] = 1
         w[row, 1 : seqs.n_prompt[i]] = prompt_weight  # predicting prompt tokens (not BOS)
         w[row, seqs.n_prompt[i] : len(s)] = 1.0  # predicting response tokens and EOS
-        # the choice ("1" or "2") and the next two tokens (the newline, "Bet"/"Stop"/...): the answer
-        # must follow the choice it sampled, not only the state the prompt shows
-        w[row, seqs.n_prompt[i] : min(len(s), seqs.n_prompt[i] + 3)] = decision_weight
+        # the choice ("1" or "2"), and with head=3 the next two tokens (the newline, "Bet"/"Stop"): under
+        # the logit-lens loss the answer must be taught to follow the choice it sampled
+        w[row, seqs.n_prompt[i] : min(len(s), seqs.n_prompt[i] + head)] = decision_weight
     return x, mask, w
 
 
@@ -132,6 +133,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
     from engine.model import capture_resid_post
 
     torch.manual_seed(seed)
+    head = 3 if lens_weight > 0 else 1  # answer tokens weighted as the choice (_batch)
     V = len(used)
     remap = torch.full((FULL_VOCAB,), -1, dtype=torch.long)
     remap[torch.tensor(used)] = torch.arange(V)
@@ -151,7 +153,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
     curve: list[dict] = []
     eval_batch = None
     if eval_seqs is not None and eval_seqs.ids:
-        eval_batch = _batch(eval_seqs, list(range(len(eval_seqs.ids))), remap, prompt_weight, decision_weight)
+        eval_batch = _batch(eval_seqs, list(range(len(eval_seqs.ids))), remap, prompt_weight, decision_weight, head)
     attn = model.config._attn_implementation
     model.config._attn_implementation = "sdpa"  # fused attention for training; same function as eager
     for step in range(steps):
@@ -162,7 +164,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
         # random batches: sorting them by length (less padding) was 1.4x faster per step, but
         # the quick plan's model then failed to learn the decision (docs/benchmarks.md)
         idx, order = order[:batch_size], order[batch_size:]
-        x, _, w = _batch(seqs, idx, remap, prompt_weight, decision_weight)
+        x, _, w = _batch(seqs, idx, remap, prompt_weight, decision_weight, head)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         # right padding under a causal mask: no real token sees a pad, so no padding mask is
