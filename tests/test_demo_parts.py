@@ -471,3 +471,26 @@ def test_logit_lens_loss_against_hidden_states_by_hand():
                 ces[l].append(float(lse - logits[x[0, n_prompt]]))
     expected = sum(ces[1]) / len(ces[1])
     assert curve[0]["lens_loss"] == pytest.approx(expected, abs=2e-5)
+
+
+def test_training_with_the_logit_lens_is_a_pure_function_of_the_seed():
+    """The default plan's training (logit-lens loss, three answer tokens weighted) gives identical
+    weights for the same seed and different ones for another; the lens term is logged."""
+    from engine.demo.train import encode_transcripts, train, used_vocabulary
+    from engine.fixtures import load_llama3_tokenizer
+
+    tok = load_llama3_tokenizer()
+    pairs = [(format_prompt(list(SAFE_HISTORY), 140, False), "2\nStop"),
+             (format_prompt(list(RISKY_HISTORY), 20, True), "1\nBet $20"),
+             (format_prompt(list(RISKY_HISTORY)[:2], 30, True), "1, $30\nRound 3: Bet $30, Loss, Balance $0")]
+    seqs = encode_transcripts(tok, pairs)
+    used = used_vocabulary(seqs)
+    kw = dict(n_layers=3, d_model=32, steps=4, batch_size=2, lr=1e-3, prompt_weight=0.1, lens_weight=5.0,
+              decision_weight=5.0, log_every=1)
+    a, curve = train(seqs, used, seed=1, **kw)
+    b, _ = train(seqs, used, seed=1, **kw)
+    c, _ = train(seqs, used, seed=2, **kw)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert all(r["lens_loss"] > 0 for r in curve)
