@@ -97,21 +97,31 @@ def test_generate_patches_resid_post_at_the_last_prompt_token_only(fixture_model
     hook = decoder_layers(model)[layer + 1].register_forward_pre_hook(lambda m, a, kw: seen.append(
         (kw.get("hidden_states", a[0] if a else None)).detach().clone()), with_kwargs=True)
     try:
-        generate(model, tok, [ids], generator=torch.Generator().manual_seed(0), max_new_tokens=2)
+        generate(model, tok, [ids], generator=torch.Generator().manual_seed(0), max_new_tokens=2, share_prefix=False)
         base = seen[0][0].float()
         codes = sae.encode(base[-1:])[0]
         feats = [int(i) for i in torch.topk(codes, 2).indices]
         assert codes[feats].min() > 0
+        edit = {layer: set_editor(sae, feats, [0.0, 0.0])}
         seen.clear()
-        generate(model, tok, [ids], generator=torch.Generator().manual_seed(0), max_new_tokens=2,
-                 edit={layer: set_editor(sae, feats, [0.0, 0.0])})
+        generate(model, tok, [ids], generator=torch.Generator().manual_seed(0), max_new_tokens=2, edit=edit,
+                 share_prefix=False)
+        full = list(seen)
+        seen.clear()  # the shared-prefix prefill: the prompt's first T-1 tokens, then the last one
+        generate(model, tok, [ids], generator=torch.Generator().manual_seed(0), max_new_tokens=2, edit=edit)
+        shared = list(seen)
     finally:
         hook.remove()
-    patched, later = seen[0][0].float(), seen[1][0].float()
+    patched, later = full[0][0].float(), full[1][0].float()
     d = sae.decoder_rows(torch.tensor(feats)).float()
     torch.testing.assert_close(patched[:-1], base[:-1], atol=0, rtol=0)
     torch.testing.assert_close(patched[-1], base[-1] - codes[feats] @ d, atol=1e-5, rtol=1e-5)
     assert later.shape[0] == 1  # the generated token's own pass is not patched (it sees the cache)
+    prefix, last = shared[0][0].float(), shared[1][0].float()
+    assert prefix.shape[0] == len(ids) - 1 and last.shape[0] == 1
+    torch.testing.assert_close(prefix, base[:-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last[0], base[-1] - codes[feats] @ d, atol=1e-5, rtol=1e-5)
+    assert shared[2][0].shape[0] == 1  # then the generated token, unpatched
 
 
 def test_run_is_seeded_and_rates_are_recomputed_from_the_samples(fixture_config):
