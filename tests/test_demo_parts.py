@@ -443,11 +443,9 @@ def test_training_without_a_padding_mask_is_exact_for_right_padding():
     assert float(w[~real].abs().sum()) == 0.0  # pads carry no loss
 
 
-def test_logit_lens_loss_against_hidden_states_by_hand():
-    """The training's logit-lens term (the choice read at the last prompt token from every block but
-    the first and the last, through the final norm and unembedding, full-vocabulary cross-entropy)
-    equals the same computed from transformers' own hidden_states on the untrained model."""
-    from engine.demo.train import encode_transcripts, train, used_vocabulary
+def _three_transcripts():
+    """(sequences, used ids) of three short transcripts: a stop, a bet, an all-in bet."""
+    from engine.demo.train import encode_transcripts, used_vocabulary
     from engine.fixtures import load_llama3_tokenizer
 
     tok = load_llama3_tokenizer()
@@ -455,36 +453,38 @@ def test_logit_lens_loss_against_hidden_states_by_hand():
              (format_prompt(list(RISKY_HISTORY), 20, True), "1\nBet $20"),
              (format_prompt(list(RISKY_HISTORY)[:2], 30, True), "1, $30\nRound 3: Bet $30, Loss, Balance $0")]
     seqs = encode_transcripts(tok, pairs)
-    used = used_vocabulary(seqs)
+    return seqs, used_vocabulary(seqs)
+
+
+def test_logit_lens_loss_against_hidden_states_by_hand():
+    """The training's logit-lens term (the choice read at the last prompt token from every block but
+    the first and the last, through the final norm and unembedding, full-vocabulary cross-entropy)
+    equals the same computed from transformers' own hidden_states on the untrained model."""
+    from engine.demo.train import train
+
+    seqs, used = _three_transcripts()
     _, curve = train(seqs, used, n_layers=3, d_model=32, steps=1, batch_size=3, lr=1e-3, prompt_weight=0.1, seed=5,
                      lens_weight=2.0, log_every=1)
     model = small_model(3, 32, len(used), 5).train()  # the same initial weights (same seed)
     remap = {t: i for i, t in enumerate(used)}
-    ces = {1: []}
+    ces = []  # block 1 only: 3 blocks, and the lens skips the first and the last
     with torch.no_grad():
         for ids, n_prompt in zip(seqs.ids, seqs.n_prompt):
             x = torch.tensor([[remap[t] for t in ids]])
             hs = model(input_ids=x, output_hidden_states=True).hidden_states  # [embeddings, block 0, ...]
-            for l in (1,):
-                logits = model.lm_head(model.model.norm(hs[l + 1][0, n_prompt - 1])).double()
-                lse = torch.logsumexp(torch.cat([logits, torch.tensor([math.log(FULL_VOCAB - len(used))]).double()]), 0)
-                ces[l].append(float(lse - logits[x[0, n_prompt]]))
-    expected = sum(ces[1]) / len(ces[1])
+            logits = model.lm_head(model.model.norm(hs[2][0, n_prompt - 1])).double()
+            lse = torch.logsumexp(torch.cat([logits, torch.tensor([math.log(FULL_VOCAB - len(used))]).double()]), 0)
+            ces.append(float(lse - logits[x[0, n_prompt]]))
+    expected = sum(ces) / len(ces)
     assert curve[0]["lens_loss"] == pytest.approx(expected, abs=2e-5)
 
 
 def test_training_with_the_logit_lens_is_a_pure_function_of_the_seed():
     """The default plan's training (logit-lens loss, three answer tokens weighted) gives identical
     weights for the same seed and different ones for another; the lens term is logged."""
-    from engine.demo.train import encode_transcripts, train, used_vocabulary
-    from engine.fixtures import load_llama3_tokenizer
+    from engine.demo.train import train
 
-    tok = load_llama3_tokenizer()
-    pairs = [(format_prompt(list(SAFE_HISTORY), 140, False), "2\nStop"),
-             (format_prompt(list(RISKY_HISTORY), 20, True), "1\nBet $20"),
-             (format_prompt(list(RISKY_HISTORY)[:2], 30, True), "1, $30\nRound 3: Bet $30, Loss, Balance $0")]
-    seqs = encode_transcripts(tok, pairs)
-    used = used_vocabulary(seqs)
+    seqs, used = _three_transcripts()
     kw = dict(n_layers=3, d_model=32, steps=4, batch_size=2, lr=1e-3, prompt_weight=0.1, lens_weight=5.0,
               decision_weight=5.0, log_every=1)
     a, curve = train(seqs, used, seed=1, **kw)

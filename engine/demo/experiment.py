@@ -110,21 +110,11 @@ def last_token_codes(model, tok, prompts: list[str], saes: dict, batch_size: int
     """{layer: (n_prompts, d_sae)} SAE codes at each prompt's last token (resid_post)."""
     import torch
 
-    from engine.demo.saes import pad_right
-    from engine.model import forward_resid_post
+    from engine.demo.saes import collect_last_token
 
-    layers = sorted(saes)
-    codes: dict[int, list] = {l: [] for l in layers}
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            ids_list = tok(prompts[start:start + batch_size], add_special_tokens=True)["input_ids"]
-            ids, mask = pad_right(ids_list)
-            last = torch.tensor([len(s) - 1 for s in ids_list])
-            res = forward_resid_post(model, ids, layers, attention_mask=mask)
-            rows = torch.arange(len(ids_list))
-            for l in layers:
-                codes[l].append(saes[l].encode(res[l][rows, last].float()))
-    return {l: torch.cat(v) for l, v in codes.items()}
+    resid = collect_last_token(model, tok, prompts, sorted(saes), batch_size)
+    with torch.no_grad():  # encoded in the same chunks as collected: the same numbers as before
+        return {l: torch.cat([saes[l].encode(chunk) for chunk in x.split(batch_size)]) for l, x in resid.items()}
 
 
 def cohen_d_table(codes: dict, bankrupt, stopped) -> dict:
