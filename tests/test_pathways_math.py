@@ -81,6 +81,20 @@ def test_attribution_equals_replay_exactly_on_a_linear_model(cfg64, fixture_dir)
     assert checked >= 16
 
 
+def _ablate_source(model, pc, resid, nodes, e):
+    """Zero edge e's source feature at its layer and rerun the blocks up to the target's: (target
+    node, target encoder row in float64, resid_post at the target's layer before, after)."""
+    u, v = nodes[e["source"]], nodes[e["target"]]
+    cu, cv = pc.layers[u["layer"]], pc.layers[v["layer"]]
+    uu = int((cu.features == u["feature_id"]).nonzero()[0])
+    uv = int((cv.features == v["feature_id"]).nonzero()[0])
+    h = resid[u["layer"]][0].clone()
+    apply_intervention(h, cu, Intervention(u["layer"], uu, "zero"), pc.T)
+    with torch.no_grad():
+        after = run_blocks(model, h[None], u["layer"] + 1, v["layer"])[0]
+    return v, cv.enc[uv].double(), resid[v["layer"]][0], after
+
+
 def test_exact_edge_weight_equals_a_replay_on_a_linear_model(cfg64):
     """On an affine model the first-order path is exact: w(u -> v) = -sum_p g_v[p] (change of
     pre_v[p] when u is ablated), g_v[p] = v's attribution per unit activation at p."""
@@ -95,16 +109,7 @@ def test_exact_edge_weight_equals_a_replay_on_a_linear_model(cfg64):
     assert len(inner) >= 5
     resid = forward_resid_post(model, pc.ids, range(6))
     for e in inner[:8]:
-        u, v = nodes[e["source"]], nodes[e["target"]]
-        cu, cv = pc.layers[u["layer"]], pc.layers[v["layer"]]
-        uu = int((cu.features == u["feature_id"]).nonzero()[0])
-        uv = int((cv.features == v["feature_id"]).nonzero()[0])
-        h = resid[u["layer"]][0].clone()
-        apply_intervention(h, cu, Intervention(u["layer"], uu, "zero"), pc.T)
-        with torch.no_grad():
-            after = run_blocks(model, h[None], u["layer"] + 1, v["layer"])[0]
-        before = resid[v["layer"]][0]
-        e_v = cv.enc[uv].double()
+        v, e_v, before, after = _ablate_source(model, pc, resid, nodes, e)
         g = [a / x for a, x in zip(v["position_attributions"], v["position_activations"])]
         change = sum(gp * float((after[p] - before[p]).double() @ e_v) for gp, p in zip(g, v["positions"]))
         assert e["weight"] == pytest.approx(-change, rel=1e-8, abs=1e-12)
@@ -249,15 +254,8 @@ def test_approximate_edge_weight_keeps_its_formula(cfg64):
     assert inner
     resid = forward_resid_post(model, pc.ids, range(5))
     for e in inner[:4]:
-        u, v = nodes[e["source"]], nodes[e["target"]]
-        cu, cv = pc.layers[u["layer"]], pc.layers[v["layer"]]
-        uu = int((cu.features == u["feature_id"]).nonzero()[0])
-        uv = int((cv.features == v["feature_id"]).nonzero()[0])
-        h = resid[u["layer"]][0].clone()
-        apply_intervention(h, cu, Intervention(u["layer"], uu, "zero"), pc.T)
-        with torch.no_grad():
-            after = run_blocks(model, h[None], u["layer"] + 1, v["layer"])[0]
-        change = sum(float((after[p] - resid[v["layer"]][0][p]).double() @ cv.enc[uv].double()) for p in v["positions"])
+        v, e_v, before, after = _ablate_source(model, pc, resid, nodes, e)
+        change = sum(float((after[p] - before[p]).double() @ e_v) for p in v["positions"])
         assert e["raw"] == pytest.approx(-change, rel=1e-8, abs=1e-10)
         assert e["weight"] == pytest.approx(e["raw"] * v["attribution"] / v["activation"], rel=1e-12)
 
