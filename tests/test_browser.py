@@ -285,17 +285,23 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synthetic_site(tmp_path_factory):
+@contextmanager
+def synthetic_app(root: Path):
+    """The explorer on a small synthetic cache built in `root`: (url, cache folder, cache info)."""
     _need_browser()
     from cache_factory import make_cache
     from engine.config import load_config
 
-    root = tmp_path_factory.mktemp("browser")
     config = root / "config.yaml"
     config.write_text("cache_dir: cache\n")
     info = make_cache(root / "cache", "small", seed=0, cfg=load_config(config))
     with streamlit_app(config, root / "cache", root) as url:
+        yield url, root / "cache", info
+
+
+@pytest.fixture(scope="module")
+def synthetic_site(tmp_path_factory):
+    with synthetic_app(tmp_path_factory.mktemp("browser")) as (url, _, info):
         yield url, info
 
 

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from test_browser import CHROMIUM, _need_browser, click_table_row, graph_title, shot, streamlit_app, wait_app
+from test_browser import CHROMIUM, click_table_row, graph_title, shot, synthetic_app, wait_app
 
 pytestmark = pytest.mark.browser
 
@@ -95,16 +95,8 @@ def wait_href(page, pattern: str, present: bool = True, timeout: float = 30_000)
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    _need_browser()
-    from cache_factory import make_cache
-    from engine.config import load_config
-
-    root = tmp_path_factory.mktemp("browser_graph")
-    config = root / "config.yaml"
-    config.write_text("cache_dir: cache\n")
-    info = make_cache(root / "cache", "small", seed=0, cfg=load_config(config))
-    with streamlit_app(config, root / "cache", root) as url:
-        yield url, root / "cache", info
+    with synthetic_app(tmp_path_factory.mktemp("browser_graph")) as found:
+        yield found
 
 
 @pytest.fixture

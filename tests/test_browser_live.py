@@ -96,6 +96,14 @@ def test_upstream_node_card_shows_its_meaning(live_site):
         shot(page, "live_node_card", docs=False)
 
 
+def set_number(page, label: str, value: int) -> None:
+    """Type a value into the number input with this label and let the app rerun."""
+    box = page.get_by_test_id("stNumberInput").filter(has_text=label).locator("input")
+    box.fill(str(value))
+    box.press("Enter")
+    wait_app(page)
+
+
 def test_intervention_runs_saves_and_cancels(live_site):
     from playwright.sync_api import expect
 
@@ -107,14 +115,8 @@ def test_intervention_runs_saves_and_cancels(live_site):
         wait_app(page)
         page.get_by_role("radiogroup", name="Prompts").get_by_text("safe", exact=True).click()
         wait_app(page)
-        n_box = page.get_by_test_id("stNumberInput").filter(has_text="Decisions per prompt").locator("input")
-        n_box.fill("3")
-        n_box.press("Enter")
-        wait_app(page)
-        t_box = page.get_by_test_id("stNumberInput").filter(has_text="Tokens per reply").locator("input")
-        t_box.fill("6")
-        t_box.press("Enter")
-        wait_app(page)
+        set_number(page, "Decisions per prompt", 3)
+        set_number(page, "Tokens per reply", 6)
         page.get_by_role("button", name="Run intervention").click()
         expect(page.get_by_role("button", name="Cancel")).to_be_visible(timeout=30_000)
         expect(page.get_by_test_id("stProgress")).to_be_visible()
@@ -137,10 +139,7 @@ def test_intervention_runs_saves_and_cancels(live_site):
         assert json.loads((cache / "interventions" / f"{job.name}.json").read_text()) == result
         assert base["n"] == 3 and base["valid"] + base["invalid"] == 3
         # a long run, cancelled: the page says so and the job is recorded as cancelled
-        n_box = page.get_by_test_id("stNumberInput").filter(has_text="Decisions per prompt").locator("input")
-        n_box.fill("400")
-        n_box.press("Enter")
-        wait_app(page)
+        set_number(page, "Decisions per prompt", 400)
         page.get_by_role("button", name="Run intervention").click()
         expect(page.get_by_role("button", name="Cancel")).to_be_visible(timeout=30_000)
         page.get_by_role("button", name="Cancel").click()

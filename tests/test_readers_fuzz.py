@@ -298,28 +298,34 @@ def _damage_bytes(raw: bytes, data) -> bytes:
             "deep": lambda: b'{"schema_version": 1, "prompts": ' + b"[" * 5000 + b"]" * 5000 + b"}"}[kind]()
 
 
+def _copy_with_one_damaged(small_cache, tmp_path_factory, folder: str, bad: str, good: str, data) -> Path:
+    """A new cache holding two features' files of `folder`, `bad`'s mutated as JSON or damaged as bytes."""
+    import shutil
+
+    cache = tmp_path_factory.mktemp("x") / "cache"
+    (cache / folder).mkdir(parents=True)
+    for f in (bad, good):
+        shutil.copy(small_cache.cache / folder / f"{f}.json", cache / folder / f"{f}.json")
+    path = cache / folder / f"{bad}.json"
+    if data.draw(st.booleans()):
+        path.write_text(json.dumps(_mutate(json.loads(path.read_text()), data)))
+    else:
+        path.write_bytes(_damage_bytes(path.read_bytes(), data))
+    return cache
+
+
 @fuzz(20)
 @given(data=st.data())
 def test_explorer_pathway_file_any_damage(small_cache, tmp_path_factory, data):
     """A damaged pathway file gives a CacheProblem naming it (or draws, if the damage is harmless);
     the other features' pathways still load."""
-    import shutil
-
     from explorer import data as xdata
     from explorer import views
     from explorer.context import build_context
 
     feats = small_cache.info["pathway_features"]
     bad, good = feats[0], feats[1]
-    cache = tmp_path_factory.mktemp("x") / "cache"
-    (cache / "pathways").mkdir(parents=True)
-    for f in (bad, good):
-        shutil.copy(small_cache.cache / "pathways" / f"{f}.json", cache / "pathways" / f"{f}.json")
-    path = cache / "pathways" / f"{bad}.json"
-    if data.draw(st.booleans()):
-        path.write_text(json.dumps(_mutate(json.loads(path.read_text()), data)))
-    else:
-        path.write_bytes(_damage_bytes(path.read_bytes(), data))
+    cache = _copy_with_one_damaged(small_cache, tmp_path_factory, "pathways", bad, good, data)
     ctx = build_context(str(small_cache.config), str(cache))
     for mode in ("safe", "difference"):
         try:
@@ -335,8 +341,6 @@ def test_explorer_pathway_file_any_damage(small_cache, tmp_path_factory, data):
 @given(data=st.data())
 def test_explorer_token_file_any_damage(small_cache, tmp_path_factory, data):
     """A damaged token file gives a CacheProblem naming it, or values the page's helpers can render."""
-    import shutil
-
     from explorer import data as xdata
     from explorer import figures, views
     from explorer.context import build_context
@@ -345,15 +349,7 @@ def test_explorer_token_file_any_damage(small_cache, tmp_path_factory, data):
     feats = small_cache.info["token_features"] if "token_features" in small_cache.info else \
         [p.stem for p in sorted((small_cache.cache / "tokens").glob("L*-*.json"))]
     bad, good = feats[0], feats[1]
-    cache = tmp_path_factory.mktemp("x") / "cache"
-    (cache / "tokens").mkdir(parents=True)
-    for f in (bad, good):
-        shutil.copy(small_cache.cache / "tokens" / f"{f}.json", cache / "tokens" / f"{f}.json")
-    path = cache / "tokens" / f"{bad}.json"
-    if data.draw(st.booleans()):
-        path.write_text(json.dumps(_mutate(json.loads(path.read_text()), data)))
-    else:
-        path.write_bytes(_damage_bytes(path.read_bytes(), data))
+    cache = _copy_with_one_damaged(small_cache, tmp_path_factory, "tokens", bad, good, data)
     ctx = build_context(str(small_cache.config), str(cache))
     try:
         tok = xdata.tokens(ctx, bad)
