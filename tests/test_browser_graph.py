@@ -262,6 +262,9 @@ def test_the_address_reproduces_the_view_in_a_fresh_browser(site, browser):
     page.go_back()
     wait_href(page, r"node=", present=False)
     wait_app(page)
+    # the rerun after Back may redraw the graph a moment after the app reports idle
+    page.wait_for_function(f"() => {{ try {{ return ({JS_GRAPH})().selected === 0; }} catch (e) {{ return false; }} }}",
+                           timeout=30_000)
     assert page.evaluate(JS_GRAPH)["selected"] == 0
 
 
