@@ -8,6 +8,11 @@
         Experiment 2's sampling before (1 thread, every row prefilled, finished rows kept) against
         today's (2 threads, the shared prompt prefilled once, finished rows dropped) on the demo
         model in CACHE/demo/model, alternated, as a ratio;
+    python scripts/bench_demo.py plan CACHE [--rounds 2]
+        the power plan of Experiment 1 (predicted stop rates of every pool feature, then the plan)
+        before (every row's whole prompt run; the binomial pmfs recomputed for every test) against
+        today's (the prompt's shared cache, one last-token row each; the pmfs cached), on the demo
+        in CACHE, alternated, as a ratio, with the outputs compared;
     python scripts/bench_demo.py stages DIR [DIR ...]
         the stage times (train, SAEs, experiments, pipeline) of finished demo builds, from their
         DEMO.json.
@@ -172,6 +177,89 @@ ways under greedy decoding, patched rows included.
     write_section("### Demo sampling (Experiment 2)", text, parent=HEADING)
 
 
+def bench_plan(cache: str, rounds: int) -> dict:
+    import glob
+
+    import torch
+
+    from engine.demo import plan_for
+    from engine.demo import power as pw
+    from engine.demo.stages import State
+
+    root = Path(cache) / "demo"
+    marker = json.loads((root.parent / "DEMO.json").read_text())
+    state = State(cache=root.parent, root=root, plan=plan_for(marker["minutes"]), seed=marker["seed"], log=print)
+    model, tok, saes = state.model(), state.tokenizer(), state.saes()
+    feats = json.loads(Path(sorted(glob.glob(str(root / "data" / "experiment_1" / "L*_features_demo_*.json")))[-1]).read_text())
+    pool = {int(l): r["significant_features"][: state.plan.pool_per_layer] for l, r in feats["layer_results"].items()}
+    budget = state.plan.exp2_answers
+    torch.set_num_threads(state.plan.torch_threads)
+    cached_pmf = pw._pmf
+
+    def uncached_pmf(n, p):
+        import numpy as np
+        from scipy.stats import binom
+
+        return binom.pmf(np.arange(n + 1), n, p)
+
+    variants = {"before (whole prompt per row; pmfs recomputed)": (False, uncached_pmf),
+                "today (shared prefix cache; pmfs cached)": (True, cached_pmf)}
+    times = {k: {"predict": [], "plan": []} for k in variants}
+    out = {}
+    for _ in range(rounds):
+        for name, (share, pmf) in variants.items():
+            pw._PMFS.clear()
+            t0 = time.perf_counter()
+            pred = pw.predicted_stop_rates(model, tok, saes, pool, share_prefix=share)
+            t1 = time.perf_counter()
+            pw._pmf = pmf
+            try:
+                plan = pw.plan_trials(pred, budget)
+            finally:
+                pw._pmf = cached_pmf
+            t2 = time.perf_counter()
+            times[name]["predict"].append(t1 - t0)
+            times[name]["plan"].append(t2 - t1)
+            out[name] = (pred, plan)
+    (pa, la), (pb, lb) = out.values()
+    diff = max(abs(pa["features"][f][k] - pb["features"][f][k]) for f in pa["features"] for k in pa["features"][f])
+    med = {k: {s: statistics.median(v) for s, v in t.items()} for k, t in times.items()}
+    names = list(variants)
+    total = {k: v["predict"] + v["plan"] for k, v in med.items()}
+    return {"cache": cache, "pool": len(pa["features"]), "budget": budget, "rounds": rounds, "median_s": med,
+            "max_abs_prediction_difference": diff, "same_plan": (la.n_trials, la.features) == (lb.n_trials, lb.features),
+            "expected": [la.expected_survivors, lb.expected_survivors], "speedup": total[names[0]] / total[names[1]],
+            "speedup_predict": med[names[0]]["predict"] / med[names[1]]["predict"],
+            "speedup_plan": med[names[0]]["plan"] / med[names[1]]["plan"]}
+
+
+def write_plan(res: dict, command: str) -> None:
+    from benchmarks.doc import write_section
+
+    rows = "\n".join(f"| {k} | {v['predict']:.2f} | {v['plan']:.2f} | {v['predict'] + v['plan']:.2f} |"
+                     for k, v in res["median_s"].items())
+    text = f"""### Demo power plan (Experiment 1)
+
+Command: `{command}`. Machine: {_machine()}.
+The power plan of the demo in `{res['cache']}`: predicted stop rates of its {res['pool']} pool features
+(4 patched conditions and 2 baselines), then the plan for {res['budget']:,} answers; {res['rounds']}
+rounds alternating the variants, median seconds:
+
+| variant | predict | plan | total |
+|---|---|---|---|
+{rows}
+
+Today's is **{res['speedup']:.1f}x** as fast (predictions {res['speedup_predict']:.1f}x, plan
+{res['speedup_plan']:.1f}x). The patch acts at the last token only, so the prompt's first T-1 tokens
+run once and each row runs the last token on their cache; the plan asks for the same binomial
+distributions under many BH thresholds, so they are computed once. The predictions differ by at most
+{res['max_abs_prediction_difference']:.1g} (float rounding) and the plans are {'the same' if res['same_plan'] else 'NOT the same'}
+(expected survivors {res['expected'][0]:.2f} / {res['expected'][1]:.2f});
+`tests/test_demo_parts.py` checks the predictions against a full patched forward.
+"""
+    write_section("### Demo power plan (Experiment 1)", text, parent=HEADING)
+
+
 def write_stages(dirs: list[str], command: str) -> None:
     from benchmarks.doc import write_section
 
@@ -211,6 +299,9 @@ def main() -> int:
     sm.add_argument("cache")
     sm.add_argument("--rows", type=int, default=900)
     sm.add_argument("--rounds", type=int, default=2)
+    pl = sub.add_parser("plan")
+    pl.add_argument("cache")
+    pl.add_argument("--rounds", type=int, default=2)
     s = sub.add_parser("stages")
     s.add_argument("dirs", nargs="+")
     args = ap.parse_args()
@@ -223,6 +314,10 @@ def main() -> int:
         res = bench_sample(args.cache, args.rows, args.rounds)
         print(json.dumps(res, indent=1))
         write_sample(res, command)
+    elif args.what == "plan":
+        res = bench_plan(args.cache, args.rounds)
+        print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str))
+        write_plan(res, command)
     else:
         write_stages(args.dirs, command)
     return 0

@@ -419,6 +419,66 @@ def test_generation_shortcuts_change_nothing():
     assert len({len(t) for t in alone}) > 1  # rows finished at different steps
 
 
+def test_predicted_stop_rates_equal_a_full_patched_forward():
+    """The power plan's predictions run only the last token on the prompt's shared cache; a plain
+    full forward with the patch on the last token's resid_post (hooked by hand), followed by the
+    study's decoding filters, gives the same probability of "2" among {"1", "2"}."""
+    from engine.demo.power import predicted_stop_rates
+    from engine.game import risky_prompt, safe_prompt
+    from engine.sae import build_sae
+
+    model, tok = _tiny_trained_like_model()
+    g = torch.Generator().manual_seed(2)
+    d, m = 32, 24
+    with torch.no_grad():  # "1" and "2" at the top of the safe prompt's logits, 1.5 nats apart on average
+        ids = torch.tensor([tok(safe_prompt(), add_special_tokens=True)["input_ids"]])
+        h = model.model.norm(model.model(input_ids=ids).last_hidden_state[0, -1])
+        W = model.lm_head.weight
+        top = float((W @ h).max())
+        one, two = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
+        W[one] = h * (top + 2) / (h @ h)
+        W[two] = W[one] + torch.randn(d, generator=g) * 1.5 / h.norm()
+    sae = build_sae(torch.randn(m, d, generator=g), torch.zeros(m), torch.randn(d, m, generator=g), torch.zeros(d),
+                    {"dataset_average_activation_norm": {"in": 5.0}}, layer=1, convention="study")
+    feats = [{"feature_idx": 3, "safe_mean": 6.0, "bankrupt_mean": 0.0},
+             {"feature_idx": 9, "safe_mean": 0.5, "bankrupt_mean": 25.0}]
+    pred = predicted_stop_rates(model, tok, {1: sae}, {1: feats})
+
+    def by_hand(text, feature=None, value=None):
+        ids = torch.tensor([tok(text, add_special_tokens=True)["input_ids"]])
+        hook = None
+        if feature is not None:
+            edit = patch_editor(sae, [feature], [value])
+
+            def fn(module, inputs, output):
+                h = (output[0] if isinstance(output, tuple) else output).clone()
+                h[:, -1] = edit(h[:, -1])
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            hook = model.model.layers[1].register_forward_hook(fn)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+        finally:
+            if hook is not None:
+                hook.remove()
+        idx, probs = filtered_probs(logits)  # over the full vocabulary: idx are token ids
+        p1, p2 = (float((probs * (idx == tok.convert_tokens_to_ids(t))).sum()) for t in ("1", "2"))
+        return p2 / max(p1 + p2, 1e-12)
+
+    prompts = {"safe": safe_prompt(), "risky": risky_prompt()}
+    for name, text in prompts.items():
+        assert pred["baseline"][name] == pytest.approx(by_hand(text), abs=1e-4)
+    seen = set()
+    for f in feats:
+        for name, text in prompts.items():
+            for patch, key in (("safe", "safe_mean"), ("risky", "bankrupt_mean")):
+                got = pred["features"][f"L1-{f['feature_idx']}"][(name, patch)]
+                assert got == pytest.approx(by_hand(text, f["feature_idx"], f[key]), abs=1e-4)
+                seen.add(round(got, 3))
+    assert len(seen) > 2 and any(0.05 < v < 0.95 for v in seen)  # the patches move it, off the 0/1 edges
+
+
 def test_training_without_a_padding_mask_is_exact_for_right_padding():
     """Training runs the right-padded batch without an attention mask (causal attention already
     hides the pads from every real token): the logits of real tokens equal the masked run's."""

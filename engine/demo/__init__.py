@@ -64,6 +64,7 @@ class DemoPlan:
     decision_weight: float = 5.0
     lens_weight: float = 5.0  # logit-lens loss on the choice at blocks 1..n-2 (train.py): every tested
     # layer then holds the decision at the last prompt token, and single features there move it
+    answer_head: int = 5  # with the lens: the answer's first tokens weighted as the choice (train.py)
     sae_sequences: int = 600
     sae_steps: int = 1500
     sae_batch: int = 1024
@@ -101,15 +102,26 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         train_games=int(min(3000, 1200 + 180 * m)),
         train_steps=int(round(220 + 28 * m)),
         lr=6e-3 if m < 5 else 5e-3,
-        # the logit-lens loss needs the longer training: at 248 steps (--minutes 1) it cost the
-        # model its answer format on the risky prompt (0.74 valid), so the short plans go without
-        lens_weight=5.0 if m >= 6 else 0.0,
+        # the logit-lens loss needs some training: at 248 steps (--minutes 1, 4 layers) it cost the
+        # model its answer format on the risky prompt (0.74 valid), so that plan goes without
+        lens_weight=5.0 if m >= 2 else 0.0,
+        # with the lens every tested layer holds about three decision features (docs/demo.md), so these
+        # plans trade width for depth: 8 layers of d_model 32 train faster than 4 of 64
+        n_layers=8 if m >= 2 else 4,
+        d_model=32 if m >= 2 else 64,
+        d_sae=256 if m >= 2 else 512,
+        # a shorter training needs more of the answer weighted to keep it coherent: at 276 steps
+        # (--minutes 2), 0.84 of the risky prompt's answers were valid with 5 tokens, 0.89 with 8; at
+        # 332 (--minutes 4), 0.84 with 5 but 0.69 with 8 (seed 0; docs/demo.md)
+        answer_head=8 if m < 4 else 5,
         sae_sequences=int(min(600, 100 + 50 * m)),
         sae_steps=int(round(120 + 138 * m)),
         sae_batch=512 if m < 5 else 1024,
-        exp1_games=int(min(600, 200 + 20 * m)),
-        exp2_answers=int(min(10800, 1800 * m + 1800)),  # the default model's expected BH survivors: 5.2 at
-        # 10,800 answers, 6.1 at 19,800 (docs/demo.md); the cap keeps the default build within 5 minutes
+        exp1_games=int(min(600, 200 + 20 * m)) if m < 2 else int(min(800, 400 + 100 * m)),  # a larger pool
+        # for the deeper model
+        # the default model's expected BH survivors: 15.4 at 10,800 answers, 17.4 at 14,400, 19.2 at 19,800
+        # (docs/demo.md); the cap keeps the build within 5 minutes
+        exp2_answers=int(min(19800, 1800 * m + 1800)) if m < 2 else int(min(19800, 2700 * m + 3600)),
         rate_trials=int(min(200, 80 + 12 * m)),
     )
     return DemoPlan(**{**asdict(plan), **overrides}) if overrides else plan

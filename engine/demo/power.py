@@ -31,9 +31,14 @@ N_GRID = (20, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300)
 PATCHED = (("safe", "safe"), ("safe", "risky"), ("risky", "safe"), ("risky", "risky"))  # (prompt, patch)
 
 
-def predicted_stop_rates(model, tok, saes: dict, candidates: dict[int, list[dict]], batch_rows: int = 256) -> dict:
+def predicted_stop_rates(model, tok, saes: dict, candidates: dict[int, list[dict]], batch_rows: int = 256,
+                         share_prefix: bool = True) -> dict:
     """{"baseline": {prompt: p}, "features": {name: {(prompt, patch): p}}}: the exact probability of
-    answering "2" among {"1", "2"} as first token, after the study's decoding filters."""
+    answering "2" among {"1", "2"} as first token, after the study's decoding filters.
+
+    `share_prefix=False` runs every row's whole prompt (the slower path, kept for the benchmark)."""
+    import copy
+
     import torch
 
     from engine.demo.experiment import patch_editor
@@ -53,8 +58,25 @@ def predicted_stop_rates(model, tok, saes: dict, candidates: dict[int, list[dict
             p[t] = (probs * (idx == c)).sum(-1)
         return p[STOP_TOKEN] / (p[STOP_TOKEN] + p[BET_TOKEN]).clamp_min(1e-12)
 
-    def run(prompt_ids, layer, sae, fids, values):
-        ids = torch.tensor([prompt_ids] * len(fids))
+    # The patch acts at the last token only, so every row shares the prompt's first T-1 tokens: their
+    # cache is computed once per prompt, and each row runs the last token alone (the same function
+    # as a full forward; tests/test_demo_parts.py compares the two)
+    prefixes = {}
+    if share_prefix:
+        for name, ids in prompts.items():
+            with torch.no_grad():
+                prefixes[name] = model.model(input_ids=torch.tensor([ids[:-1]]), use_cache=True).cache
+
+    def run(pname, layer, sae, fids, values):
+        ids = prompts[pname]
+        B = len(fids)
+        if share_prefix:
+            cache = copy.deepcopy(prefixes[pname])
+            cache.batch_repeat_interleave(B)
+            kw = {"input_ids": torch.tensor([[ids[-1]]] * B), "position_ids": torch.full((B, 1), len(ids) - 1),
+                  "cache": cache, "use_cache": True}
+        else:
+            kw = {"input_ids": torch.tensor([ids] * B), "use_cache": False}
         edit = patch_editor(sae, fids, values) if sae is not None else None
 
         def _edit(l, h):
@@ -64,13 +86,13 @@ def predicted_stop_rates(model, tok, saes: dict, candidates: dict[int, list[dict
 
         with torch.no_grad():
             if edit is None:
-                h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
+                h = model.model(**kw).last_hidden_state[:, -1]
             else:
                 with capture_resid_post(model, [layer], detach=True, stop_after_last=False, edit=_edit):
-                    h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
+                    h = model.model(**kw).last_hidden_state[:, -1]
         return stop_prob(h)
 
-    base = {name: float(run(ids, None, None, [0], [0.0])[0]) for name, ids in prompts.items()}
+    base = {name: float(run(name, None, None, [0], [0.0])[0]) for name in prompts}
     feats: dict[str, dict] = {}
     for layer, fl in sorted(candidates.items()):
         if not fl:
@@ -79,8 +101,8 @@ def predicted_stop_rates(model, tok, saes: dict, candidates: dict[int, list[dict
             chunk = fl[start:start + max(1, batch_rows // 2)]
             fids = [f["feature_idx"] for f in chunk for _ in (0, 1)]
             vals = [f[key] for f in chunk for key in ("safe_mean", "bankrupt_mean")]
-            for pname, ids in prompts.items():
-                p = run(ids, layer, saes[layer], fids, vals).tolist()
+            for pname in prompts:
+                p = run(pname, layer, saes[layer], fids, vals).tolist()
                 for i, f in enumerate(chunk):
                     rec = feats.setdefault(f"L{layer}-{f['feature_idx']}", {})
                     rec[(pname, "safe")] = p[2 * i]
@@ -112,13 +134,28 @@ def _pvalue_grid(n: int):
 def test_power(p_patched: float, p_base: float, n: int, alpha_t: float, min_effect: float) -> float:
     """P(p-value <= alpha_t and |k1/n - k0/n| >= min_effect) for k1 ~ Bin(n, p_patched), k0 ~ Bin(n, p_base)."""
     import numpy as np
-    from scipy.stats import binom
 
     grid = _pvalue_grid(n)
     k = np.arange(n + 1)
     delta = np.abs(k[:, None] - k[None, :]) / n
     ok = (grid <= alpha_t) & (delta >= min_effect - 1e-12)
-    return float(binom.pmf(k, n, p_patched) @ ok.astype(float) @ binom.pmf(k, n, p_base))
+    return float(_pmf(n, p_patched) @ ok.astype(float) @ _pmf(n, p_base))
+
+
+_PMFS: dict[tuple[int, float], object] = {}
+
+
+def _pmf(n: int, p: float):
+    """Bin(k; n, p) for k = 0..n, cached: the plan asks for the same (n, p) under many thresholds."""
+    key = (n, float(p))
+    if key not in _PMFS:
+        import numpy as np
+        from scipy.stats import binom
+
+        if len(_PMFS) > 100_000:
+            _PMFS.clear()
+        _PMFS[key] = binom.pmf(np.arange(n + 1), n, p)
+    return _PMFS[key]
 
 
 @dataclass

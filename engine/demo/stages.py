@@ -97,7 +97,8 @@ def stage_train(state: State) -> dict:
         small, curve = tr.train(seqs, used, n_layers=p.n_layers, d_model=p.d_model, steps=p.train_steps,
                                 batch_size=p.batch_size, lr=p.lr, prompt_weight=p.prompt_weight, seed=state.seed,
                                 eval_seqs=held, numbers=tr.number_values(tok, used), decision_weight=p.decision_weight,
-                                lens_weight=p.lens_weight, log_every=max(1, p.train_steps // 40), progress=bar)
+                                lens_weight=p.lens_weight, answer_head=p.answer_head,
+                                log_every=max(1, p.train_steps // 40), progress=bar)
     model = tr.expand_to_full_vocab(small, used, state.seed)
     model.requires_grad_(False)
     out = state.root / MODEL_DIR

@@ -74,8 +74,9 @@ def _batch(seqs: Sequences, idx: list[int], remap, prompt_weight: float, decisio
         mask[row, : len(s)] = 1
         w[row, 1 : seqs.n_prompt[i]] = prompt_weight  # predicting prompt tokens (not BOS)
         w[row, seqs.n_prompt[i] : len(s)] = 1.0  # predicting response tokens and EOS
-        # the choice ("1" or "2"), and with head=3 the next two tokens (the newline, "Bet"/"Stop"): under
-        # the logit-lens loss the answer must be taught to follow the choice it sampled
+        # the choice ("1" or "2"), and with head > 1 the next tokens, up to where a bet's words part from a
+        # stop's ("1\nI'll" / "2\nI stop"): under the logit-lens loss the answer must be taught to follow
+        # the choice it sampled
         w[row, seqs.n_prompt[i] : min(len(s), seqs.n_prompt[i] + head)] = decision_weight
     return x, mask, w
 
@@ -118,22 +119,27 @@ def init_number_embeddings(model, values: dict[int, int], seed: int, scale: floa
         emb[rows] += scale * emb[rows].norm(dim=-1, keepdim=True) * mag[:, None] * u
 
 
+ANSWER_HEAD = 5  # the choice and the next 4 answer tokens ("1", "\n", "I", "'ll" / " stop"): where a bet and a stop part
+
+
 def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, steps: int, batch_size: int,
           lr: float, prompt_weight: float, seed: int, eval_seqs: Sequences | None = None,
           numbers: dict[int, int] | None = None, decision_weight: float = 1.0, log_every: int = 10,
-          lens_weight: float = 0.0, progress=None) -> tuple[object, list[dict]]:
+          lens_weight: float = 0.0, answer_head: int = ANSWER_HEAD, progress=None) -> tuple[object, list[dict]]:
     """Train the small-vocabulary model; returns (model, loss curve records).
 
     `lens_weight` > 0 adds, for every block but the first and the last (the last is the model's own
     output; the study never tests the first), the cross-entropy of the choice token read
     from that block's resid_post at the last prompt token through the model's own final norm and
-    unembedding (the logit lens), so every layer holds the decision at that token."""
+    unembedding (the logit lens), so every layer holds the decision at that token. With it, the
+    answer's first `answer_head` tokens weigh as much as the choice, so that the answer follows the
+    choice it sampled."""
     import torch
 
     from engine.model import capture_resid_post
 
     torch.manual_seed(seed)
-    head = 3 if lens_weight > 0 else 1  # answer tokens weighted as the choice (_batch)
+    head = answer_head if lens_weight > 0 else 1  # answer tokens weighted as the choice (_batch)
     V = len(used)
     remap = torch.full((FULL_VOCAB,), -1, dtype=torch.long)
     remap[torch.tensor(used)] = torch.arange(V)
