@@ -187,7 +187,9 @@ def bench_plan(cache: str, rounds: int) -> dict:
     from engine.demo.stages import State
 
     root = Path(cache) / "demo"
-    marker = json.loads((root.parent / "DEMO.json").read_text())
+    from engine.schema import DEMO_MARKER
+
+    marker = json.loads((Path(cache) / DEMO_MARKER).read_text())
     state = State(cache=root.parent, root=root, plan=plan_for(marker["minutes"]), seed=marker["seed"], log=print)
     model, tok, saes = state.model(), state.tokenizer(), state.saes()
     feats = json.loads(Path(sorted(glob.glob(str(root / "data" / "experiment_1" / "L*_features_demo_*.json")))[-1]).read_text())
