@@ -117,8 +117,8 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         sae_sequences=int(min(600, 100 + 50 * m)),
         sae_steps=int(round(120 + 138 * m)),
         sae_batch=512 if m < 5 else 1024,
-        exp1_games=int(min(600, 200 + 20 * m)) if m < 2 else int(min(800, 400 + 100 * m)),  # a larger pool
-        # for the deeper model
+        # the deeper model gets a larger Experiment-1 pool
+        exp1_games=int(min(600, 200 + 20 * m)) if m < 2 else int(min(800, 400 + 100 * m)),
         # the default model's expected BH survivors: 15.4 at 10,800 answers, 17.4 at 14,400, 19.2 at 19,800
         # (docs/demo.md); the cap keeps the build within 5 minutes
         exp2_answers=int(min(19800, 1800 * m + 1800)) if m < 2 else int(min(19800, 2700 * m + 3600)),
