@@ -185,10 +185,9 @@ def bench_plan(cache: str, rounds: int) -> dict:
     from engine.demo import plan_for
     from engine.demo import power as pw
     from engine.demo.stages import State
-
-    root = Path(cache) / "demo"
     from engine.schema import DEMO_MARKER
 
+    root = Path(cache) / "demo"
     marker = json.loads((Path(cache) / DEMO_MARKER).read_text())
     state = State(cache=root.parent, root=root, plan=plan_for(marker["minutes"]), seed=marker["seed"], log=print)
     model, tok, saes = state.model(), state.tokenizer(), state.saes()
@@ -197,20 +196,13 @@ def bench_plan(cache: str, rounds: int) -> dict:
     budget = state.plan.exp2_answers
     torch.set_num_threads(state.plan.torch_threads)
     cached_pmf = pw._pmf
-
-    def uncached_pmf(n, p):
-        import numpy as np
-        from scipy.stats import binom
-
-        return binom.pmf(np.arange(n + 1), n, p)
-
-    variants = {"before (whole prompt per row; pmfs recomputed)": (False, uncached_pmf),
+    variants = {"before (whole prompt per row; pmfs recomputed)": (False, cached_pmf.__wrapped__),
                 "today (shared prefix cache; pmfs cached)": (True, cached_pmf)}
     times = {k: {"predict": [], "plan": []} for k in variants}
     out = {}
     for _ in range(rounds):
         for name, (share, pmf) in variants.items():
-            pw._PMFS.clear()
+            cached_pmf.cache_clear()
             t0 = time.perf_counter()
             pred = pw.predicted_stop_rates(model, tok, saes, pool, share_prefix=share)
             t1 = time.perf_counter()
@@ -308,6 +300,14 @@ def main() -> int:
     s.add_argument("dirs", nargs="+")
     args = ap.parse_args()
     command = "python scripts/bench_demo.py " + " ".join(sys.argv[1:])
+    if args.what in ("sample", "plan"):
+        from engine.demo import is_demo_complete
+        from engine.schema import DEMO_MARKER
+
+        if not is_demo_complete(Path(args.cache)):
+            print(f"bench_demo: {args.cache} holds no finished demo ({Path(args.cache) / DEMO_MARKER} missing or "
+                  f"incomplete); build one with `python -m engine demo --out {args.cache}`", file=sys.stderr)
+            return 2
     if args.what == "train":
         res = bench_train(args.steps, args.rounds)
         print(json.dumps(res, indent=1))

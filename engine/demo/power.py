@@ -23,6 +23,7 @@ decides where the budget goes, never the verdict, so the tests keep their level.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 STOP_TOKEN = "2"
@@ -142,20 +143,13 @@ def test_power(p_patched: float, p_base: float, n: int, alpha_t: float, min_effe
     return float(_pmf(n, p_patched) @ ok.astype(float) @ _pmf(n, p_base))
 
 
-_PMFS: dict[tuple[int, float], object] = {}
-
-
+@functools.lru_cache(maxsize=100_000)
 def _pmf(n: int, p: float):
     """Bin(k; n, p) for k = 0..n, cached: the plan asks for the same (n, p) under many thresholds."""
-    key = (n, float(p))
-    if key not in _PMFS:
-        import numpy as np
-        from scipy.stats import binom
+    import numpy as np
+    from scipy.stats import binom
 
-        if len(_PMFS) > 100_000:
-            _PMFS.clear()
-        _PMFS[key] = binom.pmf(np.arange(n + 1), n, p)
-    return _PMFS[key]
+    return binom.pmf(np.arange(n + 1), n, p)
 
 
 @dataclass

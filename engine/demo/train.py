@@ -160,6 +160,7 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
     eval_batch = None
     if eval_seqs is not None and eval_seqs.ids:
         eval_batch = _batch(eval_seqs, list(range(len(eval_seqs.ids))), remap, prompt_weight, decision_weight, head)
+    lens_layers = list(range(1, n_layers - 1)) if lens_weight > 0 else []  # the blocks the study tests
     attn = model.config._attn_implementation
     model.config._attn_implementation = "sdpa"  # fused attention for training; same function as eager
     for step in range(steps):
@@ -175,7 +176,6 @@ def train(seqs: Sequences, used: list[int], *, n_layers: int, d_model: int, step
             g["lr"] = lr_at(step)
         # right padding under a causal mask: no real token sees a pad, so no padding mask is
         # needed (the pads' loss weight is 0), and attention takes its faster causal path
-        lens_layers = list(range(1, n_layers - 1)) if lens_weight > 0 else []  # the blocks the study tests
         with capture_resid_post(model, lens_layers, detach=False, stop_after_last=False) as cap:
             logits = model(input_ids=x, use_cache=False).logits
         loss, nll = full_vocab_loss(logits[:, :-1], x[:, 1:], w[:, 1:], n_unused)
