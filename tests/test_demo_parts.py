@@ -406,6 +406,18 @@ def test_generation_shortcuts_change_nothing():
                     drop_finished=False, **kw)
     assert shared.token_ids == plain.token_ids == kept.token_ids
     assert len(set(map(tuple, shared.token_ids))) > 1  # the patches change the answers
+    # two prompts of different lengths mixed in one batch, as Experiment 2 runs its conditions: each
+    # prompt's left-padded prefix is shared by its rows
+    other = tok(format_prompt(list(RISKY_HISTORY), 20, True), add_special_tokens=True)["input_ids"]
+    assert len(other) != len(prompt)
+    mixed = [prompt, other, other, prompt, other, prompt]
+    shared = generate(model, tok, mixed, generator=torch.Generator().manual_seed(0), **kw)
+    plain = generate(model, tok, mixed, generator=torch.Generator().manual_seed(0), share_prefix=False, **kw)
+    alone = [generate(model, tok, [p], generator=torch.Generator().manual_seed(0), share_prefix=False,
+                      **{**kw, "edit": patch_editor(sae, [f], [v])}).token_ids[0]
+             for p, f, v in zip(mixed, [3, 3, 3, 5, 5, 7], values)]
+    assert shared.token_ids == plain.token_ids == alone
+    assert len(set(map(tuple, shared.token_ids))) > 1
     # rows of different prompts, each decoded alone (nothing to drop) and all in one batch
     games = [format_prompt([Round(10, i % 2 == 0, 100 + 10 * i)] * 3, 100 + 10 * i, i % 3 == 0) for i in range(7)]
     ids = tok(games, add_special_tokens=True)["input_ids"]

@@ -79,8 +79,8 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
     `edit(h_last) -> h_last` (with `edit_layer`) rewrites resid_post of that block at the last
     prompt token during the prefill only (the generated tokens are not patched); `edit` may
     also be a dict {layer: edit} to rewrite several blocks. Rows stop
-    at EOS, or after `stop_at_newlines` newlines when given. When every row has the same prompt
-    (`share_prefix`), the prompt minus its last token is run once and its cache shared; finished
+    at EOS, or after `stop_at_newlines` newlines when given. When prompts repeat (`share_prefix`),
+    each distinct prompt minus its last token is run once and its cache shared by its rows; finished
     rows leave the batch (`drop_finished`). Both change only the cost, never the continuations
     (tests/test_demo_parts.py compares them under greedy decoding)."""
     import torch
@@ -118,12 +118,17 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
         else:
             ctx = _nullcontext()
         with ctx:
-            if share_prefix and T >= 2 and all(p == prompts[0] for p in prompts[1:]):
-                # one prompt for every row: its prefix is computed once and shared; only the last
-                # token (where the edit applies) runs per row
+            distinct: dict[tuple, int] = {}
+            which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+            if share_prefix and T >= 2 and len(distinct) < B:
+                # few distinct prompts (Experiment 2 has two): each one's left-padded prefix is
+                # computed once and its cache copied to its rows; only the last token (where the
+                # edit applies) runs per row
+                first = torch.tensor([which.index(u) for u in range(len(distinct))])
                 armed["on"] = False
-                o = inner(input_ids=ids[:1, :-1], use_cache=True)
-                o.cache.batch_repeat_interleave(B)
+                o = inner(input_ids=ids[first, :-1], attention_mask=mask[first, :-1], position_ids=pos[first, :-1],
+                          use_cache=True)
+                o.cache.batch_select_indices(torch.tensor(which))
                 armed["on"] = True
                 o = inner(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos[:, -1:], cache=o.cache,
                           use_cache=True)
