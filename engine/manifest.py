@@ -4,7 +4,8 @@ Every step command records itself here (not only the orchestrator), so `python -
 status` and the explorer's home page can say which steps are done, failed, stale or
 missing. Inputs are fingerprinted by (relative path, size, mtime_ns) for files and
 folders (hashing 1 GB of JSON for every status check would be too slow), and the config
-by the hash of the sections the step reads.
+by the hash of the sections the step reads, with local paths left out (their contents are
+the inputs), so a moved cache is still up to date.
 """
 
 from __future__ import annotations
@@ -21,33 +22,39 @@ from engine.schema import MANIFEST, SCHEMA_VERSION, atomic_write_json, file_lock
 
 
 def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[str] = ("*",)) -> str:
-    """Hash of (path, size, mtime_ns) of every file under the given files/folders."""
+    """Hash of (relative path, size, mtime_ns) of every file under the given files/folders.
+
+    Paths are relative to each given folder (a file counts by its name), so a cache or a study
+    folder that is moved, or copied with its times kept (`cp -a`, `rsync -a`), keeps its
+    fingerprints."""
     h = hashlib.sha256()
     patterns = tuple(patterns)
-    for p in paths:
+    for i, p in enumerate(paths):
+        h.update(f"<input {i}>".encode())
         if p is None:
             h.update(b"<none>")
             continue
         p = Path(p)
         if p.is_file():
-            files = [p]
+            files = [(p, p.name)]
         elif p.is_dir():
             try:
-                files = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
+                found = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
             except OSError as exc:  # a folder that cannot be listed: status says "changed", never crashes
-                h.update(f"<unlistable {p}: {exc.strerror}>".encode())
+                h.update(f"<unlistable: {exc.strerror}>".encode())
                 continue
+            files = [(f, f.relative_to(p).as_posix()) for f in found]
         else:
-            h.update(f"<missing {p}>".encode())
+            h.update(b"<missing>")
             continue
-        for f in files:
+        for f, name in files:
             try:
                 st = f.stat()
             except OSError:  # removed or unreadable since it was listed: part of the fingerprint too
-                h.update(os.fsencode(f) + b"|<gone>\n")
+                h.update(os.fsencode(name) + b"|<gone>\n")
                 continue
             # fsencode: a name that is not UTF-8 (surrogate-escaped) hashes as its bytes
-            h.update(os.fsencode(f) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(name) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -235,7 +242,16 @@ def step_config_sections(cfg, step: str) -> dict[str, str]:
     """Hash of each config section the step reads."""
     import json
 
+    from engine.config import MAYBE_PATH_KEYS, PATH_KEYS
+
     d = cfg.to_dict()
+    # where a local file or folder lies is not a result: its contents are the step's input
+    # fingerprints, so a moved cache or study folder stays done; a hub id stays in the hash
+    for keys in PATH_KEYS | MAYBE_PATH_KEYS:
+        if len(keys) == 2 and isinstance(d.get(keys[0]), dict):
+            v = d[keys[0]].get(keys[1])
+            if v and (keys in PATH_KEYS or Path(v).expanduser().exists()):
+                d[keys[0]][keys[1]] = "<local path>"
     out = {}
     for sec in STEP_CONFIG_SECTIONS[step]:
         v = d.get(sec)

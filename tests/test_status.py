@@ -121,3 +121,31 @@ def test_a_corrupt_manifest_is_kept_aside_when_a_step_records_itself(tmp_path, c
     kept = [p.name for p in cache.iterdir() if p.name.startswith("manifest.json.corrupt-")]
     assert len(kept) == 1 and b"caf\xe9" in (cache / kept[0]).read_bytes()
     assert read_manifest(cache) == {"schema_version": 1, "steps": {"audit": {"status": "done", "seconds": 1.0}}}
+
+
+def test_a_moved_or_copied_study_folder_stays_up_to_date(pipe, tmp_path_factory):
+    """Fingerprints hold paths relative to each input folder and the config hash leaves local paths
+    out, so a study folder (config, data, cache) copied with its file times, or a cache moved on its
+    own, is still done; an edit in the copy still makes the steps reading it stale."""
+    import shutil
+
+    pipe["run"]()
+    root = pipe["cfg_path"].parent
+    copy = tmp_path_factory.mktemp("moved") / "study"
+    copy.mkdir()
+    for name in ("config.yaml", "data", "cache"):
+        (shutil.copytree if (root / name).is_dir() else shutil.copy2)(root / name, copy / name)
+    cfg = load_config(copy / "config.yaml")
+    assert {r["step"]: r["status"] for r in st.pipeline_status(cfg)} == dict.fromkeys(STEPS, "done")
+    # only the cache moves; the config names it and the data where they are now
+    alone = tmp_path_factory.mktemp("cache_alone") / "cache"
+    shutil.move(str(copy / "cache"), alone)
+    cfg = load_config(copy / "config.yaml", {"cache_dir": str(alone)})
+    rows = rows_by_step(cfg)
+    assert all(r["status"] == "done" for r in rows.values()), rows
+    bump(next((copy / "data").glob("checkpoint_*.json")))
+    rows = rows_by_step(cfg)
+    assert (rows["audit"]["status"], rows["audit"]["reason"]) == ("stale", "input changed: checkpoints, responses")  # one folder holds both
+    # a different model is still a change of config (a hub id is not a local path)
+    rows = rows_by_step(load_config(copy / "config.yaml", {"cache_dir": str(alone), "model.name_or_path": "other/model"}))
+    assert "config changed: model" in rows["pathways"]["reason"]
