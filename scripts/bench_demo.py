@@ -5,9 +5,10 @@
         today's (2 torch threads, no padding mask: right padding under causal attention) on the
         same batches, alternated in one run, as a ratio;
     python scripts/bench_demo.py sample CACHE [--rows 900] [--rounds 2]
-        Experiment 2's sampling before (1 thread, every row prefilled, finished rows kept) against
-        today's (2 threads, the shared prompt prefilled once, finished rows dropped) on the demo
-        model in CACHE/demo/model, alternated, as a ratio;
+        Experiment 2's sampling (one batch mixing both study prompts) at issue 15's start (1
+        thread, every row prefilled, finished rows kept), after its third round (2 threads, rows
+        prefilled, finished rows dropped) and today (each prompt's prefix prefilled once) on the
+        demo model in CACHE/demo/model, alternated, as ratios;
     python scripts/bench_demo.py plan CACHE [--rounds 2]
         the power plan of Experiment 1 (predicted stop rates of every pool feature, then the plan)
         before (every row's whole prompt run; the binomial pmfs recomputed for every test) against
@@ -131,27 +132,31 @@ def bench_sample(cache: str, rows: int, rounds: int) -> dict:
     model = LlamaForCausalLM.from_pretrained(str(Path(cache) / "demo" / "model"), dtype=torch.float32).eval()
     tok = load_llama3_tokenizer()
     unembed = Unembedding(model)
-    prompts = {k: tok(t, add_special_tokens=True)["input_ids"] for k, t in (("safe", safe_prompt()), ("risky", risky_prompt()))}
+    safe, risky = (tok(t, add_special_tokens=True)["input_ids"] for t in (safe_prompt(), risky_prompt()))
+    # one batch mixing both prompts in blocks of trials, as Experiment 2's run_conditions builds it
+    block = max(1, rows // 6)
+    batch = [p for _ in range(rows // (2 * block) + 1) for p in ([safe] * block + [risky] * block)][:rows]
     default_threads = torch.get_num_threads()
-    variants = {"before (1 torch thread, every row prefilled, finished rows kept)": (1, False),
-                "today (2 torch threads, shared prefix, finished rows dropped)": (2, True)}
+    variants = {"issue 15 start (1 torch thread, every row prefilled, finished rows kept)": (1, False, False),
+                "third round (2 threads; a mixed batch prefilled row by row; finished rows dropped)": (2, False, True),
+                "today (2 threads, each prompt's prefix prefilled once, finished rows dropped)": (2, True, True)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     answers: dict[str, list[int]] = {k: [] for k in variants}
     for r in range(rounds):
-        for name, (threads, new) in variants.items():
+        for name, (threads, share, drop) in variants.items():
             torch.set_num_threads(threads)
             gen = torch.Generator().manual_seed(r)
             t0 = time.perf_counter()
-            for ids in prompts.values():  # one batch per prompt, as Experiment 2 runs them
-                out = generate(model, tok, [ids] * (rows // 2), generator=gen, max_new_tokens=32, unembed=unembed,
-                               stop_at_newlines=3, share_prefix=new, drop_finished=new)
-                answers[name].append(sum(t.startswith("2") for t in out.texts))
+            out = generate(model, tok, batch, generator=gen, max_new_tokens=32, unembed=unembed,
+                           stop_at_newlines=3, share_prefix=share, drop_finished=drop)
             times[name].append(time.perf_counter() - t0)
+            answers[name].append(sum(t.startswith("2") for t in out.texts))
     torch.set_num_threads(default_threads)
     med = {k: statistics.median(v) for k, v in times.items()}
     names = list(variants)
     return {"rows": rows, "rounds": rounds, "median_s": med, "stops": answers,
-            "answers_per_s": {k: rows / v for k, v in med.items()}, "speedup": med[names[0]] / med[names[1]]}
+            "answers_per_s": {k: rows / v for k, v in med.items()},
+            "speedup": med[names[0]] / med[names[2]], "speedup_round": med[names[1]] / med[names[2]]}
 
 
 def write_sample(res: dict, command: str) -> None:
@@ -161,18 +166,22 @@ def write_sample(res: dict, command: str) -> None:
     text = f"""### Demo sampling (Experiment 2)
 
 Command: `{command}`. Machine: {_machine()}.
-{res['rows']} answers per variant and round (half on each study prompt, up to 32 tokens, until the
-third line, the study's decoding), {res['rounds']} rounds alternating the variants, median seconds:
+{res['rows']} answers per variant and round, in one batch that mixes the two study prompts in blocks
+of trials as Experiment 2 does (up to 32 tokens, until the third line, the study's decoding),
+{res['rounds']} rounds alternating the variants, median seconds:
 
 | variant | s | answers / s |
 |---|---|---|
 {rows}
 
-Today's sampling is **{res['speedup']:.2f}x** as fast. Every row of a batch has the same prompt, so
-its first T-1 tokens are run once and their cache is shared; the patch applies at the last token,
-which runs per row. Rows that have finished (a stop answer is shorter than a bet) leave the batch once
-they are a quarter of it. Neither changes an answer: `tests/test_demo_parts.py` compares the three
-ways under greedy decoding, patched rows included.
+Today's sampling is **{res['speedup']:.2f}x** as fast as at the start of issue 15 and
+**{res['speedup_round']:.2f}x** as fast as after its third round. A batch holds two distinct prompts,
+so each one's first T-1 tokens (left-padded to the batch's length) are run once and their cache is
+copied to its rows; the patch applies at the last token, which runs per row. Until the fourth round
+the prefix was shared only when every row had the same prompt, which Experiment 2's batches never
+had. Rows that have finished (a stop answer is shorter than a bet) leave the batch once they are a
+quarter of it. Neither changes an answer: `tests/test_demo_parts.py` compares the ways under greedy
+decoding, patched rows and mixed prompts included.
 """
     write_section("### Demo sampling (Experiment 2)", text, parent=HEADING)
 

@@ -105,9 +105,10 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         # the logit-lens loss needs some training: at 248 steps (--minutes 1, 4 layers) it cost the
         # model its answer format on the risky prompt (0.74 valid), so that plan goes without
         lens_weight=5.0 if m >= 2 else 0.0,
-        # with the lens every tested layer holds about three decision features (docs/demo.md), so these
-        # plans trade width for depth: 8 layers of d_model 32 train faster than 4 of 64
-        n_layers=8 if m >= 2 else 4,
+        # with the lens every tested layer holds decision features (docs/demo.md, Depth), so these plans
+        # trade width for depth: 8 layers of d_model 32 train faster than 4 of 64, and from 5 minutes
+        # a ninth layer (the default's 37 BH survivors, against 19 with 8)
+        n_layers=9 if m >= 5 else 8 if m >= 2 else 4,
         d_model=32 if m >= 2 else 64,
         d_sae=256 if m >= 2 else 512,
         # a shorter training needs more of the answer weighted to keep it coherent: at 276 steps
@@ -119,8 +120,8 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         sae_batch=512 if m < 5 else 1024,
         # the deeper model gets a larger Experiment-1 pool
         exp1_games=int(min(600, 200 + 20 * m)) if m < 2 else int(min(800, 400 + 100 * m)),
-        # the default model's expected BH survivors: 15.4 at 10,800 answers, 17.4 at 14,400, 19.2 at 19,800
-        # (docs/demo.md); the cap keeps the build within 5 minutes
+        # the default model's expected BH survivors: 35.4 at 19,800 answers (docs/demo.md); the cap keeps
+        # the build well within 5 minutes
         exp2_answers=int(min(19800, 1800 * m + 1800)) if m < 2 else int(min(19800, 2700 * m + 3600)),
         rate_trials=int(min(200, 80 + 12 * m)),
     )
