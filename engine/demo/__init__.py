@@ -92,8 +92,8 @@ class DemoPlan:
 def plan_for(minutes: float, **overrides) -> DemoPlan:
     """Scale the work to the budget (2 CPU cores); a pure function of `minutes`.
 
-    10 minutes is the default demo; 1 minute is the shortened demo of the tests, still
-    long enough for the model to learn the gamble."""
+    10 minutes is the default demo; 2 minutes (QUICK_MINUTES) is the shortened demo of the
+    tests, the shortest plan whose model carries the decision in every layer (docs/demo.md)."""
     if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
         raise UserError(f"--minutes must be a positive number, got {minutes}")
     m = min(float(minutes), 30.0)
@@ -189,9 +189,12 @@ def ensure_demo(cfg, minutes: float = 10.0, seed: int = 0) -> tuple[str, Path]:
     return str(demo_config_path(cache)), cache
 
 
+QUICK_MINUTES = 2.0  # the tests' shortened build: the shortest plan with the logit-lens model (7 BH survivors)
+
+
 def build_quick_demo(cache: str | os.PathLike, seed: int = 0, **overrides) -> dict:
-    """A shortened demo (about a minute on 2 cores) for tests and the explorer's browser test."""
-    return build_demo(Path(cache), minutes=1.0, seed=seed, **overrides)
+    """A shortened demo (about two minutes on 2 cores) for tests and the explorer's browser test."""
+    return build_demo(Path(cache), minutes=QUICK_MINUTES, seed=seed, **overrides)
 
 
 # ---------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def generate(model, tok, prompts: list[list[int]], *, generator, max_new_tokens:
         with ctx:
             distinct: dict[tuple, int] = {}
             which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-            if share_prefix and T >= 2 and len(distinct) < B:
+            if share_prefix and T >= 2 and (len(distinct) < B or len(distinct) == 1):
                 # few distinct prompts (Experiment 2 has two): each one's left-padded prefix is
                 # computed once and its cache copied to its rows; only the last token (where the
                 # edit applies) runs per row
