@@ -121,11 +121,17 @@ def graph_title(page, text: str, timeout: float = 30_000) -> None:
 
 
 def click_table_row(page, row: int) -> None:
-    """Click the row-marker cell of a row of the first st.dataframe (a canvas grid: 35 px rows)."""
+    """Click the row-marker cell of a row of the first st.dataframe (a canvas grid: 35 px rows),
+    scrolling the grid first when the row is below its visible part (the default demo's table)."""
     grid = page.get_by_test_id("stDataFrame").first
     grid.scroll_into_view_if_needed()
     box = grid.bounding_box()
-    page.mouse.click(box["x"] + 12, box["y"] + 35 + 35 * row + 17)
+    scroller = grid.locator(".dvn-scroller").first
+    top = 0
+    if 35 + 35 * (row + 1) > box["height"] and scroller.count():
+        top = scroller.evaluate("(el, y) => { el.scrollTop = y; return el.scrollTop; }", 35 * row)
+        page.wait_for_timeout(300)  # the canvas redraws on the scroll event
+    page.mouse.click(box["x"] + 12, box["y"] + 35 + 35 * row - top + 17)
 
 
 JS_NODES = """() => { const gd = document.querySelectorAll('.js-plotly-plot')[0];
