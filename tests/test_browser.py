@@ -245,6 +245,15 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
         wait_app(page)
         prompt = info["preview_prompt"]
         graph_title(page, f"Pathway of {feature} · {prompt} prompt")
+        # the README's picture: the prompt the feature is active on, with a node's card open
+        nodes = graph_nodes(page)
+        own = [n for n in nodes["ids"] if n != feature and n in info["pathway_features"]]
+        target = own[0] if own else next(n for n in nodes["ids"] if n != feature)
+        click_node(page, nodes, target)
+        expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
+        park_mouse(page)
+        no_error_boxes(page)
+        shot(page, "pathway")
 
         # A deep link to the other prompt; a click on a node shows its card: a node with its own
         # pathway when the graph holds one (the full demo's do; the shortened demo has one feature).
@@ -260,7 +269,7 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
         expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
         park_mouse(page)
         no_error_boxes(page)
-        shot(page, "pathway")
+        shot(page, "pathway_other_prompt", docs=False)
         if own:
             page.get_by_role("button", name=f"Open the pathway of {target}").click()
             page.wait_for_url(f"**/Pathway?feature={target}*")

@@ -270,6 +270,7 @@ def test_bh_counts_recomputed_from_the_response_logs(demo_cache):
     import numpy as np
     from scipy import stats
 
+    from engine.audit.parser import parse_decision
     from engine.schema import AUDIT_VALIDATION
 
     _, rls = _files(demo_cache)
@@ -280,9 +281,10 @@ def test_bh_counts_recomputed_from_the_response_logs(demo_cache):
     names = sorted(trials)
     tests = []  # (feature, patch, delta, p)
     for f in names:
-        def count(cond):
-            v = [t["parsed"] for t in trials[f] if t["condition"] == cond and t["parsed"]["valid"]]
-            return sum(q["bet"] == 0 for q in v), len(v)
+        def count(cond):  # the answers as the engine's parser reads them (the study's `parsed` differs on "1\nStop")
+            d = [parse_decision(t["response"], cond.split("_")[0]) for t in trials[f] if t["condition"] == cond]
+            v = [q for q in d if q.valid]
+            return sum(q.action == "stop" for q in v), len(v)
         for prompt in ("safe", "risky"):
             b = count(f"{prompt}_baseline")
             for patch in ("safe", "risky"):

@@ -300,7 +300,7 @@ def test_engine_verdicts_by_hand():
     from engine.schema import REAL_CONDITIONS
 
     def feat(stops):
-        return {"conditions": {c: {"n": 50, "stops": s} for c, s in zip(REAL_CONDITIONS, stops)}}
+        return {"engine_counts": {c: {"n": 50, "stops": s} for c, s in zip(REAL_CONDITIONS, stops)}}
 
     order = list(REAL_CONDITIONS)
     stops = dict(safe_baseline=30, safe_with_safe_patch=32, safe_with_risky_patch=8,

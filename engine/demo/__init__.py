@@ -121,8 +121,10 @@ def plan_for(minutes: float, **overrides) -> DemoPlan:
         # the deeper model gets a larger Experiment-1 pool
         exp1_games=int(min(600, 200 + 20 * m)) if m < 2 else int(min(800, 400 + 100 * m)),
         # the default model's expected BH survivors: 35.4 at 19,800 answers (docs/demo.md); the cap keeps
-        # the build well within 5 minutes
-        exp2_answers=int(min(19800, 1800 * m + 1800)) if m < 2 else int(min(19800, 2700 * m + 3600)),
+        # the build well within 5 minutes. Since Experiment 2 prefills each prompt once (fourth round),
+        # answers cost a third as much, and the 2-4 minute plans spend more: at --minutes 3 the plan
+        # expected 5.4 survivors at 11,700 answers and 6.6 at 19,800
+        exp2_answers=int(min(19800, 1800 * m + 1800)) if m < 2 else int(min(19800, 5400 * m + 3600)),
         rate_trials=int(min(200, 80 + 12 * m)),
     )
     return DemoPlan(**{**asdict(plan), **overrides}) if overrides else plan

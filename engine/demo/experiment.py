@@ -294,6 +294,21 @@ def condition_stats(trials: list[dict]) -> dict[str, dict]:
     return out
 
 
+def engine_counts(trials: list[dict]) -> dict[str, dict]:
+    """Per condition: valid trials and stops as the engine's own parser reads the answers
+    (engine/audit/parser.py), which is what the audit's recomputed verdict counts. It reads
+    `1` followed by stop words (`1\nStop`) as a bet where the study's parser (`parsed`, used
+    by Run A's and Run B's rules) marks it invalid."""
+    from engine.audit.parser import parse_decision
+
+    out = {}
+    for cond in REAL_CONDITIONS:
+        d = [parse_decision(t["response"], CONDITION_PROMPT[cond]) for t in trials if t["condition"] == cond]
+        valid = [x for x in d if x.valid]
+        out[cond] = {"n": len(valid), "stops": sum(x.action == "stop" for x in valid)}
+    return out
+
+
 def causality_run_b(st: dict) -> dict:
     """The study's final rule (Run B / reparse), in Run B's nested `causality` schema."""
     s0, s1 = st["safe_baseline"], st["safe_with_safe_patch"]
@@ -331,14 +346,15 @@ def causality_run_a(st: dict) -> dict:
 def engine_verdicts(feats: list[dict], alpha: float = ALPHA, min_effect: float = MIN_EFFECT) -> list[dict]:
     """The engine's recomputed verdict (engine/audit/stats.py `effects`: each patched condition
     against its own prompt's baseline, BH over every test of every feature, q < alpha and
-    |delta| >= min_effect) on the demo's own parses; the audit recomputes it from the files."""
+    |delta| >= min_effect) on each feature's `engine_counts`, the engine parser's reading of the
+    answers, so that it equals what the audit recomputes from the files."""
     import numpy as np
 
     from engine.audit.stats import effects
 
     conds = tuple(REAL_CONDITIONS)
-    n_valid = np.array([[f["conditions"][c]["n"] for c in conds] for f in feats], dtype=np.int64).reshape(-1)
-    n_stop = np.array([[f["conditions"][c]["stops"] for c in conds] for f in feats], dtype=np.int64).reshape(-1)
+    n_valid = np.array([[f["engine_counts"][c]["n"] for c in conds] for f in feats], dtype=np.int64).reshape(-1)
+    n_stop = np.array([[f["engine_counts"][c]["stops"] for c in conds] for f in feats], dtype=np.int64).reshape(-1)
     eff = effects({"n_valid": n_valid, "n_stop": n_stop}, len(feats), conds, alpha, min_effect)
     out = []
     for i in range(len(feats)):
@@ -416,6 +432,7 @@ def run_experiment_2(model, tok, saes: dict, candidates: dict[int, list[dict]], 
                 buffer += mine
                 since_save += 1
                 summary["features"].append({**rec, "run_b": causality_run_b(st), "conditions": st,
+                                            "engine_counts": engine_counts(mine),
                                             "safe_mean": f["safe_mean"], "bankrupt_mean": f["bankrupt_mean"]})
                 if since_save >= save_every:
                     save(final=False)

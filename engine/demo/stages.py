@@ -343,7 +343,8 @@ def stage_experiment_2(state: State) -> dict:
         "bh_raises_stopping": sum(f["engine_verdict"]["raises_stopping"] for f in bh),
         "bh_raises_betting": sum(f["engine_verdict"]["raises_betting"] for f in bh),
         "bh_per_layer": {str(l): sum(f["layer"] == l for f in bh) for l in sorted(candidates)},
-        "rule_bh": "the engine's recomputed verdict (engine/audit/stats.py): each patched condition against its own "
+        "rule_bh": "the engine's recomputed verdict (engine/audit/stats.py) on the answers as the engine's parser reads "
+                   "them (engine/audit/parser.py): each patched condition against its own "
                    "prompt's baseline, Benjamini-Hochberg over all 4 tests of every feature, causal if q < 0.05 and "
                    "|delta| >= 0.1; direction safe = the safe patch raises stopping, risky = the risky patch lowers "
                    "stopping (raises betting), mixed = both, or an effect against the patch's own direction",
