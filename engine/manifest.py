@@ -36,8 +36,10 @@ def fingerprint(paths: Iterable[str | os.PathLike | None], patterns: Iterable[st
             continue
         p = Path(p)
         if p.is_file():
+            h.update(b"<file>")
             files = [(p, p.name)]
         elif p.is_dir():
+            h.update(b"<folder>")
             try:
                 found = sorted({f for pat in patterns for f in p.rglob(pat) if f.is_file() and not f.name.startswith(".")})
             except OSError as exc:  # a folder that cannot be listed: status says "changed", never crashes

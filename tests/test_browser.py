@@ -4,8 +4,9 @@ Debian's chromium through Playwright (never a downloaded browser).
 The main test runs on the shortened demo's cache (the session fixture `demo_cache`, shared with
 tests/test_demo.py; `ENGINE_TEST_DEMO_CACHE=DIR` reuses any finished demo, the full one
 included): Home with its demo banner, Audit, a click on a causal feature, its pathway graph,
-deep links, Tokens and the live prototype. The shortened demo has a single causal feature, so
-the walk from a graph node to that node's own pathway and Back runs on the synthetic cache.
+deep links, Tokens and the live prototype. When the graph holds a node with its own pathway (the
+shortened demo's 8 causal features usually give one) the walk to it and Back runs here too; the
+synthetic cache's tests always walk it.
 
 Screenshots of every page go to test-artifacts/screenshots/; with UPDATE_SCREENSHOTS=1 the
 demo's are also copied to docs/screenshots/ (the README shows those)."""
@@ -256,7 +257,7 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
         shot(page, "pathway")
 
         # A deep link to the other prompt; a click on a node shows its card: a node with its own
-        # pathway when the graph holds one (the full demo's do; the shortened demo has one feature).
+        # pathway when the graph holds one.
         other = "safe" if prompt == "risky" else "risky"
         page.goto(f"{url}/Pathway?feature={feature}&prompt={other}")
         wait_app(page)

@@ -291,6 +291,26 @@ def test_exp1_bh_runs_over_every_test_not_only_the_small_p_values():
     assert [f["feature_idx"] for f in significant_features(table, [1])[1]] == sorted(range(50, 100))
 
 
+def test_engine_counts_read_answers_as_the_audit_does():
+    """The engine's BH verdict counts answers with the engine's parser (engine/audit/parser.py), as the
+    audit does: `1` then stop words is a bet there, while the study's parse (`parsed`, Run A's and Run
+    B's counts) marks it invalid on the risky prompt; a stop, a plain bet and no decision agree."""
+    from engine.demo.experiment import condition_stats, engine_counts
+    from engine.demo.games import parse_response
+    from engine.schema import REAL_CONDITIONS
+
+    answers = {"risky_baseline": ["1\nStop", "1\nI will walk away", "2\nStop", "1, $20\nRound 4", "Choose wisely"],
+               "safe_baseline": ["1\nStop", "2", "1\nBet $10", "Stop. Final balance: $130"]}
+    trials = [{"condition": c, "response": r, "parsed": parse_response(r, variable=c.startswith("risky"))}
+              for c, rs in answers.items() for r in rs]
+    ours, study = engine_counts(trials), condition_stats(trials)
+    assert ours["risky_baseline"] == {"n": 4, "stops": 1}  # "1\nStop" and "1\nI will walk away" bet
+    assert (study["risky_baseline"]["n"], study["risky_baseline"]["stops"]) == (2, 1)  # both invalid there
+    assert ours["safe_baseline"] == {"n": 4, "stops": 2}  # a fixed bet needs no amount: the parses agree
+    assert (study["safe_baseline"]["n"], study["safe_baseline"]["stops"]) == (4, 2)
+    assert all(ours[c] == {"n": 0, "stops": 0} for c in REAL_CONDITIONS if c not in answers)
+
+
 def test_engine_verdicts_by_hand():
     """Safe prompt 30/50 stops at baseline, 8/50 with the risky patch: chi2 (Yates) p ~ 1e-5, BH over
     the 4 tests keeps it -> causal, direction risky (the risky patch raises betting)."""
@@ -411,7 +431,15 @@ def test_generation_shortcuts_change_nothing():
     other = tok(format_prompt(list(RISKY_HISTORY), 20, True), add_special_tokens=True)["input_ids"]
     assert len(other) != len(prompt)
     mixed = [prompt, other, other, prompt, other, prompt]
-    shared = generate(model, tok, mixed, generator=torch.Generator().manual_seed(0), **kw)
+    rows_seen = []
+    forward = model.model.forward
+    model.model.forward = lambda *a, **k: (rows_seen.append(k["input_ids"].shape), forward(*a, **k))[1]
+    try:
+        shared = generate(model, tok, mixed, generator=torch.Generator().manual_seed(0), **kw)
+    finally:
+        del model.model.forward
+    # the two prompts' prefixes ran once (2 rows, all but the last token), then every row's last token
+    assert rows_seen[0] == (2, max(len(prompt), len(other)) - 1) and rows_seen[1] == (6, 1)
     plain = generate(model, tok, mixed, generator=torch.Generator().manual_seed(0), share_prefix=False, **kw)
     alone = [generate(model, tok, [p], generator=torch.Generator().manual_seed(0), share_prefix=False,
                       **{**kw, "edit": patch_editor(sae, [f], [v])}).token_ids[0]

@@ -129,23 +129,30 @@ def test_a_moved_or_copied_study_folder_stays_up_to_date(pipe, tmp_path_factory)
     own, is still done; an edit in the copy still makes the steps reading it stale."""
     import shutil
 
-    pipe["run"]()
     root = pipe["cfg_path"].parent
+    (root / "weights").mkdir()  # a local model folder (relative in the config), fingerprinted by content
+    (root / "weights" / "model.safetensors").write_bytes(b"\0" * 64)
+    local = {"model.name_or_path": "weights"}
+    pipe["run"](overrides=local)
     copy = tmp_path_factory.mktemp("moved") / "study"
     copy.mkdir()
-    for name in ("config.yaml", "data", "cache"):
+    for name in ("config.yaml", "data", "cache", "weights"):
         (shutil.copytree if (root / name).is_dir() else shutil.copy2)(root / name, copy / name)
-    cfg = load_config(copy / "config.yaml")
+    cfg = load_config(copy / "config.yaml", local)
+    assert cfg.model.name_or_path == str(copy / "weights")
     assert {r["step"]: r["status"] for r in st.pipeline_status(cfg)} == dict.fromkeys(STEPS, "done")
     # only the cache moves; the config names it and the data where they are now
     alone = tmp_path_factory.mktemp("cache_alone") / "cache"
     shutil.move(str(copy / "cache"), alone)
-    cfg = load_config(copy / "config.yaml", {"cache_dir": str(alone)})
+    cfg = load_config(copy / "config.yaml", {**local, "cache_dir": str(alone)})
     rows = rows_by_step(cfg)
     assert all(r["status"] == "done" for r in rows.values()), rows
     bump(next((copy / "data").glob("checkpoint_*.json")))
     rows = rows_by_step(cfg)
     assert (rows["audit"]["status"], rows["audit"]["reason"]) == ("stale", "input changed: checkpoints, responses")  # one folder holds both
-    # a different model is still a change of config (a hub id is not a local path)
+    # new weights in the local model folder are a changed input; a hub id instead is a change of config
+    (copy / "weights" / "model.safetensors").write_bytes(b"\1" * 65)
+    rows = rows_by_step(cfg)
+    assert (rows["pathways"]["status"], rows["pathways"]["reason"]) == ("stale", "input changed: model")
     rows = rows_by_step(load_config(copy / "config.yaml", {"cache_dir": str(alone), "model.name_or_path": "other/model"}))
     assert "config changed: model" in rows["pathways"]["reason"]

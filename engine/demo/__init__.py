@@ -191,7 +191,7 @@ def ensure_demo(cfg, minutes: float = 10.0, seed: int = 0) -> tuple[str, Path]:
     return str(demo_config_path(cache)), cache
 
 
-QUICK_MINUTES = 2.0  # the tests' shortened build: the shortest plan with the logit-lens model (7 BH survivors)
+QUICK_MINUTES = 2.0  # the tests' shortened build: the shortest plan with the logit-lens model (8 BH survivors, seed 0)
 
 
 def build_quick_demo(cache: str | os.PathLike, seed: int = 0, **overrides) -> dict:
