@@ -327,7 +327,7 @@ def main() -> int:
         write_sample(res, command)
     elif args.what == "plan":
         res = bench_plan(args.cache, args.rounds)
-        print(json.dumps({k: v for k, v in res.items()}, indent=1, default=str))
+        print(json.dumps(res, indent=1, default=str))
         write_plan(res, command)
     else:
         write_stages(args.dirs, command)

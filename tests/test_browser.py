@@ -166,6 +166,21 @@ def click_node(page, nodes: dict, node: str) -> None:
     page.mouse.click(pb["x"] + pb["width"] / 2, pb["y"] + pb["height"] / 2)
 
 
+def open_a_node_card(page, feature: str, pathway_features) -> tuple[str, bool]:
+    """Click a node of the shown graph other than `feature` (one with its own pathway when there is
+    one) and wait for its card: (the node, whether it has its own pathway)."""
+    from playwright.sync_api import expect
+
+    nodes = graph_nodes(page)
+    own = [n for n in nodes["ids"] if n != feature and n in pathway_features]
+    target = own[0] if own else next(n for n in nodes["ids"] if n != feature)
+    click_node(page, nodes, target)
+    expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
+    park_mouse(page)
+    no_error_boxes(page)
+    return target, bool(own)
+
+
 # ---------------------------------------------------------------------------
 # The demo's cache
 # ---------------------------------------------------------------------------
@@ -247,13 +262,7 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
         prompt = info["preview_prompt"]
         graph_title(page, f"Pathway of {feature} · {prompt} prompt")
         # the README's picture: the prompt the feature is active on, with a node's card open
-        nodes = graph_nodes(page)
-        own = [n for n in nodes["ids"] if n != feature and n in info["pathway_features"]]
-        target = own[0] if own else next(n for n in nodes["ids"] if n != feature)
-        click_node(page, nodes, target)
-        expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
-        park_mouse(page)
-        no_error_boxes(page)
+        target, own = open_a_node_card(page, feature, info["pathway_features"])
         shot(page, "pathway")
 
         # A deep link to the other prompt; a click on a node shows its card: a node with its own
@@ -263,13 +272,7 @@ def test_demo_pages_clicks_and_deep_links(demo_site):
         wait_app(page)
         title = f"Pathway of {feature} · {other} prompt"
         graph_title(page, title)
-        nodes = graph_nodes(page)
-        own = [n for n in nodes["ids"] if n != feature and n in info["pathway_features"]]
-        target = own[0] if own else next(n for n in nodes["ids"] if n != feature)
-        click_node(page, nodes, target)
-        expect(page.get_by_role("heading", name=target)).to_be_visible(timeout=20_000)
-        park_mouse(page)
-        no_error_boxes(page)
+        target, own = open_a_node_card(page, feature, info["pathway_features"])
         shot(page, "pathway_other_prompt", docs=False)
         if own:
             page.get_by_role("button", name=f"Open the pathway of {target}").click()

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from engine.demo.train import ANSWER_HEAD
 from engine.errors import UserError
 from engine.schema import DEMO_DIR, DEMO_MARKER, MANIFEST, atomic_write_json, atomic_write_text, read_json
 
@@ -64,7 +65,7 @@ class DemoPlan:
     decision_weight: float = 5.0
     lens_weight: float = 5.0  # logit-lens loss on the choice at blocks 1..n-2 (train.py): every tested
     # layer then holds the decision at the last prompt token, and single features there move it
-    answer_head: int = 5  # with the lens: the answer's first tokens weighted as the choice (train.py)
+    answer_head: int = ANSWER_HEAD  # with the lens: the answer's first tokens weighted as the choice (train.py)
     sae_sequences: int = 600
     sae_steps: int = 1500
     sae_batch: int = 1024
